@@ -1,0 +1,168 @@
+"""`python -m data_tools` (also the `dstrain-data` script): prepare, run one stage, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+from data_tools.errors import DataError
+from data_tools.manifest import ManifestError
+
+log = logging.getLogger("data_tools")
+
+
+def run_stage_task(out: str, stage: str, index: int, progress=lambda n: None) -> None:
+    """One task of a per-task stage; the unit a process pool or a SLURM array element runs."""
+    from data_tools.pipeline import Job
+
+    getattr(Job(out), f"run_{stage}")(index, progress)
+
+
+def run_job(out: Path, workers: int) -> None:
+    from data_tools.executor import run_tasks
+    from data_tools.pipeline import PER_TASK_STAGES, STAGES, Job
+
+    job = Job(out)
+    for stage in STAGES:
+        if stage in PER_TASK_STAGES:
+            pending = job.pending(stage)
+            if pending:
+                log.info("%s: %d of %d tasks to run", stage, len(pending), len(job.plan.inputs))
+                run_tasks(partial(run_stage_task, str(out), stage), pending, workers, stage)
+        elif not job.is_done(stage):
+            log.info("%s", stage)
+            getattr(job, f"run_{stage}")()
+
+
+def prepare(args: argparse.Namespace) -> int:
+    from data_tools.config import PipelineConfig
+    from data_tools.lang import check_languages
+    from data_tools.pipeline import Job, Plan
+    from data_tools.readers import detect_format, expand_inputs
+    from data_tools.report import stage_table, write_tensorboard
+
+    if args.seq_len <= 1:
+        raise DataError(f"--seq-len {args.seq_len}: must be at least 2 (a row predicts its next tokens)")
+    if not 0 <= args.valid_fraction < 1:
+        raise DataError(f"--valid-fraction {args.valid_fraction}: must be in [0, 1)")
+    if args.train_tokenizer is not None and args.train_tokenizer < 257:
+        raise DataError(f"--train-tokenizer {args.train_tokenizer}: a byte-level BPE needs a vocabulary of at least 257")
+    tokenizer = None
+    if args.tokenizer:
+        from data_tools.tokenize import load_tokenizer
+
+        load_tokenizer(args.tokenizer)  # fail now, not after hours of extraction
+        tokenizer = str(Path(args.tokenizer).resolve())
+    config = PipelineConfig.from_yaml(args.config)
+    if args.langs:
+        config.lang.keep = [code.strip() for code in args.langs.split(",") if code.strip()]
+    check_languages(config.lang.keep)
+    paths = expand_inputs(args.input)
+    inputs = [{"path": str(p.resolve()), "format": detect_format(p)} for p in paths]
+    plan = Plan(inputs, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config)
+    job = Job(args.output)
+    job.create(plan)
+    if args.plan_only:
+        print(f"plan written: {job.out / 'plan.json'} ({len(inputs)} tasks)")
+        return 0
+    run_job(job.out, args.workers)
+    stats = json.loads((job.out / "stats.json").read_text())
+    logdir = write_tensorboard(job.out, stats, sorted((job.work / "tokens").glob("t*.npz")))
+    print(stage_table(stats))
+    print(f"\ntoken shards: {job.out / 'tokens/train'} and {job.out / 'tokens/valid'} (manifest.json in each)")
+    print(f"documents:    {job.out / 'docs'}")
+    print(f"stats:        {job.out / 'stats.json'}")
+    print(f"tensorboard:  tensorboard --logdir {logdir}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_tools.pipeline import PER_TASK_STAGES, Job
+
+    job = Job(args.output)
+    if args.stage in PER_TASK_STAGES:
+        index = args.task if args.task is not None else os.environ.get("SLURM_ARRAY_TASK_ID")
+        if index is None:
+            raise DataError(f"--stage {args.stage} runs one task: give --task N (or run inside a SLURM array)")
+        index = int(index)
+        if not 0 <= index < len(job.plan.inputs):
+            raise DataError(f"--task {index}: the plan has tasks 0..{len(job.plan.inputs) - 1}")
+        if not job.is_done(args.stage, index):
+            run_stage_task(str(job.out), args.stage, index)
+    elif not job.is_done(args.stage):
+        getattr(job, f"run_{args.stage}")()
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from data_tools.manifest import iter_blocks, load_manifest
+    from data_tools.report import stage_table
+
+    out = Path(args.dir)
+    stats_path = out / "stats.json"
+    if not stats_path.exists():
+        raise DataError(f"{out}: no stats.json; the job has not finished (rerun the same prepare command)")
+    stats = json.loads(stats_path.read_text())
+    print(stage_table(stats))
+    for split in ("train", "valid"):
+        m = load_manifest(out / "tokens" / split)
+        print(
+            f"\n{split}: {m.total_rows} rows × {m.seq_len} = {m.total_tokens} tokens in {len(m.shards)} shards, "
+            f"{m.dtype}, tokenizer {m.tokenizer.name} (vocab {m.tokenizer.vocab_size}, eos {m.tokenizer.eos_id})"
+        )
+    train = load_manifest(out / "tokens" / "train")
+    if train.shards:
+        from tokenizers import Tokenizer
+
+        rows, meta = next(iter_blocks(out / "tokens" / "train" / train.shards[0].path))
+        tokenizer = Tokenizer.from_file(str(out / "tokens" / "train" / train.tokenizer.path))
+        print(f"\nsample row (shard {train.shards[0].path}, row 0, documents start at {meta['doc_starts'][0]}):")
+        print(tokenizer.decode(rows[0].tolist(), skip_special_tokens=False)[: args.chars])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="raw corpora → cleaned documents → token shards + manifest")
+    p.add_argument("--input", action="append", required=True, help="file, directory or glob; repeatable")
+    p.add_argument("--output", required=True, type=Path)
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", help="tokenizer.json, a tokenizer directory, or vocab.json (+ merges.txt)")
+    tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE", help="train a byte-level BPE on the corpus")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--langs", help="comma-separated ISO codes to keep, e.g. en,fr (default: all)")
+    p.add_argument("--config", help="pipeline YAML (thresholds; see examples/pipeline.yaml)")
+    p.add_argument("--valid-fraction", type=float, default=0.005)
+    p.add_argument("--plan-only", action="store_true", help="write plan.json and stop (for SLURM arrays)")
+    p.set_defaults(func=prepare)
+
+    p = sub.add_parser("run", help="run one stage (one task of it for per-task stages) of a planned job")
+    p.add_argument("output", type=Path)
+    p.add_argument("--stage", required=True, choices=("extract", "dedup", "tokenizer", "tokenize", "pack"))
+    p.add_argument("--task", type=int, help="task index (default: $SLURM_ARRAY_TASK_ID)")
+    p.set_defaults(func=run)
+
+    p = sub.add_parser("inspect", help="manifest summary, stage stats and a decoded sample row")
+    p.add_argument("dir")
+    p.add_argument("--chars", type=int, default=600, help="characters of the sample row to show")
+    p.set_defaults(func=inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except (DataError, ManifestError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

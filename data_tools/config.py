@@ -1,0 +1,165 @@
+"""Pipeline configuration: a dataclass tree loaded from YAML with strict key and type checks.
+
+Every threshold the steps use lives here, so a job's `plan.json` records exactly what produced
+its shards. Defaults follow the published rules (Gopher, C4) and datatrove's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_tools.errors import DataError
+
+
+@dataclass
+class ExtractConfig:
+    main_content: bool = True  # resiliparse: drop navigation, headers, footers
+    min_chars: int = 1  # documents shorter than this after extraction are dropped as "empty"
+
+
+@dataclass
+class LangConfig:
+    keep: list[str] = field(default_factory=list)  # empty: keep every language
+    threshold: float = 0.5  # minimum lid.176 probability of the top label
+
+
+@dataclass
+class GopherQualityConfig:
+    enabled: bool = True
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    min_alpha_words_ratio: float = 0.8
+    min_stop_words: int = 2  # applied to English only: the rule's stop words are English
+    # Languages written without spaces between words: word-based rules cannot apply to them.
+    unspaced_langs: list[str] = field(default_factory=lambda: ["ja", "zh", "th", "lo", "km", "my", "bo"])
+
+
+@dataclass
+class GopherRepetitionConfig:
+    enabled: bool = True
+    max_dup_line_frac: float = 0.3
+    max_dup_para_frac: float = 0.3
+    max_dup_line_char_frac: float = 0.2
+    max_dup_para_char_frac: float = 0.2
+    top_ngram_max_frac: dict[int, float] = field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    dup_ngram_max_frac: dict[int, float] = field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
+
+
+@dataclass
+class C4Config:
+    enabled: bool = True
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    require_terminal_punct: bool = True
+    min_sentences: int = 5
+    drop_lorem_ipsum: bool = True
+    drop_javascript_lines: bool = True
+    drop_policy_lines: bool = True
+    drop_curly_bracket_docs: bool = False  # C4 drops code-like pages; off: technical prose has braces
+
+
+@dataclass
+class QualityConfig:
+    gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
+    gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
+    c4: C4Config = field(default_factory=C4Config)
+
+
+@dataclass
+class PIIConfig:
+    enabled: bool = True
+    email: bool = True
+    ip: bool = True
+    phone: bool = True
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    ngram: int = 5  # word shingles
+    bands: int = 14
+    rows_per_band: int = 8  # 14 × 8 = 112 permutations: pairs with Jaccard ≥ ~0.75 collide
+    seed: int = 1
+
+
+@dataclass
+class PackConfig:
+    seed: int = 0
+    shuffle_window: int = 8192  # rows shuffled together; larger mixes more and costs memory
+    rows_per_shard: int = 8192
+    rows_per_sample: int = 256  # rows per `.npy` block inside a shard
+
+
+@dataclass
+class PipelineConfig:
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    lang: LangConfig = field(default_factory=LangConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    pii: PIIConfig = field(default_factory=PIIConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None) -> PipelineConfig:
+        if path is None:
+            return cls()
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as err:
+            raise DataError(f"{path}: cannot read pipeline config ({err.strerror})") from None
+        except yaml.YAMLError as err:
+            raise DataError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        return from_dict(cls, data, where=str(path))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def from_dict(cls: type, data: Any, where: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from plain data, naming the dotted key of any unknown or mistyped field."""
+    if not isinstance(data, dict):
+        raise DataError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
+            raise DataError(f"{where}: unknown key '{prefix}{key}'{hint}")
+        values[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where, key + ".")
+    origin = typing.get_origin(hint) or hint
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is dict and isinstance(value, dict):
+        key_type, value_type = typing.get_args(hint)
+        # JSON (plan.json) turns integer keys into strings; take them back.
+        numeric = {int(k) if key_type is int and isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
+        return {_coerce(key_type, k, where, key): _coerce(value_type, v, where, key) for k, v in numeric.items()}
+    if origin is list and isinstance(value, list):
+        (item_type,) = typing.get_args(hint)
+        return [_coerce(item_type, item, where, key) for item in value]
+    if isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
+        return value
+    raise DataError(f"{where}: '{key}' must be {getattr(origin, '__name__', origin)}, got {value!r}")

@@ -1,0 +1,65 @@
+"""Run a stage's tasks: inline for one worker, else in a spawned process pool, with a progress bar.
+
+Workers report processed documents through a queue; the parent turns that into one tqdm bar per
+stage (docs/s). A task that fails stops the stage with its own error; finished tasks keep their
+markers, so the rerun starts from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+from tqdm import tqdm
+
+TaskFn = Callable[..., None]  # fn(index, progress)
+_progress_queue: mp.Queue | None = None
+
+
+def _init_worker(progress_queue: mp.Queue, log_level: int) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+    logging.basicConfig(level=log_level, format="%(levelname)s: %(message)s")
+
+
+def _report(n: int) -> None:
+    _progress_queue.put(n)
+
+
+def _run(fn: TaskFn, index: int) -> None:
+    fn(index, _report)
+
+
+def run_tasks(fn: TaskFn, indices: list[int], workers: int, desc: str) -> None:
+    """Run `fn(index, progress)` for every index; `fn` must be picklable for workers > 1."""
+    with tqdm(desc=desc, unit=" docs", disable=None, dynamic_ncols=True) as bar:
+        if workers <= 1 or len(indices) <= 1:
+            for index in indices:
+                fn(index, bar.update)
+            return
+        ctx = mp.get_context("spawn")
+        progress_queue = ctx.Queue()
+        level = logging.getLogger().getEffectiveLevel()
+        with ProcessPoolExecutor(min(workers, len(indices)), mp_context=ctx, initializer=_init_worker, initargs=(progress_queue, level)) as pool:
+            futures = [pool.submit(_run, fn, index) for index in indices]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                _drain(progress_queue, bar)
+                for future in done:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise future.exception()
+            _drain(progress_queue, bar)
+
+
+def _drain(progress_queue: mp.Queue, bar: tqdm) -> None:
+    while True:
+        try:
+            bar.update(progress_queue.get_nowait())
+        except queue.Empty:
+            return

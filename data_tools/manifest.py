@@ -1,0 +1,154 @@
+"""The token-shard contract between data_tools and the trainer.
+
+A token split is a directory of webdataset tars plus `manifest.json`. Each tar sample holds a
+block of packed rows (`<key>.npy`, shape [rows, seq_len], uint16 or uint32) and `<key>.json`
+(document-start offsets per row and the tokens each source contributed). This module imports only
+the standard library and numpy so the trainer can use it without the pipeline's dependencies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(Exception):
+    """A manifest or shard that does not match the contract; the message is one line."""
+
+
+@dataclass
+class TokenizerInfo:
+    name: str
+    vocab_size: int
+    eos_id: int
+    sha256: str  # of the tokenizer.json saved with the data
+    path: str = ""  # tokenizer.json, relative to the manifest's directory
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the manifest's directory
+    rows: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    seq_len: int
+    dtype: str
+    tokenizer: TokenizerInfo
+    shards: list[ShardInfo]
+    split: str = "train"
+    rows_per_sample: int = 0
+    stats: dict = field(default_factory=dict)
+    pipeline: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def total_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["total_rows"] = self.total_rows
+        data["total_tokens"] = self.total_tokens
+        return data
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `manifest.json` atomically: a reader sees the old file or the complete new one."""
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read a manifest file (or the `manifest.json` in a directory), checking version and keys."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest here; run `python -m data_tools prepare` first") from None
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"{path}: format_version {version!r}, this dstrain reads {FORMAT_VERSION}")
+    try:
+        return Manifest(
+            seq_len=data["seq_len"],
+            dtype=data["dtype"],
+            tokenizer=TokenizerInfo(**data["tokenizer"]),
+            shards=[ShardInfo(**s) for s in data["shards"]],
+            split=data.get("split", "train"),
+            rows_per_sample=data.get("rows_per_sample", 0),
+            stats=data.get("stats", {}),
+            pipeline=data.get("pipeline", {}),
+        )
+    except (KeyError, TypeError) as err:
+        raise ManifestError(f"{path}: missing or malformed field {err}") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_shard(directory: str | Path, shard: ShardInfo) -> None:
+    """Refuse a shard whose size or checksum differs from the manifest, before any row is used."""
+    path = Path(directory) / shard.path
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: shard listed in the manifest is missing") from None
+    if size != shard.bytes:
+        raise ManifestError(f"{path}: size {size} bytes, manifest says {shard.bytes}; the shard is truncated or replaced")
+    found = file_sha256(path)
+    if found != shard.sha256:
+        raise ManifestError(f"{path}: sha256 {found[:16]}…, manifest says {shard.sha256[:16]}…; the shard is corrupt")
+
+
+def iter_blocks(path: str | Path) -> Iterator[tuple[np.ndarray, dict]]:
+    """Yield (rows, metadata) for each sample of a token shard, in file order.
+
+    Members must be plain files with relative names; `.npy` is read with `allow_pickle=False`.
+    """
+    pending: dict[str, dict] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            name = member.name
+            if not member.isfile() or name.startswith("/") or ".." in Path(name).parts:
+                raise ManifestError(f"{path}: unsafe tar member {name!r}; shards hold plain relative files only")
+            key, _, ext = name.partition(".")
+            payload = tar.extractfile(member).read()
+            sample = pending.setdefault(key, {})
+            sample[ext] = payload
+            if "npy" in sample and "json" in sample:
+                del pending[key]
+                rows = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+                yield rows, json.loads(sample["json"])
+    if pending:
+        raise ManifestError(f"{path}: incomplete samples {sorted(pending)}; the shard is truncated")

@@ -1,0 +1,112 @@
+"""Readers turn one input file into documents; `detect_format` picks the reader by content.
+
+Each reader is a generator `read(path, stats, warn) -> Iterator[Doc]` that skips what it cannot
+read (counting the reason in `stats.dropped` and warning once with the file and offset) and goes
+on with the rest of the file.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from data_tools.doc import Doc
+from data_tools.errors import DataError
+from data_tools.stats import StageStats
+
+Warn = Callable[[str], None]
+Reader = Callable[[Path, StageStats, Warn], Iterator[Doc]]
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Resolve files, directories and globs in the order given (glob matches sorted)."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise DataError(f"--input {pattern}: the pattern matches no file")
+            paths.extend(Path(m) for m in matches)
+        elif Path(pattern).exists():
+            paths.append(Path(pattern))
+        else:
+            raise DataError(f"--input {pattern}: no such file or directory")
+    return paths
+
+
+def _head(path: Path, size: int = 512) -> bytes:
+    """First bytes of the decompressed content, for sniffing."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    try:
+        if magic[:2] == b"\x1f\x8b":
+            with gzip.open(path, "rb") as f:
+                return f.read(size)
+        if magic[:3] == b"BZh":
+            with bz2.open(path, "rb") as f:
+                return f.read(size)
+        if magic == ZSTD_MAGIC:
+            import zstandard
+
+            with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
+                return f.read(size)
+    except (OSError, EOFError):
+        return b""  # corrupt from the first byte; the extension decides and the reader warns
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
+def detect_format(path: Path) -> str:
+    """Name the reader for `path`: warc, wikipedia, jsonl, parquet or hf_dataset."""
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return "hf_dataset"
+        raise DataError(f"{path}: directory of unknown format; expected a `datasets` save_to_disk directory")
+    name = path.name.lower()
+    if path.stat().st_size == 0:
+        for ext, fmt in ((".warc", "warc"), (".wet", "warc"), (".xml", "wikipedia"), (".jsonl", "jsonl"), (".parquet", "parquet")):
+            if ext in name:
+                return fmt
+        raise DataError(f"{path}: empty file of unknown format; remove it from --input")
+    head = _head(path)
+    if head.startswith(b"WARC/") or ".warc" in name or ".wet" in name:
+        return "warc"
+    if b"<mediawiki" in head or name.endswith((".xml", ".xml.bz2", ".xml.gz")):
+        return "wikipedia"
+    if head.startswith(b"PAR1") or name.endswith(".parquet"):
+        return "parquet"
+    if head.lstrip().startswith(b"{") or ".jsonl" in name or ".ndjson" in name:
+        return "jsonl"
+    raise DataError(
+        f"{path}: unknown input format; expected WARC/WET, a Wikipedia XML dump, JSONL, Parquet or a datasets directory"
+    )
+
+
+def get_reader(fmt: str) -> Reader:
+    """Import the reader lazily so a job loads only the libraries its inputs need."""
+    if fmt == "warc":
+        from data_tools.readers.warc import read_warc
+
+        return read_warc
+    if fmt == "wikipedia":
+        from data_tools.readers.wikipedia import read_wikipedia
+
+        return read_wikipedia
+    if fmt == "jsonl":
+        from data_tools.readers.jsonl import read_jsonl
+
+        return read_jsonl
+    if fmt == "parquet":
+        from data_tools.readers.tables import read_parquet
+
+        return read_parquet
+    if fmt == "hf_dataset":
+        from data_tools.readers.tables import read_hf_dataset
+
+        return read_hf_dataset
+    raise ValueError(fmt)

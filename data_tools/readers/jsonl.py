@@ -1,0 +1,62 @@
+"""JSON Lines reader (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`) of records with a `text` field.
+
+Lines are read as bytes and decoded strictly, so a line with invalid UTF-8, broken JSON or no
+`text` is counted, named by line number, and skipped without losing its neighbours.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from data_tools.doc import Doc
+from data_tools.readers import ZSTD_MAGIC, Warn
+from data_tools.stats import StageStats
+
+
+def _open_bytes(path: Path):
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.open(path, "rb")
+    if magic == ZSTD_MAGIC:
+        import zstandard
+
+        return zstandard.open(path, "rb")
+    return open(path, "rb")
+
+
+def read_jsonl(path: Path, stats: StageStats, warn: Warn) -> Iterator[Doc]:
+    if path.stat().st_size == 0:
+        stats.dropped["empty_file"] += 1
+        warn(f"{path}: empty file, nothing to read")
+        return
+    line_no = 0
+    try:
+        with _open_bytes(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                stats.docs_in += 1
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as err:
+                    stats.dropped["non_utf8"] += 1
+                    warn(f"{path}:{line_no}: bytes that are not UTF-8 at column {err.start}; line skipped")
+                    continue
+                except json.JSONDecodeError as err:
+                    stats.dropped["malformed_json"] += 1
+                    warn(f"{path}:{line_no}: not valid JSON ({err.msg}); line skipped")
+                    continue
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    stats.dropped["missing_text"] += 1
+                    warn(f"{path}:{line_no}: no string field 'text'; line skipped")
+                    continue
+                stats.docs_out += 1
+                doc_id = str(record.get("id", f"{path.name}:{line_no}"))
+                yield Doc(id=doc_id, source=path.name, text=text, url=str(record.get("url", "")))
+    except (EOFError, OSError) as err:
+        warn(f"{path}: compressed stream ends early after line {line_no} ({err}); kept the lines before it")

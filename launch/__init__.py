@@ -1,0 +1,1 @@
+"""Launching: single node (deepspeed launcher, torchrun) and SLURM (submitit)."""
