@@ -26,7 +26,14 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q tests
 
-bench: $(INSTALLED)
+BENCH_DATATROVE := bench/.venv-datatrove/.installed
+
+$(BENCH_DATATROVE):
+	test -x bench/.venv-datatrove/bin/python || $(PYTHON) -m venv bench/.venv-datatrove
+	bench/.venv-datatrove/bin/pip install --quiet "datatrove[processing]==0.10.*" warcio faust-cchardet python-magic spacy lxml_html_clean
+	touch $@
+
+bench: $(INSTALLED) $(BENCH_DATATROVE)
 	$(BIN)/python bench/data_tools_bench.py
 
 clean:
