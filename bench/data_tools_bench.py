@@ -90,12 +90,12 @@ def tokenize_and_pack(texts: list[str], out: Path) -> tuple[int, float]:
     return sum(s.tokens for s in shards), time.perf_counter() - start
 
 
-def bare_encode(texts: list[str]) -> tuple[int, float]:
+def bare_encode(texts: list[str], method: str) -> tuple[int, float]:
     from data_tools.tokenize import load_tokenizer
 
-    tokenizer = load_tokenizer(CORPORA / "tokenizers" / "gpt2").tokenizer
+    encode = getattr(load_tokenizer(CORPORA / "tokenizers" / "gpt2").tokenizer, method)
     start = time.perf_counter()
-    tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts))
+    tokens = sum(len(e.ids) for e in encode(texts, add_special_tokens=False))
     return tokens, time.perf_counter() - start
 
 
@@ -113,7 +113,7 @@ def main() -> None:
     texts = sample_texts()
     with tempfile.TemporaryDirectory() as tmp:
         packed_tokens, packed_s = median_run(tokenize_and_pack, texts, Path(tmp))
-    bare_tokens, bare_s = median_run(bare_encode, texts)
+    bare = {method: median_run(bare_encode, texts, method) for method in ("encode_batch", "encode_batch_fast")}
     print(f"document stages on {len(WARCS)} WARCs (extract, lid.176, Gopher quality+repetition, MinHash), 1 process, median of {REPEATS}")
     print(f"{'':24}{'docs in':>9}{'docs out':>10}{'seconds':>9}{'docs/s':>9}")
     print(f"{'dstrain':24}{ours['docs_in']:>9}{ours['docs_out']:>10}{ours['seconds']:>9.2f}{ours_rate:>9.1f}")
@@ -122,8 +122,10 @@ def main() -> None:
     print(f"tokenize + pack, GPT-2 BPE, {len(texts)} documents, seq_len 2048, median of {REPEATS}")
     print(f"{'':24}{'tokens':>12}{'seconds':>9}{'tokens/s':>12}")
     print(f"{'dstrain tokenize+pack':24}{packed_tokens:>12}{packed_s:>9.2f}{packed_tokens / packed_s:>12.0f}")
-    print(f"{'bare encode_batch':24}{bare_tokens:>12}{bare_s:>9.2f}{bare_tokens / bare_s:>12.0f}")
-    print(f"ratio (tokens/s): {(packed_tokens / packed_s) / (bare_tokens / bare_s):.2f}x  (target >= 0.8x)")
+    for method, (tokens, seconds) in bare.items():
+        print(f"{'bare ' + method:24}{tokens:>12}{seconds:>9.2f}{tokens / seconds:>12.0f}")
+    fastest = max(tokens / seconds for tokens, seconds in bare.values())
+    print(f"ratio to the faster bare encode (tokens/s): {(packed_tokens / packed_s) / fastest:.2f}x  (target >= 0.8x)")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def run_job(out: Path, workers: int) -> None:
         if stage in PER_TASK_STAGES:
             pending = job.pending(stage)
             if pending:
-                log.info("%s: %d of %d tasks to run", stage, len(pending), len(job.plan.inputs))
+                log.info("%s: %d of %d tasks to run", stage, len(pending), len(job.plan.tasks))
                 run_tasks(partial(run_stage_task, str(out), stage), pending, workers, stage)
         elif not job.is_done(stage):
             log.info("%s", stage)
@@ -43,7 +43,7 @@ def prepare(args: argparse.Namespace) -> int:
     from data_tools.config import PipelineConfig
     from data_tools.lang import check_languages
     from data_tools.pipeline import Job, Plan
-    from data_tools.readers import detect_format, expand_inputs
+    from data_tools.readers import expand_inputs, plan_tasks
     from data_tools.report import stage_table, write_tensorboard
 
     if args.seq_len <= 1:
@@ -62,13 +62,14 @@ def prepare(args: argparse.Namespace) -> int:
     if args.langs:
         config.lang.keep = [code.strip() for code in args.langs.split(",") if code.strip()]
     check_languages(config.lang.keep)
-    paths = expand_inputs(args.input)
-    inputs = [{"path": str(p.resolve()), "format": detect_format(p)} for p in paths]
-    plan = Plan(inputs, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config)
+    if args.task_mb <= 0:
+        raise DataError(f"--task-mb {args.task_mb}: must be positive")
+    tasks = plan_tasks(expand_inputs(args.input), int(args.task_mb * 2**20))
+    plan = Plan(tasks, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config)
     job = Job(args.output)
     job.create(plan)
     if args.plan_only:
-        print(f"plan written: {job.out / 'plan.json'} ({len(inputs)} tasks)")
+        print(f"plan written: {job.out / 'plan.json'} ({len(tasks)} tasks)")
         return 0
     run_job(job.out, args.workers)
     stats = json.loads((job.out / "stats.json").read_text())
@@ -90,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
         if index is None:
             raise DataError(f"--stage {args.stage} runs one task: give --task N (or run inside a SLURM array)")
         index = int(index)
-        if not 0 <= index < len(job.plan.inputs):
-            raise DataError(f"--task {index}: the plan has tasks 0..{len(job.plan.inputs) - 1}")
+        if not 0 <= index < len(job.plan.tasks):
+            raise DataError(f"--task {index}: the plan has tasks 0..{len(job.plan.tasks) - 1}")
         if not job.is_done(args.stage, index):
             run_stage_task(str(job.out), args.stage, index)
     elif not job.is_done(args.stage):
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE", help="train a byte-level BPE on the corpus")
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--task-mb", type=float, default=128, help="cut larger inputs into tasks of about this size (MiB)")
     p.add_argument("--langs", help="comma-separated ISO codes to keep, e.g. en,fr (default: all)")
     p.add_argument("--config", help="pipeline YAML (thresholds; see examples/pipeline.yaml)")
     p.add_argument("--valid-fraction", type=float, default=0.005)

@@ -1,9 +1,9 @@
 """A data job: a plan of tasks and the five stages that turn inputs into token shards.
 
-    extract   (one task per input file)  read → extract → lang → quality → PII → signatures
+    extract   (one task per input range)  read → extract → lang → quality → PII → signatures
     dedup     (once)                     exact + MinHash-LSH duplicates across all tasks
     tokenizer (once)                     load the given tokenizer, or train BPE on the corpus
-    tokenize  (one task per input file)  final document shards, token streams, valid split
+    tokenize  (one task per input range)  final document shards, token streams, valid split
     pack      (once)                     rows, windowed shuffle, shards, manifests, stats
 
 Every stage writes its outputs under temporary names, renames them, then writes a completion
@@ -45,7 +45,7 @@ Progress = Callable[[int], None]
 class Plan:
     """Everything that determines a job's output; saved as `plan.json` and checked on rerun."""
 
-    inputs: list[dict]  # [{"path", "format"}], in task order
+    tasks: list[dict]  # [{"path", "format", "start", "end"}]: inputs or ranges of them, in order
     seq_len: int
     tokenizer: str | None = None
     train_tokenizer: int | None = None
@@ -123,7 +123,7 @@ class Job:
         return json.loads(self.marker(stage, index).read_text())
 
     def pending(self, stage: str) -> list[int]:
-        return [i for i in range(len(self.plan.inputs)) if not self.is_done(stage, i)]
+        return [i for i in range(len(self.plan.tasks)) if not self.is_done(stage, i)]
 
     # ----------------------------------------------------------------- stage: extract
 
@@ -136,7 +136,7 @@ class Job:
         from data_tools.readers import get_reader
 
         plan, config = self.plan, self.plan.config
-        item = plan.inputs[index]
+        item = plan.tasks[index]
         unspaced = config.quality.gopher_quality.unspaced_langs
         steps = [
             ExtractText(config.extract),
@@ -149,7 +149,8 @@ class Job:
         ]
         read_stats = StageStats()
         start = time.perf_counter()
-        docs: Iterator[Doc] = get_reader(item["format"])(Path(item["path"]), read_stats, log.warning)
+        reader = get_reader(item["format"])
+        docs: Iterator[Doc] = reader(Path(item["path"]), read_stats, log.warning, item["start"], item["end"])
         for step in steps:
             docs = step(docs)
         out_dir = self.work / "extract"
@@ -176,14 +177,14 @@ class Job:
         )
         os.replace(out_dir / f"{name}.sig.tmp.npz", out_dir / f"{name}.sig.npz")
         stages = {"read": read_stats.to_dict(), **{s.name: s.stats.to_dict() for s in steps}}
-        _write_json(self.marker("extract", index), {"input": item["path"], "stages": stages})
+        _write_json(self.marker("extract", index), {"task": item, "stages": stages})
 
     # ----------------------------------------------------------------- stage: dedup
 
     def run_dedup(self) -> None:
         from data_tools.dedup import find_duplicates
 
-        n_tasks = len(self.plan.inputs)
+        n_tasks = len(self.plan.tasks)
         out_dir = self.work / "dedup"
         out_dir.mkdir(parents=True, exist_ok=True)
         stats = StageStats()
@@ -224,7 +225,7 @@ class Job:
         start = time.perf_counter()
         if plan.train_tokenizer:
             texts = (
-                text for index in range(len(plan.inputs)) for text, _, split in self.kept_docs(index) if split == "train"
+                text for index in range(len(plan.tasks)) for text, _, split in self.kept_docs(index) if split == "train"
             )
             tok = train_tokenizer(texts, plan.train_tokenizer)
         else:
@@ -298,7 +299,7 @@ class Job:
     # ----------------------------------------------------------------- stage: pack
 
     def token_streams(self, split: str) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
-        for index, item in enumerate(self.plan.inputs):
+        for index, item in enumerate(self.plan.tasks):
             with np.load(self.work / "tokens" / f"{self.task_name(index)}.npz") as data:
                 yield data[f"{split}_tokens"], data[f"{split}_lengths"], Path(item["path"]).name
 
@@ -336,7 +337,7 @@ class Job:
 
     def collect_stats(self) -> dict:
         """Stage counters summed over tasks, in pipeline order, plus job-level totals."""
-        n_tasks = range(len(self.plan.inputs))
+        n_tasks = range(len(self.plan.tasks))
         stages = merge_stage_stats(
             [self.read_marker("extract", i)["stages"] for i in n_tasks]
             + [self.read_marker("dedup")["stages"]]
@@ -345,6 +346,6 @@ class Job:
         return {
             "stages": {name: s.to_dict() for name, s in stages.items()},
             "tokenizer": self.read_marker("tokenizer")["tokenizer"],
-            "inputs": [item["path"] for item in self.plan.inputs],
+            "inputs": list(dict.fromkeys(item["path"] for item in self.plan.tasks)),
             "pack": {},
         }

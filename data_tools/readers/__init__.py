@@ -1,8 +1,9 @@
 """Readers turn one input file into documents; `detect_format` picks the reader by content.
 
-Each reader is a generator `read(path, stats, warn) -> Iterator[Doc]` that skips what it cannot
-read (counting the reason in `stats.dropped` and warning once with the file and offset) and goes
-on with the rest of the file.
+Each reader is a generator `read(path, stats, warn, start, end) -> Iterator[Doc]` that skips what
+it cannot read (counting the reason in `stats.dropped` and warning once with the file and offset)
+and goes on with the rest of the file. `plan_tasks` cuts large files into ranges that readers
+align to record boundaries themselves, so consecutive ranges read every record exactly once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from data_tools.errors import DataError
 from data_tools.stats import StageStats
 
 Warn = Callable[[str], None]
-Reader = Callable[[Path, StageStats, Warn], Iterator[Doc]]
+Reader = Callable[[Path, StageStats, Warn, int, "int | None"], Iterator[Doc]]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -110,3 +111,38 @@ def get_reader(fmt: str) -> Reader:
 
         return read_hf_dataset
     raise ValueError(fmt)
+
+
+def _byte_splittable(path: Path, fmt: str) -> bool:
+    """Formats whose readers can start at any byte offset (uncompressed or member-wise compressed)."""
+    with open(path, "rb") as f:
+        magic = f.read(3)
+    if fmt == "warc":
+        return True  # gzip per record, or plain
+    if fmt == "wikipedia":
+        return magic == b"BZh"  # multistream .bz2 splits; a single stream stays in the first range
+    return fmt == "jsonl" and magic[:2] != b"\x1f\x8b" and magic != ZSTD_MAGIC[:3]
+
+
+def plan_tasks(paths: list[Path], task_bytes: int) -> list[dict]:
+    """One task per input, large files cut into ranges of about `task_bytes` (row groups for Parquet)."""
+    tasks = []
+    for path in paths:
+        fmt = detect_format(path)
+        base = {"path": str(path.resolve()), "format": fmt}
+        size = 0 if path.is_dir() else path.stat().st_size
+        if fmt == "parquet" and size > task_bytes:
+            from data_tools.readers.tables import open_parquet
+
+            meta = open_parquet(path).metadata
+            start = acc = 0
+            for group in range(meta.num_row_groups):
+                acc += meta.row_group(group).total_byte_size
+                if acc >= task_bytes or group == meta.num_row_groups - 1:
+                    tasks.append({**base, "start": start, "end": group + 1})
+                    start, acc = group + 1, 0
+        elif size > task_bytes and _byte_splittable(path, fmt):
+            tasks += [{**base, "start": s, "end": min(s + task_bytes, size)} for s in range(0, size, task_bytes)]
+        else:
+            tasks.append({**base, "start": 0, "end": None})
+    return tasks

@@ -4,6 +4,9 @@ The file is memory-mapped and cut into records first (gzip members for `.warc.gz
 Content-Length for plain WARC); warcio then parses each record on its own. A corrupt member or
 header is counted, named by byte offset in one warning, and skipped by searching for the next
 record start, so one bad record never costs the rest of the file.
+
+A task may read a byte range of a large file: it takes the records that *start* in [start, end),
+finding the first one by the same search, so consecutive ranges read every record exactly once.
 """
 
 from __future__ import annotations
@@ -27,9 +30,24 @@ HTML_TYPES = ("text/html", "application/xhtml+xml")
 _CONTENT_LENGTH = re.compile(rb"\r\nContent-Length:\s*(\d+)", re.IGNORECASE)
 
 
-def _gzip_records(buf: mmap.mmap | bytes) -> Iterator[tuple[int, bytes | Exception]]:
-    pos, size = 0, len(buf)
-    while pos < size:
+def _is_gzip_member(buf: mmap.mmap | bytes, pos: int) -> bool:
+    """True when a gzip member that inflates to a WARC header starts at `pos`."""
+    try:
+        return zlib.decompressobj(31).decompress(buf[pos : pos + 4096], 8).startswith(b"WARC/")
+    except zlib.error:
+        return False
+
+
+def _first_gzip_member(buf: mmap.mmap | bytes, start: int, end: int) -> int:
+    pos = buf.find(GZIP_MAGIC, start, end)
+    while pos >= 0 and not _is_gzip_member(buf, pos):
+        pos = buf.find(GZIP_MAGIC, pos + 1, end)
+    return pos
+
+
+def _gzip_records(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int, bytes | Exception]]:
+    pos = start if start == 0 else _first_gzip_member(buf, start, end)
+    while 0 <= pos < end:
         inflater, cursor, parts = zlib.decompressobj(31), pos, []
         try:
             while not inflater.eof:
@@ -42,42 +60,44 @@ def _gzip_records(buf: mmap.mmap | bytes) -> Iterator[tuple[int, bytes | Excepti
             pos = cursor - len(inflater.unused_data)
         except (zlib.error, EOFError) as err:
             yield pos, err
-            pos = buf.find(GZIP_MAGIC, pos + 1)
-            if pos < 0:
-                return
+            pos = _first_gzip_member(buf, pos + 1, end)
 
 
-def _plain_records(buf: mmap.mmap | bytes) -> Iterator[tuple[int, bytes | Exception]]:
-    pos, size = 0, len(buf)
-    while pos < size:
+def _first_plain_record(buf: mmap.mmap | bytes, start: int, end: int) -> int:
+    if start == 0 and buf[:5] == b"WARC/":
+        return 0
+    pos = buf.find(b"\nWARC/1.", max(start - 1, 0), end)
+    return pos + 1 if pos >= 0 else -1
+
+
+def _plain_records(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int, bytes | Exception]]:
+    pos, size = _first_plain_record(buf, start, end), len(buf)
+    while 0 <= pos < end:
         header_end = buf.find(b"\r\n\r\n", pos)
         match = _CONTENT_LENGTH.search(buf[pos:header_end]) if header_end > 0 else None
-        if not buf[pos : pos + 5] == b"WARC/" or match is None:
+        if match is None:
             yield pos, ValueError("no WARC header with Content-Length")
-            pos = buf.find(b"\nWARC/1.", pos + 1)
-            if pos < 0:
-                return
-            pos += 1
+            pos = _first_plain_record(buf, pos + 1, end)
             continue
-        end = header_end + 4 + int(match.group(1))
-        if end > size:
+        record_end = header_end + 4 + int(match.group(1))
+        if record_end > size:
             yield pos, EOFError("record truncated before its Content-Length")
             return
-        yield pos, bytes(buf[pos:end])
-        pos = end
+        yield pos, bytes(buf[pos:record_end])
+        pos = record_end
         while buf[pos : pos + 2] == b"\r\n":
             pos += 2
 
 
-def read_warc(path: Path, stats: StageStats, warn: Warn) -> Iterator[Doc]:
-    """Yield one document per HTML response (or WET conversion record) of a WARC file."""
+def read_warc(path: Path, stats: StageStats, warn: Warn, start: int = 0, end: int | None = None) -> Iterator[Doc]:
+    """Yield one document per HTML response (or WET conversion record) starting in [start, end)."""
     if path.stat().st_size == 0:
         stats.dropped["empty_file"] += 1
         warn(f"{path}: empty file, nothing to read")
         return
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         split = _gzip_records if buf[:3] == GZIP_MAGIC else _plain_records
-        for offset, data in split(buf):
+        for offset, data in split(buf, start, len(buf) if end is None else min(end, len(buf))):
             stats.docs_in += 1
             doc = _record_to_doc(path, offset, data, stats, warn)
             if doc is not None:

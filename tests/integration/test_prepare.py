@@ -98,16 +98,21 @@ def test_inspect_prints_summary_and_a_decoded_row(full_job: Path):
     assert "sample row" in result.stdout and "dedup" in result.stdout
 
 
-def test_shards_do_not_depend_on_workers(tmp_path, corpora):
-    """Same inputs and config give byte-identical shards with 1 or 2 workers (trained tokenizer too)."""
-    found = []
-    for workers in ("1", "2"):
-        out = tmp_path / f"w{workers}"
-        result = run(prepare_cmd(corpora, out, "--train-tokenizer", "1024", "--workers", workers, "--valid-fraction", "0.1", inputs=WARCS))
+def test_shards_do_not_depend_on_workers_or_task_size(tmp_path, corpora):
+    """Byte-identical shards with 1 or 2 workers (trained tokenizer too); token shards also when
+    the WARCs are cut into 100 KiB ranges (8 tasks each) instead of one task per file."""
+    runs = {}
+    for name, workers, task_mb in (("w1", "1", "128"), ("w2", "2", "128"), ("ranges", "2", "0.1")):
+        out = tmp_path / name
+        args = ["--train-tokenizer", "1024", "--workers", workers, "--task-mb", task_mb, "--valid-fraction", "0.1"]
+        result = run(prepare_cmd(corpora, out, *args, inputs=WARCS))
         assert result.returncode == 0, result.stderr
-        found.append(outputs(out))
-    assert found[0] == found[1]
-    assert len(found[0]) >= 5
+        runs[name] = outputs(out)
+    assert runs["w1"] == runs["w2"]
+    assert len(runs["w1"]) >= 5
+    assert len(json.loads((tmp_path / "ranges" / "plan.json").read_text())["tasks"]) == 16
+    tokens = lambda found: {k: v for k, v in found.items() if not k.startswith("docs/")}  # noqa: E731
+    assert tokens(runs["ranges"]) == tokens(runs["w1"])
 
 
 def test_sigkill_then_rerun_gives_identical_shards(tmp_path, corpora, gpt2_dir, full_job: Path):
