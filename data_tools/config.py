@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,8 +151,32 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where, key + ".")
     origin = typing.get_origin(hint) or hint
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint_text = f"; did you mean '{near[0]}'?" if near else ""
+        raise DataError(f"{where}: '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}{hint_text}")
+    if origin in (typing.Union, types.UnionType):
+        arms = typing.get_args(hint)
+        if value is None and type(None) in arms:
+            return None
+        for arm in arms:
+            if arm is not type(None):
+                try:
+                    return _coerce(arm, value, where, key)
+                except DataError:
+                    continue
+        names = " or ".join(getattr(typing.get_origin(a) or a, "__name__", str(a)) for a in arms)
+        raise DataError(f"{where}: '{key}' must be {names}, got {value!r}")
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if origin is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if origin is dict and isinstance(value, dict):
         key_type, value_type = typing.get_args(hint)
         # JSON (plan.json) turns integer keys into strings; take them back.

@@ -32,7 +32,8 @@ def _valid_ip(candidate: str) -> bool:
 def _valid_phone(candidate: str) -> bool:
     digits = sum(c.isdigit() for c in candidate)
     separated = candidate.startswith("+") or "(" in candidate or len(set(re.findall(r"[ .-]", candidate))) == 1
-    return 10 <= digits <= 15 and separated and not re.fullmatch(r"\d{4}[.-]\d{2}[.-]\d{2}", candidate)
+    # a date, or a timestamp that starts with one ("2004-11-29-19:50:15" stops the match at "-19")
+    return 10 <= digits <= 15 and separated and not re.match(r"\d{4}[.-]\d{2}[.-]\d{2}(?!\d)", candidate)
 
 
 class MaskPII(Step):
