@@ -15,13 +15,14 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-DEMO_OUT ?= runs/demo
+# examples/demo.yaml reads its data from here
+DEMO_OUT := runs/demo
 
 demo: $(INSTALLED)
 	$(BIN)/python -m data_tools prepare \
 	    --input 'examples/corpora/*.warc.gz' --input examples/corpora/enwiki-sample.xml.bz2 \
-	    --output $(DEMO_OUT)/data --train-tokenizer 8192 --seq-len 512 --valid-fraction 0.05 --workers 2
-	$(BIN)/python -m data_tools inspect $(DEMO_OUT)/data --chars 300
+	    --output $(DEMO_OUT)/data --train-tokenizer 4096 --seq-len 256 --valid-fraction 0.05 --workers 2
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/deepspeed --num_gpus 2 --module trainer --config examples/demo.yaml
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q tests

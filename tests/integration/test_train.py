@@ -1,0 +1,158 @@
+"""Multi-process DeepSpeed pretraining over gloo on CPU: determinism, exact resume, resharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_runs import ENV, train_cmd
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8  # as in conftest.config_file
+
+
+def train(config_file: Path, procs: int, run_dir: Path, *overrides: str, launcher: str = "torchrun", expect: int = 0):
+    result = subprocess.run(train_cmd(config_file, procs, run_dir, *overrides, launcher=launcher), capture_output=True,
+                            text=True, env=ENV, timeout=600)
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def digests(run_dir: Path) -> dict[int, str]:
+    return {m["step"]: m["batch_digest"] for m in metrics(run_dir) if "batch_digest" in m}
+
+
+def rewind(src: Path, dst: Path, step: int) -> None:
+    """A copy of run `src` as it was after checkpoint `step` (later checkpoints and logs removed)."""
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").glob("step_*"):
+        if int(ckpt.name.split("_")[1]) > step:
+            shutil.rmtree(ckpt)
+    (dst / "checkpoints" / "latest").write_text(f"step_{step:06d}\n")
+    shutil.rmtree(dst / "export", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, config_file) -> Path:
+    run_dir = tmp_path_factory.mktemp("ref") / "two"
+    train(config_file, 2, run_dir)
+    return run_dir
+
+
+def test_loss_falls_and_everything_is_written(reference: Path):
+    got = losses(reference)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got[STEPS] < got[1]
+    assert (reference / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:06d}"
+    assert {p.name for p in (reference / "checkpoints").glob("step_*")} == {"step_000004", "step_000008"}
+    state = json.loads((reference / "checkpoints" / "step_000008" / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["world_size"] == 2
+    assert list((reference / "tb").glob("events.out.tfevents.*"))
+    assert any("eval_loss" in m for m in metrics(reference))
+
+
+def test_same_seed_same_losses(tmp_path, config_file, reference):
+    train(config_file, 2, tmp_path / "again")
+    assert losses(tmp_path / "again") == losses(reference)
+
+
+def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path, config_file, reference):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(config_file, 2, run_dir), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step_000004" / "COMPLETE").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = train(config_file, 2, run_dir)
+    assert "resumed from" in result.stdout + result.stderr
+    assert losses(run_dir) == losses(reference)
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_at_another_world_size_consumes_the_same_batches(tmp_path, config_file, reference, before, after):
+    source = reference if before == 2 else tmp_path / "one"
+    if before == 1:
+        train(config_file, 1, source)
+        assert digests(source) == digests(reference)  # the batches do not depend on world size
+    rewind(source, tmp_path / "resized", 4)
+    train(config_file, after, tmp_path / "resized")
+    assert digests(tmp_path / "resized") == digests(reference)
+    for step, loss in losses(reference).items():
+        assert losses(tmp_path / "resized")[step] == pytest.approx(loss, rel=1e-4), step
+
+
+@pytest.mark.parametrize("stage, offload", [(0, "none"), (1, "none"), (3, "none"), (3, "cpu")])
+def test_every_zero_stage_trains_and_resumes(tmp_path, config_file, stage, offload):
+    run_dir = tmp_path / f"zero{stage}{offload}"
+    overrides = [f"engine.zero_stage={stage}", f"engine.offload={offload}", "train.max_steps=6", "train.ckpt_every=3"]
+    train(config_file, 2, run_dir, *overrides, "debug.nan_at_steps=[]")
+    uninterrupted = losses(run_dir)
+    rewind(run_dir, tmp_path / "resumed", 3)
+    train(config_file, 2, tmp_path / "resumed", *overrides)
+    assert losses(tmp_path / "resumed") == uninterrupted
+    assert uninterrupted[6] < uninterrupted[1]
+
+
+@pytest.mark.parametrize("procs, sig", [(1, signal.SIGUSR1), (2, signal.SIGTERM)])
+def test_signal_checkpoints_at_the_step_boundary(tmp_path, config_file, procs, sig):
+    """SIGUSR1 to a trainer, or SIGTERM to torchrun (which forwards it): checkpoint at the next step, exit."""
+    run_dir = tmp_path / "signalled"
+    proc = subprocess.Popen(train_cmd(config_file, procs, run_dir, "train.max_steps=100000", "train.ckpt_every=100000"),
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    if procs == 1:
+        assert proc.returncode == 75, err[-2000:]
+    assert "stopping at step" in err
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / latest / "COMPLETE").exists()
+    assert int(latest.split("_")[1]) == max(losses(run_dir))
+
+
+def test_export_gives_the_same_logits(tmp_path, reference):
+    """The exported directory loads with from_pretrained and computes what the trained weights compute."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.config import load_config
+    from trainer.export import consolidated_state_dict
+    from trainer.models import build_model
+
+    exported = AutoModelForCausalLM.from_pretrained(reference / "export")
+    tokenizer = AutoTokenizer.from_pretrained(reference / "export")
+    ids = torch.tensor([tokenizer("The Debian project publishes a handbook.").input_ids])
+    config = load_config(reference / "config.yaml")
+    trained = build_model(config.model, 512, 64, tokenizer.eos_token_id, seed=0)
+    trained.load_state_dict(consolidated_state_dict(reference / "checkpoints" / "step_000008"))
+    assert torch.equal(exported(ids).logits, trained(ids).logits)
+    out = tmp_path / "hf"
+    subprocess.run([sys.executable, "-m", "trainer", "export", str(reference / "checkpoints" / "step_000004"), str(out)],
+                   check=True, capture_output=True)
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 512
+
+
+def test_deepspeed_launcher_runs_the_same_training(tmp_path, config_file, reference):
+    train(config_file, 2, tmp_path / "ds", launcher="deepspeed")
+    assert losses(tmp_path / "ds") == losses(reference)

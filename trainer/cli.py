@@ -1,0 +1,43 @@
+"""`python -m trainer`: train (default), or `export CHECKPOINT OUT_DIR`.
+
+    python -m trainer --config examples/demo.yaml [dotted.key=value …]
+    deepspeed --num_gpus 2 -m trainer --config …      torchrun --nproc-per-node 2 -m trainer --config …
+    python -m trainer export runs/demo/checkpoints/step_000300 runs/demo/hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from data_tools.errors import DataError
+from data_tools.manifest import ManifestError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "export":
+            parser = argparse.ArgumentParser(prog="python -m trainer export", description="checkpoint → Hugging Face directory")
+            parser.add_argument("checkpoint")
+            parser.add_argument("out")
+            args = parser.parse_args(argv[1:])
+            from trainer.export import export
+
+            print(f"exported {export(args.checkpoint, args.out)}")
+            return 0
+        parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--config", help="run config YAML (see examples/demo.yaml)")
+        parser.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")
+        parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+        args = parser.parse_args(argv)
+        if args.local_rank is not None:
+            os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+        from trainer.config import load_config
+        from trainer.loop import train
+
+        return train(load_config(args.config, args.overrides))
+    except (DataError, ManifestError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,191 @@
+"""The run configuration: one dataclass tree, loaded from YAML, overridden by dotted CLI args.
+
+`python -m trainer --config run.yaml optim.lr=3e-4 train.max_steps=200`. Override values are
+parsed as YAML scalars (numbers, booleans, lists). An unknown key or a wrong type stops the run
+at start with one line naming the key and the nearest valid one. The resolved config is saved in
+the run directory and in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from data_tools.config import from_dict
+from data_tools.errors import DataError as ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # the run directory is out_dir/name
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["llama", "gpt2"] = "llama"
+    pretrained: str | None = None  # a local save_pretrained directory instead of arch + sizes
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # grouped-query attention (llama); None: = num_heads
+    intermediate_size: int | None = None  # None: the arch's default ratio
+    tie_embeddings: bool = True
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataSource:
+    path: str  # a manifest.json or its directory
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train: str | list[DataSource] = ""
+    valid: str | None = None
+    lanes: int = 8  # fixed for a run: world_size and global_batch must divide by it as DESIGN says
+    prefetch: int = 4  # batches read ahead by the background thread
+    verify: bool = True  # check each shard's size and sha256 against the manifest before use
+
+    def sources(self) -> list[DataSource]:
+        return [DataSource(self.train)] if isinstance(self.train, str) else self.train
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 16  # rows per optimizer step, all ranks together
+    micro_batch: int = 4  # rows per forward/backward on one rank
+    max_steps: int | None = 100
+    max_tokens: int | None = None  # alternative to max_steps
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    keep_last: int = 2
+    keep_every: int | None = None  # also keep every M-th step's checkpoint
+    nan_policy: Literal["skip", "stop"] = "skip"  # a non-finite loss: skip that micro-batch, or checkpoint and stop
+    max_nan_skips: int = 10  # skips allowed in a run before stopping anyway
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 10
+    decay: Literal["constant", "linear", "cosine", "wsd"] = "cosine"
+    min_lr_ratio: float = 0.1  # the floor, as a fraction of optim.lr
+    wsd_decay_frac: float = 0.2  # wsd: the last fraction of steps decays linearly
+
+
+@dataclass
+class EngineConfig:
+    type: Literal["deepspeed"] = "deepspeed"
+    zero_stage: int = 2
+    offload: Literal["none", "cpu"] = "none"
+    ds_config: str | None = None  # a DeepSpeed JSON of your own; "auto" fields are filled
+
+
+@dataclass
+class MetricsConfig:
+    peak_tflops: float | None = None  # per device; None: bf16 dense peak of known GPUs, none on CPU
+    tensorboard: bool = True
+
+
+@dataclass
+class DebugConfig:
+    nan_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps (tests the NaN policy)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Put `value` at `a.b.c` in the raw config, refusing a path that is not a config field."""
+    keys = dotted.split(".")
+    node, cls = data, Config
+    for depth, key in enumerate(keys):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if key not in hints:
+            near = difflib.get_close_matches(key, hints, n=1)
+            hint = f"; did you mean '{'.'.join([*keys[:depth], near[0]])}'?" if near else ""
+            raise ConfigError(f"override: unknown key '{dotted}'{hint}")
+        if depth == len(keys) - 1:
+            node[key] = value
+        else:
+            node, cls = node.setdefault(key, {}), hints[key]
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """YAML file (optional) plus `key.sub=value` overrides → a validated Config."""
+    data: dict = {}
+    where = str(path) if path else "config"
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as err:
+            raise ConfigError(f"--config {path}: cannot read ({err.strerror})") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep:
+            raise ConfigError(f"override '{override}': expected key=value, e.g. optim.lr=3e-4")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    config = from_dict(Config, data, where=where)
+    _check(config, where)
+    return config
+
+
+def _check(config: Config, where: str) -> None:
+    positive = {
+        "train.global_batch": config.train.global_batch,
+        "train.micro_batch": config.train.micro_batch,
+        "data.lanes": config.data.lanes,
+        "train.log_every": config.train.log_every,
+        "train.ckpt_every": config.train.ckpt_every,
+        "train.eval_every": config.train.eval_every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{where}: '{key}' must be positive, got {value}")
+    if config.train.max_steps is None and config.train.max_tokens is None:
+        raise ConfigError(f"{where}: set 'train.max_steps' or 'train.max_tokens'")
+    if not 0 <= config.engine.zero_stage <= 3:
+        raise ConfigError(f"{where}: 'engine.zero_stage' must be 0, 1, 2 or 3, got {config.engine.zero_stage}")
+    if config.engine.offload == "cpu" and config.engine.zero_stage == 0:
+        raise ConfigError(f"{where}: 'engine.offload: cpu' needs engine.zero_stage 1-3")
+    if not config.data.sources() or not config.data.sources()[0].path:
+        raise ConfigError(f"{where}: 'data.train' is empty; give a manifest from `python -m data_tools prepare`")

@@ -1,0 +1,516 @@
+"""Token batches for training, dealt by the lanes contract (DESIGN.md, "Data order and resume").
+
+Why lanes: the sequence of global batches must be a pure function of (corpora, seed, global batch,
+lanes) so that a run resumes from the step number alone, at any world size, without repeating or
+skipping a row. The corpus's rows are dealt once to L lanes; each lane is an endless stream (epoch
+after epoch, its ranges reordered per epoch, rows in file order); step t takes k = global_batch / L
+rows from every lane, so every lane sits at row t * k after t steps. Rank r owns lanes
+r, r + W, r + 2W, …: it opens only those lanes' shards and never needs another rank's position.
+
+The trainer proves which global batch a step consumed with `LanesLoader.local_lane_digests`
+(all-reduced with SUM across ranks) and `batch_digest`; both are independent of world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import tarfile
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import accumulate, count
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from data_tools.errors import DataError
+from data_tools.manifest import Manifest, ManifestError, load_manifest, verify_shard
+
+__all__ = ["DataError", "Lane", "LanesLoader", "RowRange", "Source", "batch_digest", "deal_rows", "lane_shares"]
+
+log = logging.getLogger("trainer.data")
+
+
+@dataclass
+class Source:
+    """One corpus of a run: a token split from `python -m data_tools prepare`, and its mixture weight."""
+
+    manifest: str  # a manifest.json or its directory
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """Rows `first` .. `stop - 1` of one shard (an index into its manifest's shard list)."""
+
+    shard: int
+    first: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.first
+
+
+@dataclass(frozen=True)
+class Lane:
+    """A lane's fixed share of one source; its reading order per epoch derives from (seed, epoch, index)."""
+
+    index: int
+    source: int
+    ranges: tuple[RowRange, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(r.rows for r in self.ranges)
+
+    def epoch_ranges(self, seed: int, epoch: int) -> tuple[RowRange, ...]:
+        """The ranges in the order this lane reads them in `epoch`: fresh per epoch, fixed by the seed."""
+        order = np.random.default_rng([seed, epoch, self.index]).permutation(len(self.ranges))
+        return tuple(self.ranges[i] for i in order)
+
+
+def lane_shares(weights: Sequence[float], lanes: int) -> list[int]:
+    """Lanes per source, proportional to the weights by largest remainder, at least one each.
+
+    Why lanes and not a sampling rate: a lane reads one source at a fixed k rows per step, so a
+    source's share of every global batch is exactly its share of lanes, at every step.
+    """
+    if lanes < len(weights):
+        raise DataError(f"data.lanes {lanes}: fewer than the {len(weights)} sources; every source needs a lane")
+    total = sum(weights)
+    quotas = [lanes * w / total for w in weights]
+    shares = [max(1, math.floor(q)) for q in quotas]
+    while sum(shares) < lanes:
+        shares[max(range(len(shares)), key=lambda i: quotas[i] - shares[i])] += 1
+    while sum(shares) > lanes:  # only when the at-least-one rule lifted a tiny source
+        shares[min((i for i in range(len(shares)) if shares[i] > 1), key=lambda i: quotas[i] - shares[i])] -= 1
+    return shares
+
+
+def deal_rows(shard_rows: Sequence[int], lanes: int) -> list[tuple[RowRange, ...]]:
+    """Cut the rows of the shards (in manifest order) into `lanes` contiguous runs of equal size (±1).
+
+    Why exact balance rather than whole shards per lane: every lane advances k rows per step, so a
+    lane with fewer rows would start its next epoch sooner and its rows would be seen more often.
+    A lane therefore holds whole shards except where a cut falls inside one; a shard smaller than a
+    lane's share (a large corpus) is read by one lane, a shard larger than it (a small corpus) by several.
+    """
+    starts = list(accumulate(shard_rows, initial=0))
+    total = starts[-1]
+    dealt = []
+    for lane in range(lanes):
+        row, end = lane * total // lanes, (lane + 1) * total // lanes
+        ranges = []
+        while row < end:
+            shard = bisect_right(starts, row) - 1
+            stop = min(end, starts[shard + 1])
+            ranges.append(RowRange(shard, row - starts[shard], stop - starts[shard]))
+            row = stop
+        dealt.append(tuple(ranges))
+    return dealt
+
+
+def batch_digest(all_lane_digests: np.ndarray) -> str:
+    """Hex digest of a global batch from its per-lane digests (the all-reduced `local_lane_digests`)."""
+    digests = np.asarray(all_lane_digests)
+    if digests.ndim != 1 or digests.dtype != np.int64:
+        raise ValueError(f"lane digests: expected a 1-D int64 array, got {digests.dtype} of shape {digests.shape}")
+    return xxhash.xxh3_64_hexdigest(digests.astype("<i8").tobytes())
+
+
+@contextlib.contextmanager
+def _as_data_error() -> Iterator[None]:
+    """Report manifest and shard problems as the trainer's one error type, keeping their one-line message."""
+    try:
+        yield
+    except ManifestError as err:
+        raise DataError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class _Corpus:
+    directory: Path
+    manifest: Manifest
+    weight: float
+
+
+def _load_corpus(source: Source, seq_len: int) -> _Corpus:
+    path = Path(source.manifest)
+    with _as_data_error():
+        manifest = load_manifest(path)
+    if manifest.seq_len != seq_len:
+        raise DataError(
+            f"{path}: seq_len {manifest.seq_len}, the run's model.seq_len is {seq_len}; prepare the data again or change seq_len"
+        )
+    if not source.weight > 0:
+        raise DataError(f"{path}: weight {source.weight}; a source's weight must be positive")
+    return _Corpus(path if path.is_dir() else path.parent, manifest, float(source.weight))
+
+
+def _check_tokenizer(corpora: Sequence[_Corpus], vocab_size: int | None, eos_id: int | None, sha256: str | None) -> None:
+    """Refuse data made with another tokenizer than the model's: it would train on wrong ids silently."""
+    expected_sha = sha256 or corpora[0].manifest.tokenizer.sha256  # without one, sources must agree
+    for corpus in corpora:
+        tok, where = corpus.manifest.tokenizer, corpus.directory
+        if tok.sha256 != expected_sha:
+            raise DataError(
+                f"{where}: tokenizer sha256 {tok.sha256[:16]}…, expected {expected_sha[:16]}…; "
+                "the data was tokenized with another tokenizer"
+            )
+        if vocab_size is not None and tok.vocab_size > vocab_size:
+            raise DataError(
+                f"{where}: tokenizer vocab_size {tok.vocab_size} exceeds the model's vocab_size {vocab_size}; "
+                "token ids would fall outside the embedding"
+            )
+        if eos_id is not None and tok.eos_id != eos_id:
+            raise DataError(f"{where}: tokenizer eos_id {tok.eos_id}, the model's eos_id is {eos_id}; use the data's tokenizer")
+
+
+def _plan_lanes(corpora: Sequence[_Corpus], lanes: int) -> list[Lane]:
+    """Give each source its share of lanes (in source order) and deal its rows among them."""
+    plan: list[Lane] = []
+    for source, (corpus, share) in enumerate(zip(corpora, lane_shares([c.weight for c in corpora], lanes))):
+        rows = corpus.manifest.total_rows
+        if rows < share:
+            raise DataError(f"{corpus.directory}: {rows} rows, fewer than its {share} lanes; use fewer data.lanes or more data")
+        for ranges in deal_rows([s.rows for s in corpus.manifest.shards], share):
+            plan.append(Lane(len(plan), source, ranges))
+    return plan
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """Where each `.npy` block of a token shard lies in the file, so a read touches only its block."""
+
+    path: Path
+    dtype: np.dtype
+    seq_len: int
+    block_first_rows: tuple[int, ...]
+    block_spans: tuple[tuple[int, int], ...]  # (offset, bytes) of each block's array data
+
+
+def _npy_header(f, path: Path, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the `.npy` header at the file's position; leaves it at the array data."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = readers[version](f)
+    except (ValueError, KeyError) as err:
+        raise DataError(f"{path}: member {name!r} is not a .npy array ({err}); the shard is corrupt") from None
+    if fortran:
+        raise DataError(f"{path}: member {name!r} is Fortran-ordered; token shards hold C-ordered rows")
+    return shape, dtype
+
+
+def _safe_members(f, path: Path) -> list[tarfile.TarInfo]:
+    """A shard's tar members, refusing what `iter_blocks` refuses: anything but plain relative files."""
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            members = tar.getmembers()
+    except tarfile.TarError as err:
+        raise DataError(f"{path}: not a readable tar ({err}); the shard is corrupt") from None
+    for member in members:
+        if not member.isfile() or member.name.startswith("/") or ".." in Path(member.name).parts:
+            raise DataError(f"{path}: unsafe tar member {member.name!r}; shards hold plain relative files only")
+    return members
+
+
+def _index_shard(path: Path, manifest: Manifest, rows: int) -> _Shard:
+    """Read a shard's tar headers and `.npy` headers once; check every block against the manifest."""
+    dtype = np.dtype(manifest.dtype)
+    firsts, spans, total = [], [], 0
+    with open(path, "rb") as f:
+        for member in _safe_members(f, path):
+            if not member.name.endswith(".npy"):
+                continue
+            f.seek(member.offset_data)
+            shape, found = _npy_header(f, path, member.name)
+            data_offset = f.tell()
+            size = member.offset_data + member.size - data_offset
+            if found != dtype or len(shape) != 2 or shape[1] != manifest.seq_len or size != math.prod(shape) * dtype.itemsize:
+                raise DataError(
+                    f"{path}: member {member.name!r} is {found} {shape} in {size} bytes, "
+                    f"manifest says {dtype} [rows, {manifest.seq_len}]; the shard is corrupt"
+                )
+            firsts.append(total)
+            spans.append((data_offset, size))
+            total += shape[0]
+    if total != rows:
+        raise DataError(f"{path}: {total} rows in its blocks, manifest says {rows}; the shard is truncated or replaced")
+    return _Shard(path, dtype, manifest.seq_len, tuple(firsts), tuple(spans))
+
+
+class _LaneReader:
+    """Reads one lane's stream at any position; keeps the lane's open shard and its current block.
+
+    Why a cursor: consecutive steps read on where the last one stopped, so the rows still ahead
+    in the current block are kept as a view and a step's read is one slice and one copy.
+    """
+
+    def __init__(self, lane: Lane, seed: int, shards: Mapping[tuple[int, int], _Shard]):
+        self.lane, self._seed, self._shards = lane, seed, shards
+        self._epoch, self._ranges, self._starts = -1, (), [0]
+        self._file: tuple[Path, int] | None = None  # (path, fd)
+        self._block: tuple[Path, int, np.ndarray] | None = None
+        self._next, self._ahead = -1, np.empty((0, 0))  # stream position of the rows in _ahead
+
+    def read_into(self, position: int, out: np.ndarray) -> None:
+        """Fill `out` with the lane's rows from `position` on (in its stream, across epochs)."""
+        done = 0
+        while done < len(out):
+            if position + done != self._next or not len(self._ahead):
+                self._next, self._ahead = position + done, self._seek(position + done)
+            rows = self._ahead[: len(out) - done]
+            out[done : done + len(rows)] = rows
+            done += len(rows)
+            self._next, self._ahead = self._next + len(rows), self._ahead[len(rows) :]
+
+    def _seek(self, position: int) -> np.ndarray:
+        """The rows from stream `position` to the end of its range or block, whichever comes first."""
+        epoch, offset = divmod(position, self.lane.rows)
+        if epoch != self._epoch:
+            self._epoch, self._ranges = epoch, self.lane.epoch_ranges(self._seed, epoch)
+            self._starts = list(accumulate((r.rows for r in self._ranges), initial=0))
+        i = bisect_right(self._starts, offset) - 1
+        rng = self._ranges[i]
+        shard = self._shards[self.lane.source, rng.shard]
+        row = rng.first + offset - self._starts[i]
+        block = bisect_right(shard.block_first_rows, row) - 1
+        first = shard.block_first_rows[block]
+        return self._load(shard, block)[row - first : rng.stop - first]
+
+    def _load(self, shard: _Shard, block: int) -> np.ndarray:
+        if self._block is not None and self._block[:2] == (shard.path, block):
+            return self._block[2]
+        offset, size = shard.block_spans[block]
+        data = os.pread(self._fd(shard.path), size, offset)
+        if len(data) != size:
+            raise DataError(
+                f"{shard.path}: block {block} ends after {len(data)} of {size} bytes; the shard was truncated while in use"
+            )
+        rows = np.frombuffer(data, shard.dtype).reshape(-1, shard.seq_len)
+        self._block = (shard.path, block, rows)
+        return rows
+
+    def _fd(self, path: Path) -> int:
+        if self._file is None or self._file[0] != path:
+            self.close()
+            self._file = (path, os.open(path, os.O_RDONLY))
+        return self._file[1]
+
+    def close(self) -> None:
+        if self._file is not None:
+            os.close(self._file[1])
+            self._file = None
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+class _Prefetch(Iterator[np.ndarray]):
+    """Runs a batch generator in a background thread, at most `depth` batches ahead of the consumer.
+
+    Why a thread: reading and casting rows overlaps the step, and numpy and os.pread release the GIL.
+    A reader error is handed over through the queue and raised by the consumer's next().
+    """
+
+    _POLL_S = 0.1  # how often a blocked producer checks for close()
+
+    def __init__(self, produce: Callable[[], Iterator[np.ndarray]], depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(produce,), name="lanes-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Callable[[], Iterator[np.ndarray]]) -> None:
+        try:
+            with contextlib.closing(produce()) as batches:
+                for batch in batches:
+                    if not self._put(batch):
+                        return
+        except BaseException as err:  # noqa: BLE001 - every failure must reach the consumer
+            self._put(_Failure(err))
+
+    def _put(self, item: np.ndarray | _Failure) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=self._POLL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __next__(self) -> np.ndarray:
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._queue.get()
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        """Stop the producer and wait for it: it exits within one poll, or after the read in flight."""
+        self._stop.set()
+        self._thread.join()
+
+
+class LanesLoader:
+    """This rank's batches of the run's global batch sequence; see the module docstring for the contract.
+
+    `plan` lists every lane (index, source, row ranges) and `local_lanes` this rank's, in the order
+    their rows appear in a batch; `rows_per_lane` is k. Manifests are checked here; shards are
+    verified and indexed in the prefetch thread before the first batch, so model setup can overlap.
+    """
+
+    def __init__(
+        self,
+        sources: list[Source],
+        *,
+        seq_len: int,
+        global_batch: int,
+        lanes: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        vocab_size: int | None = None,
+        eos_id: int | None = None,
+        tokenizer_sha256: str | None = None,
+        prefetch: int = 4,
+        verify: bool = True,
+    ):
+        _check_layout(global_batch, lanes, seed, rank, world_size, prefetch)
+        if not sources:
+            raise DataError("data.train: no sources; give a manifest from `python -m data_tools prepare`")
+        self.corpora = [_load_corpus(s, seq_len) for s in sources]
+        _check_tokenizer(self.corpora, vocab_size, eos_id, tokenizer_sha256)
+        self.seq_len, self.global_batch, self.lanes, self.seed = seq_len, global_batch, lanes, seed
+        self.rank, self.world_size, self.prefetch, self.verify = rank, world_size, prefetch, verify
+        self.rows_per_lane = global_batch // lanes  # k: rows each lane gives every step
+        self.rows_per_rank = global_batch // world_size
+        self.plan = _plan_lanes(self.corpora, lanes)
+        self.local_lanes = self.plan[rank::world_size]
+        self._shards: dict[tuple[int, int], _Shard] | None = None
+        self._stream: _Prefetch | None = None
+
+    def fingerprint(self) -> str:
+        """What fixes the batch sequence (shard checksums, weights, seed, batch, lanes), not world size."""
+        payload = {
+            "sources": [{"shards": [s.sha256 for s in c.manifest.shards], "weight": c.weight} for c in self.corpora],
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "lanes": self.lanes,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def local_shards(self) -> list[Path]:
+        """The shard files this rank reads: those of its lanes' ranges, and no others."""
+        return [self._shard_path(*key) for key in self._local_keys()]
+
+    def batches(self, start_step: int) -> Iterator[np.ndarray]:
+        """This rank's rows for steps start_step, start_step + 1, …: int64 [rows_per_rank, seq_len].
+
+        Calling it again (a resume, a restart after an error) closes the previous stream first.
+        """
+        if start_step < 0:
+            raise DataError(f"start_step {start_step}: must be >= 0")
+        self.close()
+        self._stream = _Prefetch(lambda: self._produce(start_step), self.prefetch)
+        return self._stream
+
+    def local_lane_digests(self, rows: np.ndarray) -> np.ndarray:
+        """Digest of each of this rank's lanes' rows in a batch, int64 [lanes], zero for other ranks' lanes.
+
+        All-reduce it with SUM (each lane is filled by exactly one rank, so the sum is exact) and pass
+        the result to `batch_digest`: equal digests at two world sizes mean the same global batch.
+        """
+        if rows.shape != (self.rows_per_rank, self.seq_len) or rows.dtype != np.int64:
+            raise ValueError(f"rows: expected int64 {[self.rows_per_rank, self.seq_len]}, got {rows.dtype} {list(rows.shape)}")
+        k = self.rows_per_lane
+        digests = np.zeros(self.lanes, np.uint64)
+        for i, lane in enumerate(self.local_lanes):
+            digests[lane.index] = xxhash.xxh3_64_intdigest(np.ascontiguousarray(rows[i * k : (i + 1) * k], "<i8"))
+        return digests.view(np.int64)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def __enter__(self) -> LanesLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _shard_path(self, source: int, shard: int) -> Path:
+        corpus = self.corpora[source]
+        return corpus.directory / corpus.manifest.shards[shard].path
+
+    def _produce(self, start_step: int) -> Iterator[np.ndarray]:
+        """Runs in the prefetch thread: the batches from `start_step` on, every lane at row step * k."""
+        shards = self._local_index()
+        readers = [_LaneReader(lane, self.seed, shards) for lane in self.local_lanes]
+        k = self.rows_per_lane
+        try:
+            for step in count(start_step):
+                batch = np.empty((self.rows_per_rank, self.seq_len), np.int64)
+                for i, reader in enumerate(readers):
+                    reader.read_into(step * k, batch[i * k : (i + 1) * k])
+                yield batch
+        finally:
+            for reader in readers:
+                reader.close()
+
+    def _local_index(self) -> dict[tuple[int, int], _Shard]:
+        """Verify (when asked) and index this rank's shards, once per loader, before its first batch."""
+        if self._shards is None:
+            began, shards = time.perf_counter(), {}
+            for source, shard in self._local_keys():
+                corpus, info = self.corpora[source], self.corpora[source].manifest.shards[shard]
+                if self.verify:
+                    with _as_data_error():
+                        verify_shard(corpus.directory, info)
+                shards[source, shard] = _index_shard(self._shard_path(source, shard), corpus.manifest, info.rows)
+            done = "verified and indexed" if self.verify else "indexed"
+            log.info("rank %d: %s %d shards in %.1fs", self.rank, done, len(shards), time.perf_counter() - began)
+            self._shards = shards
+        return self._shards
+
+    def _local_keys(self) -> list[tuple[int, int]]:
+        """(source, shard) of every range of this rank's lanes, in source and manifest order."""
+        return sorted({(lane.source, r.shard) for lane in self.local_lanes for r in lane.ranges})
+
+
+def _check_layout(global_batch: int, lanes: int, seed: int, rank: int, world_size: int, prefetch: int) -> None:
+    """The divisibility the contract needs, checked before any file is read."""
+    if lanes < 1 or global_batch < 1 or world_size < 1 or prefetch < 1:
+        raise DataError(
+            f"data.lanes {lanes}, global_batch {global_batch}, world size {world_size}, prefetch {prefetch}: all must be >= 1"
+        )
+    if lanes % world_size:
+        raise DataError(
+            f"data.lanes {lanes} is not a multiple of the world size {world_size}; "
+            "pick lanes divisible by every world size you will use"
+        )
+    if global_batch % lanes:
+        raise DataError(
+            f"train.global_batch {global_batch} is not a multiple of data.lanes {lanes}; "
+            "each lane gives global_batch / lanes rows per step"
+        )
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank}: outside 0..{world_size - 1}")
+    if seed < 0:
+        raise DataError(f"seed {seed}: must be >= 0 (it seeds numpy's SeedSequence)")

@@ -1,0 +1,58 @@
+"""Process-group setup and the few collectives the loop needs.
+
+Works under the `deepspeed` launcher, `torchrun`, or plain `python -m trainer` (one process).
+On a machine without CUDA it selects DeepSpeed's CPU accelerator and gloo, and skips the
+`deepspeed_shm_comm` JIT build that `init_distributed` would otherwise do (~25 s; ZeRO training
+never uses it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(timeout_s: float = 600) -> tuple[int, int, int]:
+    """Start the process group; return (rank, world_size, local_rank)."""
+    if "RANK" not in os.environ:  # a plain single-process run
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # its per-call INFO lines would drown the step log
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    if not cuda:
+        deepspeed.ops.__compatible_ops__ = {}
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce(values: list[float] | torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    tensor = torch.as_tensor(values, dtype=torch.float64 if not isinstance(values, torch.Tensor) else values.dtype).to(device())
+    dist.all_reduce(tensor, op=op)
+    return tensor.cpu()
+
+
+def barrier() -> None:
+    dist.barrier()

@@ -1,0 +1,141 @@
+"""DeepSpeed ZeRO 0–3 (optionally CPU offload) as a dstrain engine.
+
+The DeepSpeed JSON comes from `ds_configs/zero<stage>.json` (or `engine.ds_config`); every
+`"auto"` field is filled from the run config, and a number the user wrote that contradicts the
+run config is refused, so no number is written twice. The optimizer is `torch.optim.AdamW` and the
+LR schedule a `LambdaLR`, both handed to `deepspeed.initialize` so they are checkpointed with the
+engine (and nothing is JIT-compiled: DeepSpeed's fused Adam would cost ~40 s on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer.config import Config, ConfigError
+from trainer.schedule import lr_factor_fn
+
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def ds_config(config: Config, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed config for this run, with "auto" fields filled and contradictions refused."""
+    engine = config.engine
+    if engine.ds_config:
+        path = Path(engine.ds_config)
+    else:
+        path = DS_CONFIGS / f"zero{engine.zero_stage}{'_offload' if engine.offload == 'cpu' and engine.zero_stage == 3 else ''}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"engine.ds_config {path}: cannot read a JSON DeepSpeed config ({err})") from None
+    grad_accum = config.train.global_batch // (config.train.micro_batch * world_size)
+    wanted = {
+        ("train_batch_size",): config.train.global_batch,
+        ("train_micro_batch_size_per_gpu",): config.train.micro_batch,
+        ("gradient_accumulation_steps",): grad_accum,
+        ("gradient_clipping",): config.optim.grad_clip,
+        ("bf16", "enabled"): config.precision == "bf16",
+        ("zero_optimization", "stage"): engine.zero_stage,
+    }
+    for keys, value in wanted.items():
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        current = node.get(keys[-1], "auto")
+        if current == "auto":
+            node[keys[-1]] = value
+        elif current != value:
+            raise ConfigError(f"{path}: '{'.'.join(keys)}' is {current} but the run config gives {value}; set it to \"auto\"")
+    zero = data["zero_optimization"]
+    if engine.offload == "cpu" and "offload_optimizer" not in zero:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if engine.offload == "cpu":
+        data["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on CPU: no cpu_adam build
+    if load_universal:
+        data.setdefault("checkpoint", {})["load_universal"] = True
+    return data
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and norm gains are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def convert_to_universal(checkpoint: Path) -> Path:
+    """DeepSpeed's universal format, which any world size can load; done once, on rank 0."""
+    target = checkpoint / "universal"
+    if not (target / "COMPLETE").exists():
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+               "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ConfigError(f"{checkpoint}: conversion to a universal checkpoint failed ({tail})")
+        (target / "COMPLETE").write_text("")
+    return target
+
+
+class DeepSpeedEngine:
+    def __init__(self, model: torch.nn.Module, config: Config, world_size: int, total_steps: int, load_universal: bool = False) -> None:
+        import deepspeed
+
+        if config.engine.zero_stage in (1, 2):
+            # lets ds_to_universal convert ZeRO-1/2 checkpoints when the world size changes
+            model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
+        optim = config.optim
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=False
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(config.schedule, total_steps))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config(config, world_size, load_universal),
+            dist_init_required=False,
+        )
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of a causal-LM forward on one micro-batch."""
+        out = self.engine(input_ids=input_ids, labels=input_ids)
+        return out.loss, out.logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    @property
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, root: Path, tag: str) -> None:
+        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+
+    def load(self, root: Path, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise ConfigError(f"{root / tag}: DeepSpeed found no checkpoint to load")
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def train(self) -> None:
+        self.engine.train()

@@ -1,0 +1,53 @@
+"""Rank 0's record of a run: TensorBoard scalars, `metrics.jsonl` for scripts, one console line.
+
+On resume everything logged after the checkpoint step is dropped first (TensorBoard's
+`purge_step`, and the tail of metrics.jsonl), so curves never fold back over themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("trainer")
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int, config_text: str, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            if not resume_step:
+                self.writer.add_text("config", "```yaml\n" + config_text + "\n```", 0)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, scalars: dict[str, float], record: dict) -> None:
+        """TensorBoard gets `scalars` (tag → value); metrics.jsonl gets `record` with the step."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
