@@ -36,6 +36,7 @@ $(BENCH_DATATROVE):
 
 bench: $(INSTALLED) $(BENCH_DATATROVE)
 	$(BIN)/python bench/data_tools_bench.py
+	$(BIN)/python bench/loader_bench.py
 
 clean:
 	rm -rf runs bench/out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -32,6 +33,9 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
+    """Train loss by step; a step logged twice (a resume that did not purge) fails the test."""
+    steps = [m["step"] for m in metrics(run_dir) if "loss" in m]
+    assert steps == sorted(set(steps)), steps
     return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
 
 
@@ -156,3 +160,22 @@ def test_export_gives_the_same_logits(tmp_path, reference):
 def test_deepspeed_launcher_runs_the_same_training(tmp_path, config_file, reference):
     train(config_file, 2, tmp_path / "ds", launcher="deepspeed")
     assert losses(tmp_path / "ds") == losses(reference)
+
+
+def test_nonfinite_loss_skip_policy_skips_and_goes_on(tmp_path, config_file, reference):
+    run_dir = tmp_path / "nan-skip"
+    result = train(config_file, 2, run_dir, "debug.nan_at_steps=[3]", "train.nan_policy=skip")
+    assert "step 3: non-finite loss in micro-batch 0" in result.stdout + result.stderr
+    got, ref = losses(run_dir), losses(reference)
+    assert got[1] == ref[1] and got[2] == ref[2] and got[3] != ref[3]  # step 3 lost one micro-batch
+    assert all(math.isfinite(loss) for loss in got.values()) and max(got) == STEPS
+
+
+def test_nonfinite_loss_stop_policy_checkpoints_the_last_good_step(tmp_path, config_file, reference):
+    run_dir = tmp_path / "nan-stop"
+    result = train(config_file, 2, run_dir, "debug.nan_at_steps=[6]", "train.nan_policy=stop", expect=1)
+    assert "exitcode  : 65" in result.stderr  # torchrun reports 1 and names each rank's own code
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000005"
+    assert losses(run_dir) == {step: loss for step, loss in losses(reference).items() if step <= 5}
+    train(config_file, 2, run_dir)  # the rerun resumes from step 5 and, without the injected NaN, finishes
+    assert losses(run_dir) == losses(reference)

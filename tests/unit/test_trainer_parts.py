@@ -1,0 +1,98 @@
+"""Trainer components that need no process group: config, schedule, DeepSpeed config, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.checkpoint import Checkpoints, TrainerState, tag
+from trainer.config import ConfigError, ScheduleConfig, load_config
+from trainer.engines.deepspeed_engine import ds_config
+from trainer.schedule import lr_factor_fn
+
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+
+
+def test_overrides_are_typed_and_validated():
+    config = load_config(DEMO, ["optim.lr=1e-4", "train.max_steps=7", "engine.zero_stage=3", "optim.betas=[0.8, 0.9]"])
+    assert (config.optim.lr, config.train.max_steps, config.engine.zero_stage, config.optim.betas) == (1e-4, 7, 3, [0.8, 0.9])
+    assert config.run_dir == Path("runs/demo")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+        (["optimizer.lr=1"], "unknown key 'optimizer.lr'; did you mean 'optim'?"),
+        (["train.global_batch=big"], "'train.global_batch' must be int, got 'big'"),
+        (["schedule.decay=cosin"], "must be one of constant, linear, cosine, wsd, got 'cosin'; did you mean 'cosine'?"),
+        (["precision=fp16"], "'precision' must be one of fp32, bf16"),
+        (["data.lanes=0"], "'data.lanes' must be positive"),
+        (["engine.zero_stage=4"], "'engine.zero_stage' must be 0, 1, 2 or 3"),
+        (["engine.offload=cpu", "engine.zero_stage=0"], "needs engine.zero_stage 1-3"),
+        (["train.max_steps=null"], "set 'train.max_steps' or 'train.max_tokens'"),
+        (["optim.lr"], "expected key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  global_bach: 8\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown key 'train.global_bach'; did you mean 'train.global_batch'\?"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("decay", ["constant", "linear", "cosine", "wsd"])
+def test_schedule_warms_up_then_decays_to_the_floor(decay):
+    factor = lr_factor_fn(ScheduleConfig(warmup_steps=10, decay=decay, min_lr_ratio=0.1, wsd_decay_frac=0.2), 110)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert all(factor(s) <= factor(s - 1) + 1e-12 for s in range(11, 110))
+    assert factor(110) == pytest.approx(1.0 if decay == "constant" else 0.1)
+    if decay == "wsd":
+        assert factor(80) == pytest.approx(1.0) and factor(100) < 1.0
+
+
+def test_ds_config_fills_auto_fields_and_refuses_contradictions(tmp_path):
+    config = load_config(DEMO, ["engine.zero_stage=1", "precision=bf16"])
+    filled = ds_config(config, world_size=2)
+    assert filled["train_batch_size"] == 16 and filled["train_micro_batch_size_per_gpu"] == 4
+    assert filled["gradient_accumulation_steps"] == 2 and filled["gradient_clipping"] == 1.0
+    assert filled["bf16"]["enabled"] is True and filled["zero_optimization"]["stage"] == 1
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": "auto"}}))
+    config = load_config(DEMO, [f"engine.ds_config={own}"])
+    with pytest.raises(ConfigError, match="'train_batch_size' is 32 but the run config gives 16"):
+        ds_config(config, world_size=2)
+
+
+def _publish(checkpoints: Checkpoints, step: int, keep_last: int = 2, keep_every: int | None = None) -> None:
+    (checkpoints.root / checkpoints.staging(step)).mkdir(parents=True)
+    state = TrainerState(step, step * 10, "fp", 2, 2, {"model_type": "llama"})
+    checkpoints.publish(state, keep_last, keep_every)
+
+
+def test_checkpoints_publish_atomically_and_keep_last_and_every(tmp_path):
+    checkpoints = Checkpoints(tmp_path)
+    assert checkpoints.latest() is None
+    for step in (100, 200, 300, 400, 500):
+        _publish(checkpoints, step, keep_last=2, keep_every=200)
+    assert checkpoints.latest() == tag(500)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [tag(200), tag(400), tag(500)]
+    assert checkpoints.read_state(tag(500)).tokens == 5000
+    assert all((tmp_path / t / "COMPLETE").exists() for t in (tag(200), tag(400), tag(500)))
+
+
+def test_latest_naming_an_incomplete_checkpoint_is_refused(tmp_path):
+    checkpoints = Checkpoints(tmp_path)
+    _publish(checkpoints, 100)
+    (tmp_path / tag(100) / "COMPLETE").unlink()
+    with pytest.raises(ConfigError, match="names step_000100, which is missing or incomplete"):
+        checkpoints.latest()
