@@ -117,18 +117,25 @@ class PipelineConfig:
     def from_yaml(cls, path: str | Path | None) -> PipelineConfig:
         if path is None:
             return cls()
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as err:
-            raise DataError(f"{path}: cannot read pipeline config ({err.strerror})") from None
-        except yaml.YAMLError as err:
-            raise DataError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        return from_dict(cls, data, where=str(path))
+        return from_dict(cls, read_yaml(path), where=str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping read with the safe loader; unreadable or invalid files fail in one line."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a mapping of sections at the top level")
+    return data
 
 
 def from_dict(cls: type, data: Any, where: str, prefix: str = "") -> Any:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from data_tools.config import from_dict
+from data_tools.config import from_dict, read_yaml
 from data_tools.errors import DataError as ConfigError
 
 
@@ -150,15 +150,8 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """YAML file (optional) plus `key.sub=value` overrides → a validated Config."""
-    data: dict = {}
+    data = read_yaml(path) if path is not None else {}
     where = str(path) if path else "config"
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as err:
-            raise ConfigError(f"--config {path}: cannot read ({err.strerror})") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:

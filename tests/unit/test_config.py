@@ -96,10 +96,10 @@ def test_from_yaml(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (None, "cannot read pipeline config"),
+        (None, "cannot read (No such file or directory)"),
         ("lang: [unclosed\n", "not valid YAML"),
         ("dedup:\n  ngrams: 5\n", "unknown key 'dedup.ngrams'; did you mean 'dedup.ngram'?"),
-        ("- a list\n", "'top level' must be a mapping"),
+        ("- a list\n", "expected a mapping of sections at the top level"),
     ],
     ids=["missing", "bad-yaml", "unknown-key", "not-a-mapping"],
 )
