@@ -105,6 +105,18 @@ def test_resume_at_another_world_size_consumes_the_same_batches(tmp_path, config
         assert losses(tmp_path / "resized")[step] == pytest.approx(loss, rel=1e-4), step
 
 
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_1_and_3_checkpoints_reshard_from_2_to_1(tmp_path, config_file, stage):
+    """ZeRO-1/3 optimizer partitions go through the universal format too (ZeRO-2: the test above)."""
+    overrides = [f"engine.zero_stage={stage}", "train.max_steps=4", "train.ckpt_every=2"]
+    train(config_file, 2, tmp_path / "two", *overrides)
+    rewind(tmp_path / "two", tmp_path / "one", 2)
+    train(config_file, 1, tmp_path / "one", *overrides)
+    assert digests(tmp_path / "one") == digests(tmp_path / "two")
+    for step, loss in losses(tmp_path / "two").items():
+        assert losses(tmp_path / "one")[step] == pytest.approx(loss, rel=1e-4), step
+
+
 @pytest.mark.parametrize("stage, offload", [(0, "none"), (1, "none"), (3, "none"), (3, "cpu")])
 def test_every_zero_stage_trains_and_resumes(tmp_path, config_file, stage, offload):
     run_dir = tmp_path / f"zero{stage}{offload}"
