@@ -37,6 +37,8 @@ $(BENCH_DATATROVE):
 bench: $(INSTALLED) $(BENCH_DATATROVE)
 	$(BIN)/python bench/data_tools_bench.py
 	$(BIN)/python bench/loader_bench.py
+	$(BIN)/python bench/trainer_bench.py
+	$(BIN)/python bench/engine_bench.py
 
 clean:
 	rm -rf runs bench/out

@@ -32,7 +32,8 @@ class TrainerState:
     tokens: int
     data_fingerprint: str
     world_size: int
-    zero_stage: int
+    engine: str  # deepspeed or fsdp2: the shard format
+    zero_stage: int | None
     model_shape: dict  # arch and sizes: a checkpoint of another shape is refused by name
     nan_skips: int = 0
     config: dict = field(default_factory=dict)

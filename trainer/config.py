@@ -94,10 +94,18 @@ class ScheduleConfig:
 
 @dataclass
 class EngineConfig:
-    type: Literal["deepspeed"] = "deepspeed"
-    zero_stage: int = 2
-    offload: Literal["none", "cpu"] = "none"
+    type: Literal["deepspeed", "fsdp2"] = "deepspeed"
+    offload: Literal["none", "cpu"] = "none"  # optimizer state (and FSDP2 parameters) on the CPU
+    # deepspeed only
+    zero_stage: int | None = None  # 0-3; unset: 2
     ds_config: str | None = None  # a DeepSpeed JSON of your own; "auto" fields are filled
+    # fsdp2 only
+    activation_checkpointing: bool | None = None  # recompute each block's activations in backward
+    compile: bool | None = None  # torch.compile each transformer block
+    reduce_dtype: Literal["fp32", "bf16"] | None = None  # gradient reduction dtype under bf16; unset: fp32
+
+
+ENGINE_ONLY_KEYS = {"deepspeed": ("zero_stage", "ds_config"), "fsdp2": ("activation_checkpointing", "compile", "reduce_dtype")}
 
 
 @dataclass
@@ -176,9 +184,16 @@ def _check(config: Config, where: str) -> None:
             raise ConfigError(f"{where}: '{key}' must be positive, got {value}")
     if config.train.max_steps is None and config.train.max_tokens is None:
         raise ConfigError(f"{where}: set 'train.max_steps' or 'train.max_tokens'")
-    if not 0 <= config.engine.zero_stage <= 3:
-        raise ConfigError(f"{where}: 'engine.zero_stage' must be 0, 1, 2 or 3, got {config.engine.zero_stage}")
-    if config.engine.offload == "cpu" and config.engine.zero_stage == 0:
-        raise ConfigError(f"{where}: 'engine.offload: cpu' needs engine.zero_stage 1-3")
+    engine = config.engine
+    for other, keys in ENGINE_ONLY_KEYS.items():
+        for key in keys:
+            if other != engine.type and getattr(engine, key) is not None:
+                raise ConfigError(f"{where}: 'engine.{key}' is a {other} option, but engine.type is {engine.type}; remove it")
+    if engine.type == "deepspeed":
+        engine.zero_stage = 2 if engine.zero_stage is None else engine.zero_stage
+        if not 0 <= engine.zero_stage <= 3:
+            raise ConfigError(f"{where}: 'engine.zero_stage' must be 0, 1, 2 or 3, got {engine.zero_stage}")
+        if engine.offload == "cpu" and engine.zero_stage == 0:
+            raise ConfigError(f"{where}: 'engine.offload: cpu' needs engine.zero_stage 1-3")
     if not config.data.sources() or not config.data.sources()[0].path:
         raise ConfigError(f"{where}: 'data.train' is empty; give a manifest from `python -m data_tools prepare`")

@@ -1,7 +1,8 @@
 """Export a checkpoint as a Hugging Face `save_pretrained` directory with its tokenizer.
 
-Works offline in one process for every ZeRO stage: ZeRO 1–3 shards are consolidated with
-DeepSpeed's `zero_to_fp32`; a ZeRO-0 checkpoint already holds the full module state.
+Works offline in one process for every engine: ZeRO 1–3 shards are consolidated with DeepSpeed's
+`zero_to_fp32`, a ZeRO-0 checkpoint already holds the full module state, and an FSDP2 (DCP)
+checkpoint is read whole by DCP without a process group.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +21,17 @@ from trainer.config import ConfigError
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint, whatever engine and world size wrote it."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if state["engine"] == "fsdp2":
+        import torch.distributed.checkpoint as dcp
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**json.loads((checkpoint / "hf_config.json").read_text())))
+        weights = {"model": model.state_dict()}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(weights, checkpoint_id=str(checkpoint / "dcp"), no_dist=True)
+        return weights["model"]
     if state["zero_stage"] == 0:
         files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
         if not files:

@@ -19,7 +19,7 @@ from trainer import distributed
 from trainer.checkpoint import Checkpoints, TrainerState, rng_state, set_rng_state, tag
 from trainer.config import Config, ConfigError
 from trainer.data import LanesLoader, Source, batch_digest
-from trainer.engines.deepspeed_engine import DeepSpeedEngine, convert_to_universal
+from trainer.engines import build_engine
 from trainer.metrics import Metrics
 from trainer.models import build_model, flops_per_token
 
@@ -103,23 +103,17 @@ def train(config: Config) -> int:
             f"{checkpoints.root / resume}: checkpoint of model {state.model_shape}, this run builds {model_shape(model)}; "
             "use a new run.name or the old model settings"
         )
-    reshard = bool(state) and state.world_size != world and state.zero_stage > 0
-    engine = DeepSpeedEngine(model, config, world, steps_total, load_universal=reshard)
+    engine = build_engine(model, config, world, steps_total, state.world_size if state else None)
     step, tokens, nan_skips = 0, 0, 0
     if state:
-        if reshard:
-            if rank == 0:
-                log.info("resuming %s written by %d processes on %d: converting to a universal checkpoint", resume, state.world_size, world)
-                convert_to_universal(checkpoints.root / resume)
-            distributed.barrier()
-            engine.load(checkpoints.root / resume, "universal")
-        else:
-            engine.load(checkpoints.root, resume)
-            rng_file = checkpoints.root / resume / f"rng_rank{rank}.txt"
-            if rng_file.exists():
-                set_rng_state(rng_file.read_text())
+        if state.engine != config.engine.type:
+            raise ConfigError(f"{checkpoints.root / resume}: written by engine {state.engine}, this run uses {config.engine.type}")
+        engine.load(checkpoints.root, resume)
+        rng_file = checkpoints.root / resume / f"rng_rank{rank}.txt"
+        if state.world_size == world and rng_file.exists():
+            set_rng_state(rng_file.read_text())
         step, tokens, nan_skips = state.step, state.tokens, state.nan_skips
-        log.info("resumed from %s (step %d)", checkpoints.root / resume, step)
+        log.info("resumed from %s (step %d, written by %d processes)", checkpoints.root / resume, step, state.world_size)
 
     loader = LanesLoader(
         [Source(s.path, s.weight) for s in config.data.sources()],
@@ -149,8 +143,9 @@ def train(config: Config) -> int:
     tokens_per_step = tcfg.global_batch * data.seq_len
     window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0}
     if rank == 0:
-        log.info("training %d steps: %d processes × %d micro-batches of %d rows × %d tokens, ZeRO-%d, %s",
-                 steps_total, world, accum, tcfg.micro_batch, data.seq_len, config.engine.zero_stage, config.precision)
+        engine_name = f"ZeRO-{config.engine.zero_stage}" if config.engine.type == "deepspeed" else "FSDP2"
+        log.info("training %d steps: %d processes × %d micro-batches of %d rows × %d tokens, %s, %s",
+                 steps_total, world, accum, tcfg.micro_batch, data.seq_len, engine_name, config.precision)
 
     batches = loader.batches(step)
     exit_code = 0
@@ -238,7 +233,7 @@ def train(config: Config) -> int:
     return exit_code
 
 
-def save(engine: DeepSpeedEngine, checkpoints: Checkpoints, config: Config, loader: LanesLoader, step: int, tokens: int,
+def save(engine, checkpoints: Checkpoints, config: Config, loader: LanesLoader, step: int, tokens: int,
          nan_skips: int, world: int, rank: int) -> None:
     """Every rank writes its shards into step_N.tmp; rank 0 publishes once all are done."""
     if rank == 0:
@@ -254,14 +249,14 @@ def save(engine: DeepSpeedEngine, checkpoints: Checkpoints, config: Config, load
         tokenizer_file = (tokenizer_file if tokenizer_file.is_dir() else tokenizer_file.parent) / manifest.tokenizer.path
         (checkpoints.root / staging / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
         (checkpoints.root / staging / "hf_config.json").write_text(engine.module.config.to_json_string())
-        state = TrainerState(step, tokens, loader.fingerprint(), world, config.engine.zero_stage, model_shape(engine.module),
-                             nan_skips, config.to_dict())
+        state = TrainerState(step, tokens, loader.fingerprint(), world, config.engine.type, config.engine.zero_stage,
+                             model_shape(engine.module), nan_skips, config.to_dict())
         final = checkpoints.publish(state, config.train.keep_last, config.train.keep_every)
         log.info("checkpoint %s", final)
     distributed.barrier()
 
 
-def evaluate(engine: DeepSpeedEngine, loader: LanesLoader, n_batches: int, micro_batch: int, device: torch.device) -> float:
+def evaluate(engine, loader: LanesLoader, n_batches: int, micro_batch: int, device: torch.device) -> float:
     """Mean token loss over the first `n_batches` batches of the valid split (the same ones each time)."""
     engine.eval()
     total, count = 0.0, 0

@@ -34,7 +34,6 @@ def config_file(tmp_path_factory, token_data) -> Path:
                   "ckpt_every": 4, "keep_last": 3},
         "optim": {"lr": 3e-3},
         "schedule": {"warmup_steps": 2},
-        "engine": {"zero_stage": 2},
     }
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
     path.write_text(json.dumps(config))

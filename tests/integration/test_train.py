@@ -53,10 +53,20 @@ def rewind(src: Path, dst: Path, step: int) -> None:
     shutil.rmtree(dst / "export", ignore_errors=True)
 
 
+ENGINES = {"deepspeed": ["engine.type=deepspeed", "engine.zero_stage=2"], "fsdp2": ["engine.type=fsdp2"]}
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINES))
+def engine(request) -> list[str]:
+    """The exactness tests run for both engines (their numbers differ slightly: never compared)."""
+    return ENGINES[request.param]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, config_file) -> Path:
+def reference(tmp_path_factory, config_file, engine) -> Path:
+    """An uninterrupted 2-process run of 8 steps, checkpoints at 4 and 8."""
     run_dir = tmp_path_factory.mktemp("ref") / "two"
-    train(config_file, 2, run_dir)
+    train(config_file, 2, run_dir, *engine)
     return run_dir
 
 
@@ -72,14 +82,14 @@ def test_loss_falls_and_everything_is_written(reference: Path):
     assert any("eval_loss" in m for m in metrics(reference))
 
 
-def test_same_seed_same_losses(tmp_path, config_file, reference):
-    train(config_file, 2, tmp_path / "again")
+def test_same_seed_same_losses(tmp_path, config_file, engine, reference):
+    train(config_file, 2, tmp_path / "again", *engine)
     assert losses(tmp_path / "again") == losses(reference)
 
 
-def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path, config_file, reference):
+def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path, config_file, engine, reference):
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(config_file, 2, run_dir), env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cmd(config_file, 2, run_dir, *engine), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoints" / "step_000004" / "COMPLETE").exists() and time.monotonic() < deadline:
@@ -87,19 +97,19 @@ def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path, config_file, referen
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    result = train(config_file, 2, run_dir)
+    result = train(config_file, 2, run_dir, *engine)
     assert "resumed from" in result.stdout + result.stderr
     assert losses(run_dir) == losses(reference)
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_resume_at_another_world_size_consumes_the_same_batches(tmp_path, config_file, reference, before, after):
+def test_resume_at_another_world_size_consumes_the_same_batches(tmp_path, config_file, engine, reference, before, after):
     source = reference if before == 2 else tmp_path / "one"
     if before == 1:
-        train(config_file, 1, source)
+        train(config_file, 1, source, *engine)
         assert digests(source) == digests(reference)  # the batches do not depend on world size
     rewind(source, tmp_path / "resized", 4)
-    train(config_file, after, tmp_path / "resized")
+    train(config_file, after, tmp_path / "resized", *engine)
     assert digests(tmp_path / "resized") == digests(reference)
     for step, loss in losses(reference).items():
         assert losses(tmp_path / "resized")[step] == pytest.approx(loss, rel=1e-4), step
@@ -117,11 +127,22 @@ def test_zero_1_and_3_checkpoints_reshard_from_2_to_1(tmp_path, config_file, sta
         assert losses(tmp_path / "one")[step] == pytest.approx(loss, rel=1e-4), step
 
 
-@pytest.mark.parametrize("stage, offload", [(0, "none"), (1, "none"), (3, "none"), (3, "cpu")])
-def test_every_zero_stage_trains_and_resumes(tmp_path, config_file, stage, offload):
-    run_dir = tmp_path / f"zero{stage}{offload}"
-    overrides = [f"engine.zero_stage={stage}", f"engine.offload={offload}", "train.max_steps=6", "train.ckpt_every=3"]
-    train(config_file, 2, run_dir, *overrides, "debug.nan_at_steps=[]")
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["engine.zero_stage=0"],
+        ["engine.zero_stage=1"],
+        ["engine.zero_stage=3"],
+        ["engine.zero_stage=3", "engine.offload=cpu"],
+        ["engine.type=fsdp2", "engine.offload=cpu"],
+        ["engine.type=fsdp2", "engine.activation_checkpointing=true"],
+    ],
+    ids=["zero0", "zero1", "zero3", "zero3-offload", "fsdp2-offload", "fsdp2-activation-checkpointing"],
+)
+def test_every_engine_variant_trains_and_resumes(tmp_path, config_file, variant):
+    run_dir = tmp_path / "run"
+    overrides = [*variant, "train.max_steps=6", "train.ckpt_every=3"]
+    train(config_file, 2, run_dir, *overrides)
     uninterrupted = losses(run_dir)
     rewind(run_dir, tmp_path / "resumed", 3)
     train(config_file, 2, tmp_path / "resumed", *overrides)
@@ -130,10 +151,10 @@ def test_every_zero_stage_trains_and_resumes(tmp_path, config_file, stage, offlo
 
 
 @pytest.mark.parametrize("procs, sig", [(1, signal.SIGUSR1), (2, signal.SIGTERM)])
-def test_signal_checkpoints_at_the_step_boundary(tmp_path, config_file, procs, sig):
+def test_signal_checkpoints_at_the_step_boundary(tmp_path, config_file, engine, procs, sig):
     """SIGUSR1 to a trainer, or SIGTERM to torchrun (which forwards it): checkpoint at the next step, exit."""
     run_dir = tmp_path / "signalled"
-    proc = subprocess.Popen(train_cmd(config_file, procs, run_dir, "train.max_steps=100000", "train.ckpt_every=100000"),
+    proc = subprocess.Popen(train_cmd(config_file, procs, run_dir, *engine, "train.max_steps=100000", "train.ckpt_every=100000"),
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
@@ -169,25 +190,25 @@ def test_export_gives_the_same_logits(tmp_path, reference):
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 512
 
 
-def test_deepspeed_launcher_runs_the_same_training(tmp_path, config_file, reference):
-    train(config_file, 2, tmp_path / "ds", launcher="deepspeed")
+def test_deepspeed_launcher_runs_the_same_training(tmp_path, config_file, engine, reference):
+    train(config_file, 2, tmp_path / "ds", *engine, launcher="deepspeed")
     assert losses(tmp_path / "ds") == losses(reference)
 
 
-def test_nonfinite_loss_skip_policy_skips_and_goes_on(tmp_path, config_file, reference):
+def test_nonfinite_loss_skip_policy_skips_and_goes_on(tmp_path, config_file, engine, reference):
     run_dir = tmp_path / "nan-skip"
-    result = train(config_file, 2, run_dir, "debug.nan_at_steps=[3]", "train.nan_policy=skip")
+    result = train(config_file, 2, run_dir, *engine, "debug.nan_at_steps=[3]", "train.nan_policy=skip")
     assert "step 3: non-finite loss in micro-batch 0" in result.stdout + result.stderr
     got, ref = losses(run_dir), losses(reference)
     assert got[1] == ref[1] and got[2] == ref[2] and got[3] != ref[3]  # step 3 lost one micro-batch
     assert all(math.isfinite(loss) for loss in got.values()) and max(got) == STEPS
 
 
-def test_nonfinite_loss_stop_policy_checkpoints_the_last_good_step(tmp_path, config_file, reference):
+def test_nonfinite_loss_stop_policy_checkpoints_the_last_good_step(tmp_path, config_file, engine, reference):
     run_dir = tmp_path / "nan-stop"
-    result = train(config_file, 2, run_dir, "debug.nan_at_steps=[6]", "train.nan_policy=stop", expect=1)
+    result = train(config_file, 2, run_dir, *engine, "debug.nan_at_steps=[6]", "train.nan_policy=stop", expect=1)
     assert "exitcode  : 65" in result.stderr  # torchrun reports 1 and names each rank's own code
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000005"
     assert losses(run_dir) == {step: loss for step, loss in losses(reference).items() if step <= 5}
-    train(config_file, 2, run_dir)  # the rerun resumes from step 5 and, without the injected NaN, finishes
+    train(config_file, 2, run_dir, *engine)  # the rerun resumes from step 5 and, without the injected NaN, finishes
     assert losses(run_dir) == losses(reference)

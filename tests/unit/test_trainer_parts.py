@@ -34,6 +34,10 @@ def test_overrides_are_typed_and_validated():
         (["engine.offload=cpu", "engine.zero_stage=0"], "needs engine.zero_stage 1-3"),
         (["train.max_steps=null"], "set 'train.max_steps' or 'train.max_tokens'"),
         (["optim.lr"], "expected key=value"),
+        (["engine.type=fsdp2", "engine.zero_stage=3"], "'engine.zero_stage' is a deepspeed option, but engine.type is fsdp2"),
+        (["engine.type=fsdp2", "engine.zero_stage=null", "engine.ds_config=x.json"], "'engine.ds_config' is a deepspeed option"),
+        (["engine.activation_checkpointing=true"], "'engine.activation_checkpointing' is a fsdp2 option, but engine.type is deepspeed"),
+        (["engine.compile=true"], "'engine.compile' is a fsdp2 option"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
@@ -75,7 +79,7 @@ def test_ds_config_fills_auto_fields_and_refuses_contradictions(tmp_path):
 
 def _publish(checkpoints: Checkpoints, step: int, keep_last: int = 2, keep_every: int | None = None) -> None:
     (checkpoints.root / checkpoints.staging(step)).mkdir(parents=True)
-    state = TrainerState(step, step * 10, "fp", 2, 2, {"model_type": "llama"})
+    state = TrainerState(step, step * 10, "fp", 2, "deepspeed", 2, {"model_type": "llama"})
     checkpoints.publish(state, keep_last, keep_every)
 
 

@@ -10,16 +10,19 @@ engine (and nothing is JIT-compiled: DeepSpeed's fused Adam would cost ~40 s on 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from trainer.config import Config, ConfigError
-from trainer.schedule import lr_factor_fn
+from trainer.engines import adamw_with_schedule
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+log = logging.getLogger("trainer")
 
 
 def ds_config(config: Config, world_size: int, load_universal: bool = False) -> dict:
@@ -61,13 +64,6 @@ def ds_config(config: Config, world_size: int, load_universal: bool = False) -> 
     return data
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and norm gains are not decayed."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def convert_to_universal(checkpoint: Path) -> Path:
     """DeepSpeed's universal format, which any world size can load; done once, on rank 0."""
     target = checkpoint / "universal"
@@ -83,22 +79,22 @@ def convert_to_universal(checkpoint: Path) -> Path:
 
 
 class DeepSpeedEngine:
-    def __init__(self, model: torch.nn.Module, config: Config, world_size: int, total_steps: int, load_universal: bool = False) -> None:
+    """`resume_world`: the world size of the checkpoint this run will load, if any. When it differs,
+    ZeRO 1-3 state must come through DeepSpeed's universal format, which is chosen at initialize."""
+
+    def __init__(self, model: torch.nn.Module, config: Config, world_size: int, total_steps: int, resume_world: int | None = None) -> None:
         import deepspeed
 
         if config.engine.zero_stage in (1, 2):
             # lets ds_to_universal convert ZeRO-1/2 checkpoints when the world size changes
             model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
-        optim = config.optim
-        optimizer = torch.optim.AdamW(
-            _param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=False
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(config.schedule, total_steps))
+        optimizer, scheduler = adamw_with_schedule(model, config, total_steps)
+        self.universal = resume_world not in (None, world_size) and config.engine.zero_stage > 0
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=ds_config(config, world_size, load_universal),
+            config=ds_config(config, world_size, self.universal),
             dist_init_required=False,
         )
 
@@ -130,6 +126,12 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
 
     def load(self, root: Path, tag: str) -> None:
+        if self.universal:
+            if dist.get_rank() == 0:
+                log.info("%s was written at another world size: converting it to a universal checkpoint", root / tag)
+                convert_to_universal(root / tag)
+            dist.barrier()
+            root, tag = root / tag, "universal"
         path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise ConfigError(f"{root / tag}: DeepSpeed found no checkpoint to load")

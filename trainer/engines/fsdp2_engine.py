@@ -1,0 +1,116 @@
+"""PyTorch FSDP2 (`fully_shard`) as a dstrain engine.
+
+Each transformer block is sharded on its own, then the root (embeddings, final norm, head), so
+parameters are gathered one block at a time. Mixed precision keeps fp32 master weights and
+computes in bf16 with fp32 gradient reduction unless told otherwise. Checkpoints are
+`torch.distributed.checkpoint` (DCP) directories — one file per rank plus metadata — which load
+at any world size: DCP reshards on read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from trainer.config import Config, ConfigError
+from trainer.distributed import device
+from trainer.engines import adamw_with_schedule
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face causal LM (Llama-style `model.layers`, GPT-2 `transformer.h`)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        node = model
+        for name in path.split("."):
+            node = getattr(node, name, None)
+        if isinstance(node, torch.nn.ModuleList):
+            return list(node)
+    raise ConfigError(f"engine.type fsdp2: cannot find the transformer blocks of {type(model).__name__}")
+
+
+class FSDP2Engine:
+    def __init__(self, model: torch.nn.Module, config: Config, world_size: int, total_steps: int) -> None:
+        engine = config.engine
+        if engine.activation_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"engine.activation_checkpointing: {type(model).__name__} does not support it; turn it off")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        bf16 = config.precision == "bf16"
+        mixed = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else None,
+            reduce_dtype=torch.bfloat16 if bf16 and engine.reduce_dtype == "bf16" else torch.float32 if bf16 else None,
+        )
+        offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if engine.offload == "cpu" else OffloadPolicy()
+        mesh = init_device_mesh(device().type, (world_size,))
+        for block in transformer_blocks(model):
+            if engine.compile:
+                block.compile()
+            fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+        fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+        self.model = model
+        self.optimizer, self.scheduler = adamw_with_schedule(model, config, total_steps)
+        self.accum = config.train.global_batch // (config.train.micro_batch * world_size)
+        self.clip = config.optim.grad_clip
+        self.micro = 0
+        self._grad_norm: float | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(input_ids=input_ids, labels=input_ids)
+        return out.loss, out.logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate locally.
+        self.model.set_requires_gradient_sync(self.micro == self.accum - 1)
+        (loss / self.accum).backward()
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro < self.accum:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip if self.clip > 0 else float("inf"))
+        self._grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.micro = 0
+
+    @property
+    def grad_norm(self) -> float | None:
+        return self._grad_norm
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, root: Path, tag: str) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(root / tag / "dcp"))
+        if dist.get_rank() == 0:
+            (root / tag / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+
+    def load(self, root: Path, tag: str) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        try:
+            dcp.load(state, checkpoint_id=str(root / tag / "dcp"))
+        except Exception as err:  # DCP wraps shape and key mismatches in CheckpointException
+            raise ConfigError(f"{root / tag}: cannot load into this model ({str(err).splitlines()[0][:200]})") from None
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(json.loads((root / tag / "scheduler.json").read_text()))
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def train(self) -> None:
+        self.model.train()
