@@ -1,7 +1,8 @@
-"""`python -m trainer`: train (default), or `export CHECKPOINT OUT_DIR`.
+"""`python -m trainer`: train (default), `plan --config …` (memory and FLOPs before a run), or `export CHECKPOINT OUT_DIR`.
 
     python -m trainer --config examples/demo.yaml [dotted.key=value …]
     deepspeed --num_gpus 2 -m trainer --config …      torchrun --nproc-per-node 2 -m trainer --config …
+    python -m trainer plan --config examples/llama-8b-deepspeed.yaml --nodes 4 --gpus-per-node 8 --vocab-size 128256
     python -m trainer export runs/demo/checkpoints/step_000300 runs/demo/hf
 """
 
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"exported {export(args.checkpoint, args.out)}")
             return 0
+        if argv and argv[0] == "plan":
+            from trainer.plan import main as plan
+
+            return plan(argv[1:])
         parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--config", help="run config YAML (see examples/demo.yaml)")
         parser.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")
