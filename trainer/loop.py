@@ -189,11 +189,11 @@ def train(config: Config) -> int:
             record = {
                 "loss": loss_mean, "lr": engine.lr, "grad_norm": engine.grad_norm, "tokens": tokens,
                 "tokens_per_s": tokens_per_step / step_s, "step_s": step_s, "data_wait_frac": window["wait"] / window["time"],
-                "batch_digest": batch_digest(lane_digests.numpy()),
+                "batch_digest": batch_digest(lane_digests.numpy()), "peak_mem_gb": peak_memory_gb(),
             }
             scalars = {
                 "train/loss": loss_mean, "train/lr": engine.lr, "perf/tokens_per_s": record["tokens_per_s"],
-                "perf/step_s": step_s, "perf/data_wait_frac": record["data_wait_frac"], "mem/peak_gb": peak_memory_gb(),
+                "perf/step_s": step_s, "perf/data_wait_frac": record["data_wait_frac"], "mem/peak_gb": record["peak_mem_gb"],
             }
             if record["grad_norm"] is not None:
                 scalars["train/grad_norm"] = record["grad_norm"]

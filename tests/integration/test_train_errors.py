@@ -48,6 +48,7 @@ def corrupted_copy(token_data: Path, tmp: Path) -> Path:
         ("corrupt_shard", "the shard is corrupt"),
         ("tokenizer_mismatch", "data.valid"),
         ("model_shape", "checkpoint of model"),
+        ("model_shape_fsdp2", "checkpoint of model"),
         ("latest_missing", "names step_000099, which is missing or incomplete"),
     ],
 )
@@ -61,10 +62,12 @@ def test_bad_run_fails_with_one_line(tmp_path, config_file, token_data, other_to
         "corrupt_shard": [f"data.train={corrupted_copy(token_data, tmp_path)}"],
         "tokenizer_mismatch": [f"data.valid={other_tokenizer_data / 'tokens/valid'}"],
         "model_shape": ["model.hidden_size=64"],
+        "model_shape_fsdp2": ["engine.type=fsdp2", "model.hidden_size=64"],
         "latest_missing": [],
     }[case]
-    if case in ("model_shape", "latest_missing"):
-        ok = run_trainer(train_cmd(config_file, 1, run_dir, "train.max_steps=1"))
+    if case in ("model_shape", "model_shape_fsdp2", "latest_missing"):
+        engine = overrides[:1] if case == "model_shape_fsdp2" else []
+        ok = run_trainer(train_cmd(config_file, 1, run_dir, *engine, "train.max_steps=1"))
         assert ok.returncode == 0, ok.stderr[-2000:]
         if case == "latest_missing":
             (run_dir / "checkpoints" / "latest").write_text("step_000099\n")

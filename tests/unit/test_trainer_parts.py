@@ -100,3 +100,13 @@ def test_latest_naming_an_incomplete_checkpoint_is_refused(tmp_path):
     (tmp_path / tag(100) / "COMPLETE").unlink()
     with pytest.raises(ConfigError, match="names step_000100, which is missing or incomplete"):
         checkpoints.latest()
+
+
+def test_activation_checkpointing_on_a_model_without_it_is_refused():
+    import torch
+
+    from trainer.engines.fsdp2_engine import FSDP2Engine
+
+    config = load_config(DEMO, ["engine.type=fsdp2", "engine.zero_stage=null", "engine.activation_checkpointing=true"])
+    with pytest.raises(ConfigError, match="engine.activation_checkpointing: Linear does not support it"):
+        FSDP2Engine(torch.nn.Linear(4, 4), config, world_size=1, total_steps=10)
