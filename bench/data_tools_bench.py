@@ -12,7 +12,6 @@ Run with `make bench` (it installs both environments).
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import tempfile

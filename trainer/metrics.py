@@ -26,7 +26,7 @@ class Metrics:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)  # also a restart from 0
             if not resume_step:
                 self.writer.add_text("config", "```yaml\n" + config_text + "\n```", 0)
 
