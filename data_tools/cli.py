@@ -44,7 +44,7 @@ def prepare(args: argparse.Namespace) -> int:
     from data_tools.lang import check_languages
     from data_tools.pipeline import Job, Plan
     from data_tools.readers import expand_inputs, plan_tasks
-    from data_tools.report import stage_table, write_tensorboard
+    from data_tools.report import stage_table
 
     if args.seq_len <= 1:
         raise DataError(f"--seq-len {args.seq_len}: must be at least 2 (a row predicts its next tokens)")
@@ -73,12 +73,11 @@ def prepare(args: argparse.Namespace) -> int:
         return 0
     run_job(job.out, args.workers)
     stats = json.loads((job.out / "stats.json").read_text())
-    logdir = write_tensorboard(job.out, stats, sorted((job.work / "tokens").glob("t*.npz")))
     print(stage_table(stats))
     print(f"\ntoken shards: {job.out / 'tokens/train'} and {job.out / 'tokens/valid'} (manifest.json in each)")
     print(f"documents:    {job.out / 'docs'}")
     print(f"stats:        {job.out / 'stats.json'}")
-    print(f"tensorboard:  tensorboard --logdir {logdir}")
+    print(f"tensorboard:  tensorboard --logdir {job.out / 'tensorboard'}")
     return 0
 
 

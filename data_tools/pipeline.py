@@ -305,6 +305,7 @@ class Job:
 
     def run_pack(self) -> None:
         from data_tools.pack import cut_rows, shuffle_windows, write_shards
+        from data_tools.report import write_tensorboard
 
         plan, pack = self.plan, self.plan.config.pack
         info = self.tokenizer_info()
@@ -333,6 +334,7 @@ class Job:
             if not shards:
                 log.warning("%s split has no complete row of %d tokens; add data or lower --seq-len", split, plan.seq_len)
         _write_json(self.out / "stats.json", stats)
+        write_tensorboard(self.out, stats, [self.work / "tokens" / f"{self.task_name(i)}.npz" for i in range(len(plan.tasks))])
         _write_json(self.marker("pack"), {"stats": stats["pack"]})
 
     def collect_stats(self) -> dict:

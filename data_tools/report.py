@@ -7,6 +7,7 @@ document, so a user can look rather than read.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def write_tensorboard(out: Path, stats: dict, token_files: list[Path]) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     logdir = out / "tensorboard"
+    shutil.rmtree(logdir, ignore_errors=True)  # a rerun of pack rewrites the report, never adds to it
     char_lens, token_lens, langs = [], [], []
     for path in token_files:
         with np.load(path) as data:

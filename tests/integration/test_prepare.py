@@ -207,3 +207,25 @@ def test_bad_arguments_fail_with_one_line(tmp_path, corpora, gpt2_dir, case, mes
     assert result.stderr.count("\n") == 1, result.stderr
     assert message.format(tmp=tmp_path) in result.stderr
     assert not (out / "stats.json").exists()
+
+
+def test_stages_run_one_by_one_as_a_cluster_would(tmp_path, corpora, gpt2_dir):
+    """--plan-only, then each stage (and each task, by --task or $SLURM_ARRAY_TASK_ID) as its own
+    process: the result is the one `prepare` gives in one go."""
+    args = ["--tokenizer", str(gpt2_dir), "--valid-fraction", "0.1"]
+    whole, staged = tmp_path / "whole", tmp_path / "staged"
+    assert run(prepare_cmd(corpora, whole, *args, inputs=WARCS)).returncode == 0
+    assert run(prepare_cmd(corpora, staged, *args, "--plan-only", inputs=WARCS)).returncode == 0
+    stage = [sys.executable, "-m", "data_tools", "run", str(staged), "--stage"]
+    for name in ("extract", "tokenize"):
+        assert run(stage + [name]).returncode == 2  # a per-task stage needs its task index
+    for name in ("extract", "dedup", "tokenizer", "tokenize", "pack"):
+        if name in ("extract", "tokenize"):
+            assert run(stage + [name, "--task", "0"]).returncode == 0
+            env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1"}
+            assert subprocess.run(stage + [name], env=env, capture_output=True).returncode == 0
+        else:
+            result = run(stage + [name])
+            assert result.returncode == 0, result.stderr
+    assert outputs(staged) == outputs(whole)
+    assert list((staged / "tensorboard").glob("events.out.tfevents.*"))
