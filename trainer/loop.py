@@ -92,6 +92,8 @@ def train(config: Config) -> int:
     accum = tcfg.global_batch // (tcfg.micro_batch * world)
     sources, valid = read_manifests(config)
     data, tok = sources[0], sources[0].tokenizer
+    train_path = Path(config.data.sources()[0].path)
+    tokenizer_file = (train_path if train_path.is_dir() else train_path.parent) / tok.path  # copied into each checkpoint
     steps_total = total_steps(config, data.seq_len)
 
     checkpoints = Checkpoints(config.run_dir / "checkpoints")
@@ -171,7 +173,7 @@ def train(config: Config) -> int:
             engine.backward(loss)
             engine.step()
         if stopping:  # the parameters are still those after the last completed step
-            save(engine, checkpoints, config, loader, step, tokens, nan_skips, world, rank)
+            save(engine, checkpoints, config, loader, tokenizer_file, step, tokens, nan_skips, world, rank)
             log.error("stopped at step %d: non-finite loss (train.nan_policy=%s); last good state saved", step + 1, tcfg.nan_policy)
             exit_code = EXIT_NONFINITE
             break
@@ -214,7 +216,7 @@ def train(config: Config) -> int:
 
         signalled = distributed.all_reduce([float(stop.received is not None)], distributed.dist.ReduceOp.MAX).item() > 0
         if step % tcfg.ckpt_every == 0 or step == steps_total or signalled:
-            save(engine, checkpoints, config, loader, step, tokens, nan_skips, world, rank)
+            save(engine, checkpoints, config, loader, tokenizer_file, step, tokens, nan_skips, world, rank)
         if signalled:
             log.info("stopping at step %d on a signal; checkpoint saved, run the same command to resume", step)
             exit_code = EXIT_REQUEUE
@@ -233,7 +235,7 @@ def train(config: Config) -> int:
     return exit_code
 
 
-def save(engine, checkpoints: Checkpoints, config: Config, loader: LanesLoader, step: int, tokens: int,
+def save(engine, checkpoints: Checkpoints, config: Config, loader: LanesLoader, tokenizer_file: Path, step: int, tokens: int,
          nan_skips: int, world: int, rank: int) -> None:
     """Every rank writes its shards into step_N.tmp; rank 0 publishes once all are done."""
     if rank == 0:
@@ -244,9 +246,6 @@ def save(engine, checkpoints: Checkpoints, config: Config, loader: LanesLoader, 
     (checkpoints.root / staging / f"rng_rank{rank}.txt").write_text(rng_state())
     distributed.barrier()
     if rank == 0:
-        manifest = load_manifest(config.data.sources()[0].path)
-        tokenizer_file = Path(config.data.sources()[0].path)
-        tokenizer_file = (tokenizer_file if tokenizer_file.is_dir() else tokenizer_file.parent) / manifest.tokenizer.path
         (checkpoints.root / staging / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
         (checkpoints.root / staging / "hf_config.json").write_text(engine.module.config.to_json_string())
         state = TrainerState(step, tokens, loader.fingerprint(), world, config.engine.type, config.engine.zero_stage,
