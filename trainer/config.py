@@ -29,9 +29,23 @@ class RunConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What the run learns; every task reads the same lanes and runs under either engine."""
+
+    type: Literal["causal_lm", "mlm", "classification", "token_classification", "sft", "seq2seq"] = "causal_lm"
+    mlm_probability: float = 0.15  # mlm: share of tokens selected; 80% [MASK], 10% random, 10% kept
+    whole_word_masking: bool = False  # mlm: select whole words, not single sub-tokens
+    input_noise: Literal["none", "token_dropout", "random_mask"] = "none"  # classification augmentation
+    input_noise_prob: float = 0.1
+    generate_samples: int = 3  # sft / seq2seq: validation examples generated at each eval (TensorBoard text)
+    max_new_tokens: int = 48  # sft / seq2seq generation length
+
+
+@dataclass
 class ModelConfig:
-    arch: Literal["llama", "gpt2"] = "llama"
-    pretrained: str | None = None  # a local save_pretrained directory instead of arch + sizes
+    arch: Literal["llama", "gpt2", "bert", "t5", "bart"] = "llama"
+    # instead of arch + sizes: a save_pretrained directory, a .gguf file, or package:<module>/<path> inside an installed package
+    pretrained: str | None = None
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -71,13 +85,39 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_last: int = 2
     keep_every: int | None = None  # also keep every M-th step's checkpoint
+    best_metric: str | None = None  # e.g. eval/accuracy: keep the best checkpoint by it (checkpoints/best)
+    best_mode: Literal["max", "min"] = "max"
+    early_stop_patience: int | None = None  # stop after this many evals without a better best_metric
     nan_policy: Literal["skip", "stop"] = "skip"  # a non-finite loss: skip that micro-batch, or checkpoint and stop
     max_nan_skips: int = 10  # skips allowed in a run before stopping anyway
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient finetuning through `peft`: only the added weights train."""
+
+    method: Literal["none", "lora", "dora", "adapter", "prefix"] = "none"
+    target_modules: list[str] | str = "all-linear"  # module names (or suffixes) to adapt
+    r: int = 8  # lora/dora rank
+    alpha: int = 16
+    dropout: float = 0.05
+    adapter_size: int = 64  # bottleneck adapters: hidden width of each adapter
+    num_virtual_tokens: int = 20  # prefix tuning
+    merge_on_export: bool = True  # export a plain model with the adapter folded in
+
+
+@dataclass
+class FreezeConfig:
+    patterns: list[str] = field(default_factory=list)  # regexes of parameter names kept frozen for the whole run
+    first_layers: int = 0  # freeze the embeddings and the first N transformer layers
+    unfreeze_every: int | None = None  # gradual unfreezing: start with the head only, thaw one more layer (top down) every N steps
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4
+    head_lr: float | None = None  # a separate learning rate for the task head (unset: lr)
+    layer_decay: float = 1.0  # layer-wise LR decay: layer l of L gets lr * layer_decay ** (L - l)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -122,10 +162,13 @@ class DebugConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
