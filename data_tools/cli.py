@@ -1,4 +1,4 @@
-"""`python -m data_tools` (also the `dstrain-data` script): prepare, run one stage, inspect."""
+"""`python -m data_tools` (also the `dstrain-data` script): prepare, run one stage, inspect, prepare-finetune."""
 
 from __future__ import annotations
 
@@ -126,7 +126,21 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_finetune(args: argparse.Namespace) -> int:
+    from data_tools.finetune.prepare import Options, prepare, summary
+    from data_tools.finetune.records import FIELD_KEYS
+
+    fields = {key: getattr(args, f"{key}_field") for key in FIELD_KEYS if getattr(args, f"{key}_field") is not None}
+    options = Options(
+        args.task, args.input, args.output, args.tokenizer, args.seq_len, args.valid_fraction, args.seed, fields, args.too_long
+    )
+    print(summary(options, prepare(options)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from data_tools.finetune.records import FIELD_KEYS, TASK_KEYS, TOO_LONG
+
     parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--chars", type=int, default=600, help="characters of the sample row to show")
     p.set_defaults(func=inspect)
+
+    p = sub.add_parser("prepare-finetune", help="labelled or paired examples → [input ids, targets] shards + manifest")
+    p.add_argument("--task", required=True, choices=tuple(TASK_KEYS))
+    p.add_argument("--input", required=True, help="CSV/TSV, CoNLL, JSONL, Parquet or a datasets save_to_disk directory")
+    p.add_argument("--output", required=True, help="gets train/ and valid/, each with shards, manifest.json, tokenizer.json")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json, a tokenizer directory, a .gguf file, or package:<module>/<path>")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--valid-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="salts the content hash that orders and splits the examples")
+    reads = "; ".join(f"{task} {'/'.join(keys)}" for task, keys in TASK_KEYS.items())
+    fields = p.add_argument_group("input fields", f"the column or JSON field holding each value, if not its own name ({reads})")
+    for key in FIELD_KEYS:
+        fields.add_argument(f"--{key}-field", metavar="NAME")
+    p.add_argument("--too-long", choices=TOO_LONG, help="sft: drop (default) an example whose prompt fills --seq-len, or keep the prompt's last tokens")
+    p.set_defaults(func=prepare_finetune)
     return parser
 
 

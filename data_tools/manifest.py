@@ -2,8 +2,10 @@
 
 A token split is a directory of webdataset tars plus `manifest.json`. Each tar sample holds a
 block of packed rows (`<key>.npy`, shape [rows, seq_len], uint16 or uint32) and `<key>.json`
-(document-start offsets per row and the tokens each source contributed). This module imports only
-the standard library and numpy so the trainer can use it without the pipeline's dependencies.
+(document-start offsets per row and the tokens each source contributed). Finetuning splits
+(`task` set) hold int32 blocks [examples, channels, seq_len] instead, `channels` naming each one,
+and `<key>.json` holds the examples' records. This module imports only the standard library and
+numpy so the trainer can use it without the pipeline's dependencies.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class Manifest:
     rows_per_sample: int = 0
     stats: dict = field(default_factory=dict)
     pipeline: dict = field(default_factory=dict)
+    # after the older fields so positional construction keeps working
+    task: str | None = None  # None: packed LM tokens (`prepare`); else the prepare-finetune task
+    labels: list[str] = field(default_factory=list)  # label vocabulary (id = index): classification, NER
+    channels: list[str] = field(default_factory=list)  # finetuning rows are [channels, seq_len]; empty: [seq_len]
     format_version: int = FORMAT_VERSION
 
     @property
@@ -104,6 +110,9 @@ def load_manifest(path: str | Path) -> Manifest:
             rows_per_sample=data.get("rows_per_sample", 0),
             stats=data.get("stats", {}),
             pipeline=data.get("pipeline", {}),
+            task=data.get("task"),
+            labels=data.get("labels", []),
+            channels=data.get("channels", []),
         )
     except (KeyError, TypeError) as err:
         raise ManifestError(f"{path}: missing or malformed field {err}") from None
