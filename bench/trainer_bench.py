@@ -115,7 +115,7 @@ def model_and_optimizer(
     from trainer.models import build_model
 
     tok = manifest.tokenizer
-    model = build_model(config.model, tok.vocab_size, manifest.seq_len, tok.eos_id, config.run.seed)
+    model = build_model(config, tok.vocab_size, manifest.seq_len, tok.eos_id, [], config.run.seed)
     return (model, *adamw_with_schedule(model, config, STEPS))
 
 

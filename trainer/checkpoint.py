@@ -2,6 +2,7 @@
 
     <run>/checkpoints/step_000500/   engine shards, trainer_state.json, COMPLETE
     <run>/checkpoints/latest         names the newest complete checkpoint
+    <run>/checkpoints/best           names the best one by `train.best_metric` (kept by retention)
 
 Engines write into `step_N.tmp/`; once every rank has finished, rank 0 adds
 `trainer_state.json` and `COMPLETE`, renames the directory and only then rewrites `latest`.
@@ -37,6 +38,7 @@ class TrainerState:
     model_shape: dict  # arch and sizes: a checkpoint of another shape is refused by name
     nan_skips: int = 0
     config: dict = field(default_factory=dict)
+    best: dict | None = None  # the best-metric tracker's state (trainer.early_stop), so patience resumes exactly
 
 
 def tag(step: int) -> str:
@@ -52,6 +54,14 @@ class Checkpoints:
         pointer = self.root / "latest"
         if not pointer.exists():
             return None
+        return self._complete(pointer)
+
+    def best(self) -> str | None:
+        """The tag `best` names (a run with `train.best_metric`), else None."""
+        pointer = self.root / "best"
+        return self._complete(pointer) if pointer.exists() else None
+
+    def _complete(self, pointer: Path) -> str:
         name = pointer.read_text().strip()
         if not (self.root / name / "COMPLETE").exists():
             raise ConfigError(
@@ -70,8 +80,8 @@ class Checkpoints:
         """Remove what a killed run left half-written for this step."""
         shutil.rmtree(self.root / self.staging(step), ignore_errors=True)
 
-    def publish(self, state: TrainerState, keep_last: int, keep_every: int | None) -> Path:
-        """Rank 0, after all ranks wrote: state + COMPLETE, rename, `latest`, retention."""
+    def publish(self, state: TrainerState, keep_last: int, keep_every: int | None, best: bool = False) -> Path:
+        """Rank 0, after all ranks wrote: state + COMPLETE, rename, `latest` (and `best`), retention."""
         staging, final = self.root / self.staging(state.step), self.root / tag(state.step)
         (staging / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
         (staging / "COMPLETE").write_text("")
@@ -79,9 +89,10 @@ class Checkpoints:
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        pointer_tmp = self.root / "latest.tmp"
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, self.root / "latest")
+        for pointer in ("latest", "best") if best else ("latest",):
+            pointer_tmp = self.root / f"{pointer}.tmp"
+            pointer_tmp.write_text(final.name + "\n")
+            os.replace(pointer_tmp, self.root / pointer)
         _fsync_dir(self.root)
         self._prune(state.step, keep_last, keep_every)
         return final
@@ -89,6 +100,8 @@ class Checkpoints:
     def _prune(self, newest: int, keep_last: int, keep_every: int | None) -> None:
         steps = sorted(int(m.group(1)) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
         keep = set(steps[-keep_last:]) | {newest}
+        if (best := self.best()) is not None:
+            keep.add(int(STEP_DIR.match(best).group(1)))
         if keep_every:
             keep |= {s for s in steps if s % keep_every == 0}
         for step in steps:

@@ -102,6 +102,7 @@ class PeftConfig:
     alpha: int = 16
     dropout: float = 0.05
     adapter_size: int = 64  # bottleneck adapters: hidden width of each adapter
+    adapter_placement: Literal["houlsby", "pfeiffer"] = "houlsby"  # after attention and FFN, or after FFN only
     num_virtual_tokens: int = 20  # prefix tuning
     merge_on_export: bool = True  # export a plain model with the adapter folded in
 

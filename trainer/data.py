@@ -194,7 +194,7 @@ class _Shard:
 
     path: Path
     dtype: np.dtype
-    seq_len: int
+    row_shape: tuple[int, ...]  # (seq_len,) for packed tokens, (channels, seq_len) for finetuning examples
     block_first_rows: tuple[int, ...]
     block_spans: tuple[tuple[int, int], ...]  # (offset, bytes) of each block's array data
 
@@ -225,9 +225,14 @@ def _safe_members(f, path: Path) -> list[tarfile.TarInfo]:
     return members
 
 
+def row_shape(manifest: Manifest) -> tuple[int, ...]:
+    """The shape of one row: packed tokens are [seq_len]; finetuning examples [channels, seq_len]."""
+    return (len(manifest.channels), manifest.seq_len) if manifest.channels else (manifest.seq_len,)
+
+
 def _index_shard(path: Path, manifest: Manifest, rows: int) -> _Shard:
     """Read a shard's tar headers and `.npy` headers once; check every block against the manifest."""
-    dtype = np.dtype(manifest.dtype)
+    dtype, shape_of_row = np.dtype(manifest.dtype), row_shape(manifest)
     firsts, spans, total = [], [], 0
     with open(path, "rb") as f:
         for member in _safe_members(f, path):
@@ -237,17 +242,17 @@ def _index_shard(path: Path, manifest: Manifest, rows: int) -> _Shard:
             shape, found = _npy_header(f, path, member.name)
             data_offset = f.tell()
             size = member.offset_data + member.size - data_offset
-            if found != dtype or len(shape) != 2 or shape[1] != manifest.seq_len or size != math.prod(shape) * dtype.itemsize:
+            if found != dtype or tuple(shape[1:]) != shape_of_row or size != math.prod(shape) * dtype.itemsize:
                 raise DataError(
                     f"{path}: member {member.name!r} is {found} {shape} in {size} bytes, "
-                    f"manifest says {dtype} [rows, {manifest.seq_len}]; the shard is corrupt"
+                    f"manifest says {dtype} [rows, {', '.join(map(str, shape_of_row))}]; the shard is corrupt"
                 )
             firsts.append(total)
             spans.append((data_offset, size))
             total += shape[0]
     if total != rows:
         raise DataError(f"{path}: {total} rows in its blocks, manifest says {rows}; the shard is truncated or replaced")
-    return _Shard(path, dtype, manifest.seq_len, tuple(firsts), tuple(spans))
+    return _Shard(path, dtype, shape_of_row, tuple(firsts), tuple(spans))
 
 
 class _LaneReader:
@@ -298,7 +303,7 @@ class _LaneReader:
             raise DataError(
                 f"{shard.path}: block {block} ends after {len(data)} of {size} bytes; the shard was truncated while in use"
             )
-        rows = np.frombuffer(data, shard.dtype).reshape(-1, shard.seq_len)
+        rows = np.frombuffer(data, shard.dtype).reshape(-1, *shard.row_shape)
         self._block = (shard.path, block, rows)
         return rows
 
@@ -397,6 +402,7 @@ class LanesLoader:
         self.corpora = [_load_corpus(s, seq_len) for s in sources]
         _check_tokenizer(self.corpora, vocab_size, eos_id, tokenizer_sha256)
         self.seq_len, self.global_batch, self.lanes, self.seed = seq_len, global_batch, lanes, seed
+        self.row_shape = row_shape(self.corpora[0].manifest)
         self.rank, self.world_size, self.prefetch, self.verify = rank, world_size, prefetch, verify
         self.rows_per_lane = global_batch // lanes  # k: rows each lane gives every step
         self.rows_per_rank = global_batch // world_size
@@ -420,7 +426,7 @@ class LanesLoader:
         return [self._shard_path(*key) for key in self._local_keys()]
 
     def batches(self, start_step: int) -> Iterator[np.ndarray]:
-        """This rank's rows for steps start_step, start_step + 1, …: int64 [rows_per_rank, seq_len].
+        """This rank's rows for steps start_step, start_step + 1, …: int64 [rows_per_rank, *row_shape].
 
         Calling it again (a resume, a restart after an error) closes the previous stream first.
         """
@@ -436,8 +442,8 @@ class LanesLoader:
         All-reduce it with SUM (each lane is filled by exactly one rank, so the sum is exact) and pass
         the result to `batch_digest`: equal digests at two world sizes mean the same global batch.
         """
-        if rows.shape != (self.rows_per_rank, self.seq_len) or rows.dtype != np.int64:
-            raise ValueError(f"rows: expected int64 {[self.rows_per_rank, self.seq_len]}, got {rows.dtype} {list(rows.shape)}")
+        if rows.shape != (self.rows_per_rank, *self.row_shape) or rows.dtype != np.int64:
+            raise ValueError(f"rows: expected int64 {[self.rows_per_rank, *self.row_shape]}, got {rows.dtype} {list(rows.shape)}")
         k = self.rows_per_lane
         digests = np.zeros(self.lanes, np.uint64)
         for i, lane in enumerate(self.local_lanes):
@@ -466,7 +472,7 @@ class LanesLoader:
         k = self.rows_per_lane
         try:
             for step in count(start_step):
-                batch = np.empty((self.rows_per_rank, self.seq_len), np.int64)
+                batch = np.empty((self.rows_per_rank, *self.row_shape), np.int64)
                 for i, reader in enumerate(readers):
                     reader.read_into(step * k, batch[i * k : (i + 1) * k])
                 yield batch

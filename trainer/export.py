@@ -3,6 +3,17 @@
 Works offline in one process for every engine: ZeRO 1–3 shards are consolidated with DeepSpeed's
 `zero_to_fp32`, a ZeRO-0 checkpoint already holds the full module state, and an FSDP2 (DCP)
 checkpoint is read whole by DCP without a process group.
+
+The model is rebuilt from hf_config.json (its `architectures` name the task's class) and, for a
+peft run, wrapped again as the run config in trainer_state.json says, so the checkpoint's names
+match. What is written then depends on `peft.method`:
+
+    none, or lora/dora with merge_on_export    out/ is a plain model (the low-rank update folded in)
+    lora/dora without merging, prefix          out/ is the base model, out/adapter/ the peft adapter
+                                               (`PeftModel.from_pretrained(base, out / "adapter")`)
+    adapter                                    out/ is the base model plus bottleneck_adapters.*
+                                               (`trainer.adapters.load_adapters(base, out)`); they
+                                               cannot merge, a nonlinearity sits between
 """
 
 from __future__ import annotations
@@ -10,37 +21,87 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+import transformers
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
+from data_tools.config import from_dict
+from trainer.adapt import apply_peft
+from trainer.adapters import is_adapter_parameter, save_adapters
 from trainer.checkpoint import Checkpoints
-from trainer.config import ConfigError
+from trainer.config import Config, ConfigError
+from trainer.models import TASK_CLASSES, base_model
+
+log = logging.getLogger("trainer")
 
 
-def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a checkpoint, whatever engine and world size wrote it."""
+def consolidated_state_dict(checkpoint: Path, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint, whatever engine and world size wrote it, named as the
+    module the engine trained. FSDP2 reads into a template of that module: `model` (weights may
+    be on the meta device), else the checkpoint's own rebuilt."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     if state["engine"] == "fsdp2":
         import torch.distributed.checkpoint as dcp
 
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**json.loads((checkpoint / "hf_config.json").read_text())))
-        weights = {"model": model.state_dict()}
+        model = model if model is not None else rebuild(*read_configs(checkpoint))
+        weights = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(weights, checkpoint_id=str(checkpoint / "dcp"), no_dist=True)
         return weights["model"]
     if state["zero_stage"] == 0:
-        files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise ConfigError(f"{checkpoint}: no mp_rank_*_model_states.pt; the checkpoint is incomplete")
-        return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        return _module_state(checkpoint)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file it reads
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    if state["zero_stage"] == 1:  # ZeRO-1 shards leave out frozen parameters; its full module state has them
+        for key, value in _module_state(checkpoint).items():
+            weights.setdefault(key, value.float() if value.is_floating_point() else value)
+    return weights
+
+
+def _module_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The module state a DeepSpeed checkpoint keeps beside the shards (complete below ZeRO-3)."""
+    files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise ConfigError(f"{checkpoint}: no mp_rank_*_model_states.pt; the checkpoint is incomplete")
+    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+
+
+def read_configs(checkpoint: Path) -> tuple[dict, Config]:
+    """(hf_config.json, the run config in trainer_state.json) of a checkpoint."""
+    hf_config = json.loads((checkpoint / "hf_config.json").read_text())
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return hf_config, from_dict(Config, state.get("config", {}), where=f"{checkpoint / 'trainer_state.json'} config")
+
+
+def rebuild(hf_config: dict, config: Config) -> torch.nn.Module:
+    """The module tree the run trained, weights on the meta device: the class `architectures` names
+    (checkpoints from before it was recorded: the task's auto class), peft applied again (outside
+    the meta context: prefix tuning keeps a plain tensor of token ids that no checkpoint restores)."""
+    model_config = AutoConfig.for_model(**hf_config)
+    name = (model_config.architectures or [""])[0]
+    with torch.device("meta"):
+        if hasattr(transformers, name):
+            model = getattr(transformers, name)._from_config(model_config)
+        else:
+            model = TASK_CLASSES[config.task.type].from_config(model_config)
+    return apply_peft(model, config.peft, config.task.type)
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Put a consolidated state dict into a rebuilt model; tied weights are re-tied, anything
+    else left unfilled (or left over) is refused."""
+    unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+    base_model(model).tie_weights()
+    missing = [k for k, v in model.state_dict().items() if v.is_meta]
+    if missing or unexpected:
+        raise ConfigError(f"{where}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
@@ -50,21 +111,39 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         checkpoint = root / Checkpoints(root).latest()
     if not (checkpoint / "COMPLETE").exists():
         raise ConfigError(f"{checkpoint}: not a complete checkpoint (no COMPLETE marker)")
-    hf_config = json.loads((checkpoint / "hf_config.json").read_text())
-    config = AutoConfig.for_model(**hf_config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    state = consolidated_state_dict(checkpoint)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
-    if missing or unexpected:
-        raise ConfigError(f"{checkpoint}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    eos = hf_config.get("eos_token_id")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(checkpoint / "tokenizer.json"))
-    if eos is not None:
-        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
-    tokenizer.save_pretrained(out)
+    hf_config, config = read_configs(checkpoint)
+    model = rebuild(hf_config, config)
+    load_weights(model, consolidated_state_dict(checkpoint, model), checkpoint)
+    save_model(model, config, out)
+    save_tokenizer(checkpoint, hf_config, out)
     return out
+
+
+def save_model(model: torch.nn.Module, config: Config, out: Path) -> None:
+    """Write `model` as the module docstring's table says for `peft.method`."""
+    peft = config.peft
+    out.mkdir(parents=True, exist_ok=True)
+    if peft.method in ("lora", "dora") and peft.merge_on_export:
+        model = model.merge_and_unload()
+    elif peft.method in ("lora", "dora", "prefix"):
+        model.save_pretrained(out / "adapter")
+        model = model.unload() if peft.method != "prefix" else model.get_base_model()
+        log.info("%s: base model; the %s adapter is in %s (PeftModel.from_pretrained)", out, peft.method, out / "adapter")
+    elif peft.method == "adapter":
+        save_adapters(model, peft.adapter_size, peft.adapter_placement, out)
+        base = {k: v for k, v in model.state_dict().items() if not is_adapter_parameter(k)}
+        model.save_pretrained(out, state_dict=base)
+        log.info("%s: base model plus bottleneck adapters (trainer.adapters.load_adapters)", out)
+        return
+    model.save_pretrained(out)
+
+
+def save_tokenizer(checkpoint: Path, hf_config: dict, out: Path) -> None:
+    """The checkpoint's tokenizer.json, with its tokenizer_config.json (chat template) when the
+    run had one, and the model's EOS and pad tokens named."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    for role in ("eos", "pad"):
+        token_id = hf_config.get(f"{role}_token_id")
+        if isinstance(token_id, int) and getattr(tokenizer, f"{role}_token") is None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    tokenizer.save_pretrained(out)

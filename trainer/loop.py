@@ -13,15 +13,19 @@ from pathlib import Path
 
 import torch
 import yaml
+from tokenizers import Tokenizer
 
 from data_tools.manifest import Manifest, load_manifest
 from trainer import distributed
+from trainer.adapt import adapt
 from trainer.checkpoint import Checkpoints, TrainerState, rng_state, set_rng_state, tag
 from trainer.config import Config, ConfigError
-from trainer.data import LanesLoader, Source, batch_digest
+from trainer.data import LanesLoader, Source, batch_digest, row_shape
+from trainer.early_stop import BestMetric
 from trainer.engines import build_engine
 from trainer.metrics import Metrics
-from trainer.models import build_model, flops_per_token
+from trainer.models import base_model, build_model, flops_per_token
+from trainer.tasks import DATA_TASK, TaskContext, build_task, model_vocab_size
 
 log = logging.getLogger("trainer")
 
@@ -43,17 +47,31 @@ class StopSignal:
 
 
 def read_manifests(config: Config) -> tuple[list[Manifest], Manifest | None]:
+    """The run's manifests, checked to agree with each other and with `task.type`."""
     sources = [load_manifest(s.path) for s in config.data.sources()]
-    first = sources[0]
-    for source, manifest in zip(config.data.sources()[1:], sources[1:]):
-        if (manifest.seq_len, manifest.tokenizer.sha256) != (first.seq_len, first.tokenizer.sha256):
+    first, wanted = sources[0], DATA_TASK[config.task.type]
+    for source, manifest in zip(config.data.sources(), sources):
+        if manifest.task != wanted:
+            made_by = f"prepare-finetune --task {manifest.task}" if manifest.task else "data_tools prepare (packed tokens)"
+            needs = f"prepare-finetune --task {wanted}" if wanted else "data_tools prepare"
+            raise ConfigError(f"data.train {source.path}: made by {made_by}, but task.type {config.task.type} reads data from {needs}")
+        if (manifest.seq_len, manifest.tokenizer.sha256, row_shape(manifest)) != (first.seq_len, first.tokenizer.sha256, row_shape(first)):
             raise ConfigError(
                 f"data.train {source.path}: seq_len {manifest.seq_len} / tokenizer {manifest.tokenizer.name} differ from "
                 f"the first source's {first.seq_len} / {first.tokenizer.name}; a mixture needs one tokenizer and seq_len"
             )
+        if manifest.labels != first.labels:
+            raise ConfigError(f"data.train {source.path}: labels {manifest.labels} differ from the first source's {first.labels}")
     valid = load_manifest(config.data.valid) if config.data.valid else None
-    if valid and (valid.seq_len, valid.tokenizer.sha256) != (first.seq_len, first.tokenizer.sha256):
-        raise ConfigError(f"data.valid {config.data.valid}: seq_len or tokenizer differ from data.train's")
+    if valid and (valid.seq_len, valid.tokenizer.sha256, valid.task) != (first.seq_len, first.tokenizer.sha256, first.task):
+        raise ConfigError(f"data.valid {config.data.valid}: seq_len, tokenizer or task differ from data.train's")
+    if valid and (unknown := [label for label in valid.labels if label not in first.labels]):
+        raise ConfigError(
+            f"data.valid {config.data.valid}: label {unknown[0]!r} is not in the training label vocabulary {first.labels}; "
+            "prepare both splits in one prepare-finetune run"
+        )
+    if valid and valid.labels and valid.labels != first.labels:
+        raise ConfigError(f"data.valid {config.data.valid}: label ids differ from data.train's; prepare both splits in one run")
     return sources, valid
 
 
@@ -93,20 +111,25 @@ def train(config: Config) -> int:
     sources, valid = read_manifests(config)
     data, tok = sources[0], sources[0].tokenizer
     train_path = Path(config.data.sources()[0].path)
-    tokenizer_file = (train_path if train_path.is_dir() else train_path.parent) / tok.path  # copied into each checkpoint
+    data_dir = train_path if train_path.is_dir() else train_path.parent
+    tokenizer_file = data_dir / tok.path  # copied into each checkpoint
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
     steps_total = total_steps(config, data.seq_len)
 
     checkpoints = Checkpoints(config.run_dir / "checkpoints")
     resume = checkpoints.latest()
     state = checkpoints.read_state(resume) if resume else None
-    model = build_model(config.model, tok.vocab_size, data.seq_len, tok.eos_id, config.run.seed)
+    model = build_model(config, model_vocab_size(config, tokenizer, tok.vocab_size), data.seq_len, tok.eos_id, data.labels, config.run.seed)
     if state and state.model_shape != model_shape(model):
         raise ConfigError(
             f"{checkpoints.root / resume}: checkpoint of model {state.model_shape}, this run builds {model_shape(model)}; "
             "use a new run.name or the old model settings"
         )
-    engine = build_engine(model, config, world, steps_total, state.world_size if state else None)
+    task = build_task(TaskContext(config, data.seq_len, tokenizer, tok.eos_id, model.config.pad_token_id, data.labels,
+                                  config.data.valid))
+    engine = build_engine(adapt(model, config), config, world, steps_total, state.world_size if state else None)
     step, tokens, nan_skips = 0, 0, 0
+    best = BestMetric(tcfg.best_metric, tcfg.best_mode, tcfg.early_stop_patience)
     if state:
         if state.engine != config.engine.type:
             raise ConfigError(f"{checkpoints.root / resume}: written by engine {state.engine}, this run uses {config.engine.type}")
@@ -115,6 +138,7 @@ def train(config: Config) -> int:
         if state.world_size == world and rng_file.exists():
             set_rng_state(rng_file.read_text())
         step, tokens, nan_skips = state.step, state.tokens, state.nan_skips
+        best.restore(state.best)
         log.info("resumed from %s (step %d, written by %d processes)", checkpoints.root / resume, step, state.world_size)
 
     loader = LanesLoader(
@@ -128,13 +152,6 @@ def train(config: Config) -> int:
             f"{checkpoints.root / resume}: written for other data, seed, global batch or lanes (fingerprint "
             f"{state.data_fingerprint[:12]}…, now {loader.fingerprint()[:12]}…); use a new run.name"
         )
-    valid_loader = None
-    if valid is not None:
-        # One lane per rank and one micro-batch per rank per eval batch: a small valid split suffices.
-        valid_loader = LanesLoader(
-            [Source(config.data.valid)], seq_len=valid.seq_len, global_batch=tcfg.micro_batch * world, lanes=world,
-            seed=config.run.seed, rank=rank, world_size=world, verify=config.data.verify,
-        )
     config_text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     if rank == 0:
         config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,23 +159,25 @@ def train(config: Config) -> int:
     metrics = Metrics(config.run_dir, rank == 0, step, config_text, config.metrics.tensorboard)
     stop = StopSignal()
     flops, peak = flops_per_token(engine.module, data.seq_len), peak_flops(config)
-    tokens_per_step = tcfg.global_batch * data.seq_len
-    window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0}
+    saver = Saver(engine, checkpoints, config, loader, data_dir, tokenizer_file, world, rank)
+    window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "tokens": 0}
     if rank == 0:
         engine_name = f"ZeRO-{config.engine.zero_stage}" if config.engine.type == "deepspeed" else "FSDP2"
-        log.info("training %d steps: %d processes × %d micro-batches of %d rows × %d tokens, %s, %s",
+        log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s", config.task.type,
                  steps_total, world, accum, tcfg.micro_batch, data.seq_len, engine_name, config.precision)
 
     batches = loader.batches(step)
+    engine.train()  # from_pretrained returns a model in eval mode: dropout would stay off until the first eval
     exit_code = 0
     while step < steps_total:
         started = time.perf_counter()
         rows = next(batches)
         waited = time.perf_counter() - started
+        batch = torch.from_numpy(rows).to(device)
         step_loss, stopping = 0.0, False
         for micro in range(accum):
-            input_ids = torch.from_numpy(rows[micro * tcfg.micro_batch : (micro + 1) * tcfg.micro_batch]).to(device)
-            loss, logits = engine.forward(input_ids)
+            output = engine.forward(**task.inputs(batch[micro * tcfg.micro_batch : (micro + 1) * tcfg.micro_batch], step, micro, train=True))
+            loss = output.loss
             if step + 1 in config.debug.nan_at_steps and micro == 0:
                 loss = loss * float("nan")
             if distributed.all_reduce([float(torch.isfinite(loss))], distributed.dist.ReduceOp.MIN).item() < 1:
@@ -167,22 +186,24 @@ def train(config: Config) -> int:
                 if tcfg.nan_policy == "stop" or nan_skips > tcfg.max_nan_skips:
                     stopping = True
                     break
-                loss = logits.float().sum() * 0.0  # a zero gradient keeps every rank's engine in step
+                loss = output.logits.float().sum() * 0.0  # a zero gradient keeps every rank's engine in step
             else:
                 step_loss += loss.item() / accum
             engine.backward(loss)
             engine.step()
         if stopping:  # the parameters are still those after the last completed step
-            save(engine, checkpoints, config, loader, tokenizer_file, step, tokens, nan_skips, world, rank)
+            saver.save(step, tokens, nan_skips, best)
             log.error("stopped at step %d: non-finite loss (train.nan_policy=%s); last good state saved", step + 1, tcfg.nan_policy)
             exit_code = EXIT_NONFINITE
             break
         step += 1
-        tokens += tokens_per_step
+        step_tokens = int(distributed.all_reduce([task.tokens(rows)]).item())
+        tokens += step_tokens
         window["loss"] += step_loss
         window["steps"] += 1
         window["wait"] += waited
         window["time"] += time.perf_counter() - started
+        window["tokens"] += step_tokens
 
         if step % tcfg.log_every == 0 or step == steps_total:
             lane_digests = distributed.all_reduce(torch.from_numpy(loader.local_lane_digests(rows)), distributed.dist.ReduceOp.SUM)
@@ -190,7 +211,8 @@ def train(config: Config) -> int:
             step_s = window["time"] / window["steps"]
             record = {
                 "loss": loss_mean, "lr": engine.lr, "grad_norm": engine.grad_norm, "tokens": tokens,
-                "tokens_per_s": tokens_per_step / step_s, "step_s": step_s, "data_wait_frac": window["wait"] / window["time"],
+                "tokens_per_s": window["tokens"] / window["time"], "step_s": step_s,
+                "data_wait_frac": window["wait"] / window["time"],
                 "batch_digest": batch_digest(lane_digests.numpy()), "peak_mem_gb": peak_memory_gb(),
             }
             scalars = {
@@ -206,70 +228,74 @@ def train(config: Config) -> int:
                      step, steps_total, loss_mean, engine.lr,
                      "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}",
                      record["tokens_per_s"], step_s, 100 * record["data_wait_frac"])
-            window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0}
+            window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "tokens": 0}
 
-        if valid_loader is not None and (step % tcfg.eval_every == 0 or step == steps_total):
-            eval_loss = evaluate(engine, valid_loader, tcfg.eval_batches, tcfg.micro_batch, device)
-            metrics.log(step, {"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))},
-                        {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
-            log.info("step %d | eval loss %.4f | perplexity %.2f", step, eval_loss, math.exp(min(eval_loss, 50)))
+        improved = early_stop = False
+        if config.data.valid and (step % tcfg.eval_every == 0 or step == steps_total):
+            engine.eval()
+            evaluation = task.evaluate(engine)
+            engine.train()
+            metrics.log(step, {f"eval/{k}": v for k, v in evaluation.scalars.items()}, {f"eval_{k}": v for k, v in evaluation.scalars.items()})
+            for name, text in evaluation.texts.items():
+                metrics.text(step, f"eval/{name}", text)
+            log.info("step %d | eval %s", step, " | ".join(f"{k} {v:.4f}" for k, v in evaluation.scalars.items()))
+            improved = best.update(evaluation.scalars, step)
+            early_stop = best.exhausted()
 
         signalled = distributed.all_reduce([float(stop.received is not None)], distributed.dist.ReduceOp.MAX).item() > 0
-        if step % tcfg.ckpt_every == 0 or step == steps_total or signalled:
-            save(engine, checkpoints, config, loader, tokenizer_file, step, tokens, nan_skips, world, rank)
+        if step % tcfg.ckpt_every == 0 or step == steps_total or signalled or improved or early_stop:
+            saver.save(step, tokens, nan_skips, best)
         if signalled:
             log.info("stopping at step %d on a signal; checkpoint saved, run the same command to resume", step)
             exit_code = EXIT_REQUEUE
             break
+        if early_stop:
+            log.info("early stop at step %d: %s has not improved for %d evals (best %.4f at step %d)",
+                     step, best.metric, best.patience, best.value, best.step)
+            break
 
     loader.close()
-    if valid_loader is not None:
-        valid_loader.close()
+    task.close()
     metrics.close()
     if exit_code == 0 and rank == 0:
         from trainer.export import export
 
-        out = export(checkpoints.root / tag(step), config.run_dir / "export")
-        log.info("exported %s; TensorBoard: tensorboard --logdir %s", out, config.run_dir / "tb")
+        final = checkpoints.best() or tag(step)
+        out = export(checkpoints.root / final, config.run_dir / "export")
+        log.info("exported %s from %s; TensorBoard: tensorboard --logdir %s", out, final, config.run_dir / "tb")
     distributed.barrier()
     return exit_code
 
 
-def save(engine, checkpoints: Checkpoints, config: Config, loader: LanesLoader, tokenizer_file: Path, step: int, tokens: int,
-         nan_skips: int, world: int, rank: int) -> None:
-    """Every rank writes its shards into step_N.tmp; rank 0 publishes once all are done."""
-    if rank == 0:
-        checkpoints.clear_staging(step)
-    distributed.barrier()
-    staging = checkpoints.staging(step)
-    engine.save(checkpoints.root, staging)
-    (checkpoints.root / staging / f"rng_rank{rank}.txt").write_text(rng_state())
-    distributed.barrier()
-    if rank == 0:
-        (checkpoints.root / staging / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
-        (checkpoints.root / staging / "hf_config.json").write_text(engine.module.config.to_json_string())
-        state = TrainerState(step, tokens, loader.fingerprint(), world, config.engine.type, config.engine.zero_stage,
-                             model_shape(engine.module), nan_skips, config.to_dict())
-        final = checkpoints.publish(state, config.train.keep_last, config.train.keep_every)
-        log.info("checkpoint %s", final)
-    distributed.barrier()
+class Saver:
+    """Writes a checkpoint collectively: every rank its shards into step_N.tmp, then rank 0 publishes."""
 
+    def __init__(self, engine, checkpoints: Checkpoints, config: Config, loader: LanesLoader, data_dir: Path,
+                 tokenizer_file: Path, world: int, rank: int) -> None:
+        self.engine, self.checkpoints, self.config, self.loader = engine, checkpoints, config, loader
+        self.data_dir, self.tokenizer_file, self.world, self.rank = data_dir, tokenizer_file, world, rank
 
-def evaluate(engine, loader: LanesLoader, n_batches: int, micro_batch: int, device: torch.device) -> float:
-    """Mean token loss over the first `n_batches` batches of the valid split (the same ones each time)."""
-    engine.eval()
-    total, count = 0.0, 0
-    batches = loader.batches(0)
-    with torch.no_grad():
-        for _ in range(n_batches):
-            rows = next(batches)
-            for first in range(0, len(rows), micro_batch):
-                loss, _ = engine.forward(torch.from_numpy(rows[first : first + micro_batch]).to(device))
-                total, count = total + loss.item(), count + 1
-    batches.close()
-    engine.train()
-    summed = distributed.all_reduce([total, count])
-    return (summed[0] / summed[1]).item()
+    def save(self, step: int, tokens: int, nan_skips: int, best: BestMetric) -> None:
+        checkpoints, config = self.checkpoints, self.config
+        if self.rank == 0:
+            checkpoints.clear_staging(step)
+        distributed.barrier()
+        staging = checkpoints.root / checkpoints.staging(step)
+        self.engine.save(checkpoints.root, staging.name)
+        (staging / f"rng_rank{self.rank}.txt").write_text(rng_state())
+        distributed.barrier()
+        if self.rank == 0:
+            (staging / "tokenizer.json").write_bytes(self.tokenizer_file.read_bytes())
+            template = self.data_dir / "tokenizer_config.json"  # the chat template, when the data has one
+            if template.exists():
+                (staging / template.name).write_bytes(template.read_bytes())
+            model = base_model(self.engine.module)
+            (staging / "hf_config.json").write_text(model.config.to_json_string())
+            state = TrainerState(step, tokens, self.loader.fingerprint(), self.world, config.engine.type, config.engine.zero_stage,
+                                 model_shape(model), nan_skips, config.to_dict(), best.state())
+            final = checkpoints.publish(state, config.train.keep_last, config.train.keep_every, best=best.step == step)
+            log.info("checkpoint %s%s", final, " (best so far)" if best.step == step else "")
+        distributed.barrier()
 
 
 def peak_memory_gb() -> float:

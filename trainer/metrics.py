@@ -48,6 +48,11 @@ class Metrics:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
 
+    def text(self, step: int, tag: str, text: str) -> None:
+        """Text for TensorBoard's Text tab (generated samples), markdown."""
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

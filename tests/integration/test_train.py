@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,43 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_runs import ENV, train_cmd
+from trainer_runs import ENV, digests, losses, metrics, rewind, train, train_cmd
 
 pytestmark = pytest.mark.slow
 
 STEPS = 8  # as in conftest.config_file
-
-
-def train(config_file: Path, procs: int, run_dir: Path, *overrides: str, launcher: str = "torchrun", expect: int = 0):
-    result = subprocess.run(train_cmd(config_file, procs, run_dir, *overrides, launcher=launcher), capture_output=True,
-                            text=True, env=ENV, timeout=600)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Train loss by step; a step logged twice (a resume that did not purge) fails the test."""
-    steps = [m["step"] for m in metrics(run_dir) if "loss" in m]
-    assert steps == sorted(set(steps)), steps
-    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
-
-
-def digests(run_dir: Path) -> dict[int, str]:
-    return {m["step"]: m["batch_digest"] for m in metrics(run_dir) if "batch_digest" in m}
-
-
-def rewind(src: Path, dst: Path, step: int) -> None:
-    """A copy of run `src` as it was after checkpoint `step` (later checkpoints and logs removed)."""
-    shutil.copytree(src, dst)
-    for ckpt in (dst / "checkpoints").glob("step_*"):
-        if int(ckpt.name.split("_")[1]) > step:
-            shutil.rmtree(ckpt)
-    (dst / "checkpoints" / "latest").write_text(f"step_{step:06d}\n")
-    shutil.rmtree(dst / "export", ignore_errors=True)
 
 
 ENGINES = {"deepspeed": ["engine.type=deepspeed", "engine.zero_stage=2"], "fsdp2": ["engine.type=fsdp2"]}
@@ -181,7 +148,7 @@ def test_export_gives_the_same_logits(tmp_path, reference):
     tokenizer = AutoTokenizer.from_pretrained(reference / "export")
     ids = torch.tensor([tokenizer("The Debian project publishes a handbook.").input_ids])
     config = load_config(reference / "config.yaml")
-    trained = build_model(config.model, 512, 64, tokenizer.eos_token_id, seed=0)
+    trained = build_model(config, 512, 64, tokenizer.eos_token_id, labels=[], seed=0)
     trained.load_state_dict(consolidated_state_dict(reference / "checkpoints" / "step_000008"))
     assert torch.equal(exported(ids).logits, trained(ids).logits)
     out = tmp_path / "hf"

@@ -16,7 +16,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs,
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from trainer.cli import main
-from trainer.config import ConfigError, ModelConfig, load_config
+from trainer.config import Config, ConfigError, ModelConfig, load_config
 from trainer.engines.fsdp2_engine import transformer_blocks
 from trainer.models import build_model, flops_per_token
 from trainer.plan import (
@@ -60,7 +60,7 @@ TINY = [
 def test_param_count_matches_a_real_model(model_config):
     """Total, one block, largest layer (as DeepSpeed counts it) and FLOPs per token equal the built model's."""
     vocab, seq_len = 97, 32
-    model = build_model(model_config, vocab, seq_len, eos_id=0, seed=0)
+    model = build_model(Config(model=model_config), vocab, seq_len, eos_id=0, labels=[], seed=0)
     shape = Shape.of(model_config, vocab, seq_len)
     count = count_params(shape)
     assert count.total == sum(p.numel() for p in model.parameters())
@@ -75,7 +75,7 @@ def test_param_count_matches_the_example_model_on_the_meta_device(name):
     config = load_config(example(name))
     vocab = VOCAB[config.model.arch]
     with torch.device("meta"):
-        model = build_model(config.model, vocab, 2048, eos_id=0, seed=0)
+        model = build_model(config, vocab, 2048, eos_id=0, labels=[], seed=0)
     assert count_params(Shape.of(config.model, vocab, 2048)).total == sum(p.numel() for p in model.parameters())
 
 

@@ -1,6 +1,6 @@
 """Training engines behind one interface, so the loop does not know which one runs:
 
-    forward(input_ids) -> (loss, logits)     one micro-batch, causal-LM loss before accumulation scaling
+    forward(**inputs) -> model output        one micro-batch through the wrapped model; the task makes the loss
     backward(loss); step()                   after every micro-batch; the update happens at the boundary
     grad_norm, lr                            of the last update
     save(root, tag) / load(root, tag)        collective: every rank writes/reads its shards in root/tag
@@ -9,22 +9,83 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
+from trainer.models import layer_indices, task_head
 from trainer.schedule import lr_factor_fn
 
 
 def adamw_with_schedule(model: torch.nn.Module, config: Config, total_steps: int):
-    """AdamW (weight decay on matrices only, not on biases and norm gains) and its LambdaLR schedule."""
+    """AdamW over the trainable parameters and a LambdaLR with one lambda per parameter group.
+
+    Groups split weight decay (matrices only, not biases and norm gains) and, when configured,
+    layer-wise LR decay (layer l of L + 1 gets lr · layer_decay^(L + 1 − l); trainer.models.layer_indices),
+    `optim.head_lr` for the task head, and gradual unfreezing: layer l's lambda is 0 until step
+    unfreeze_every · (L + 1 − l), so the top (head, final norm) trains from the start and one more
+    block thaws every N steps, embeddings last. Gating the LR instead of requires_grad keeps the
+    optimizer's parameter set fixed (DeepSpeed fixes it at initialize) and makes a resumed run
+    exact, since each lambda depends only on the step. Layers not yet thawed still get gradients and
+    Adam moments, only no update. Group 0 has the plain `optim.lr` schedule whenever some group does:
+    it is the LR engines report.
+    """
     optim = config.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    groups, thaw_steps = param_groups(model, config)
     optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=False)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(config.schedule, total_steps))
+    factor = lr_factor_fn(config.schedule, total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [_gated(factor, thaw) for thaw in thaw_steps])
+
+
+def param_groups(model: torch.nn.Module, config: Config) -> tuple[list[dict], list[int]]:
+    """(optimizer param groups, the step each group thaws at), main group first; frozen parameters left out."""
+    optim, every = config.optim, config.freeze.unfreeze_every
+    _check(optim.layer_decay, optim.head_lr, every)
+    head = task_head(model) if optim.head_lr is not None else None
+    if optim.head_lr is not None and head is None:
+        raise ConfigError(f"optim.head_lr: {type(model).__name__} has no classification head; unset it")
+    head_params = {id(p) for p in head[1].parameters()} if head else set()
+    by_layer = optim.layer_decay != 1 or every is not None
+    index, layers = layer_indices(model) if by_layer else ({}, 0)
+    groups: dict[tuple[bool, int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_head, layer, decay = id(param) in head_params, index.get(name, layers + 1), param.dim() >= 2
+        if (is_head, layer, decay) not in groups:
+            lr = (optim.head_lr if is_head else optim.lr) * optim.layer_decay ** (layers + 1 - layer)
+            label = "head" if is_head else f"layer{layer}" if by_layer else ""
+            groups[is_head, layer, decay] = {
+                "params": [], "weight_decay": optim.weight_decay if decay else 0.0, "lr": lr,
+                "name": ".".join(filter(None, (label, "decay" if decay else "no_decay"))),
+                "thaw": 0 if is_head or every is None else every * (layers + 1 - layer),
+            }
+        groups[is_head, layer, decay]["params"].append(param)
+
+    def order(key: tuple[bool, int, bool]) -> tuple:
+        group = groups[key]
+        return group["lr"] != optim.lr or group["thaw"] > 0, key[0], -key[1], not key[2]
+
+    ordered = [groups[key] for key in sorted(groups, key=order)]
+    return [{k: v for k, v in group.items() if k != "thaw"} for group in ordered], [group["thaw"] for group in ordered]
+
+
+def _check(layer_decay: float, head_lr: float | None, unfreeze_every: int | None) -> None:
+    if not 0 < layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay must be in (0, 1], got {layer_decay}; 1 turns layer-wise decay off")
+    if head_lr is not None and head_lr <= 0:
+        raise ConfigError(f"optim.head_lr must be positive, got {head_lr}; unset it to use optim.lr")
+    if unfreeze_every is not None and unfreeze_every < 1:
+        raise ConfigError(f"freeze.unfreeze_every must be a positive number of steps, got {unfreeze_every}; "
+                          "unset it to train all layers from the start")
+
+
+def _gated(factor: Callable[[int], float], thaw: int) -> Callable[[int], float]:
+    """The schedule factor, 0 before step `thaw`."""
+    if thaw == 0:
+        return factor
+    return lambda step: factor(step) if step >= thaw else 0.0
 
 
 def build_engine(model: torch.nn.Module, config: Config, world_size: int, total_steps: int, resume_world: int | None):

@@ -102,10 +102,8 @@ class DeepSpeedEngine:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, logits) of a causal-LM forward on one micro-batch."""
-        out = self.engine(input_ids=input_ids, labels=input_ids)
-        return out.loss, out.logits
+    def forward(self, **inputs: torch.Tensor):
+        return self.engine(**inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -19,20 +19,19 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from trainer import models
 from trainer.config import Config, ConfigError
 from trainer.distributed import device
 from trainer.engines import adamw_with_schedule
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a Hugging Face causal LM (Llama-style `model.layers`, GPT-2 `transformer.h`)."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        node = model
-        for name in path.split("."):
-            node = getattr(node, name, None)
-        if isinstance(node, torch.nn.ModuleList):
-            return list(node)
-    raise ConfigError(f"engine.type fsdp2: cannot find the transformer blocks of {type(model).__name__}")
+    """The blocks sharded one by one: decoder layers, BERT `encoder.layer`, T5/BART encoder and
+    decoder blocks, also inside a peft wrapper (trainer.models.transformer_blocks)."""
+    blocks = models.transformer_blocks(model)
+    if not blocks:
+        raise ConfigError(f"engine.type fsdp2: cannot find the transformer blocks of {type(model).__name__}")
+    return blocks
 
 
 class FSDP2Engine:
@@ -65,9 +64,8 @@ class FSDP2Engine:
     def module(self) -> torch.nn.Module:
         return self.model
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(input_ids=input_ids, labels=input_ids)
-        return out.loss, out.logits
+    def forward(self, **inputs: torch.Tensor):
+        return self.model(**inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         # Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate locally.

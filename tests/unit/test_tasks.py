@@ -1,0 +1,110 @@
+"""Task pieces that need no engine: MLM masking, classification scores, best-metric tracking, `best` retention.
+
+A one-process gloo group stands in for the world (the tasks ask for rank and world size).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer
+
+from data_tools.tokenize import load_tokenizer
+from trainer.checkpoint import Checkpoints, TrainerState
+from trainer.config import ConfigError, load_config
+from trainer.early_stop import BestMetric
+from trainer.tasks import TaskContext, build_task, model_vocab_size
+from trainer.tasks.base import IGNORE
+from trainer.tasks.classification import scores
+
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_process_group():
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_dir) -> Tokenizer:
+    return load_tokenizer(gpt2_dir).tokenizer
+
+
+def mlm_task(tokenizer: Tokenizer, *overrides: str):
+    config = load_config(DEMO, ["task.type=mlm", *overrides])
+    return build_task(TaskContext(config, 64, tokenizer, 50256, 50256, [], None))
+
+
+def sample_rows(tokenizer: Tokenizer, corpora: Path) -> torch.Tensor:
+    text = (corpora / "finetune" / "sentiment-movie-reviews.csv").read_text()[:20000]
+    ids = tokenizer.encode(text).ids[: 8 * 64]
+    return torch.tensor(ids).view(8, 64)
+
+
+def test_mlm_masking_is_reproducible_per_step_and_follows_80_10_10(gpt2, corpora):
+    task = mlm_task(gpt2)
+    rows = sample_rows(gpt2, corpora)
+    a, b, other = task.inputs(rows, 3, 0), task.inputs(rows, 3, 0), task.inputs(rows, 4, 0)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert not torch.equal(a["labels"], other["labels"])  # dynamic: new positions every step
+    selected = a["labels"] != IGNORE
+    assert 0.08 < selected.float().mean() < 0.22
+    assert torch.equal(a["labels"][selected], rows[selected])
+    mask_id = gpt2.get_vocab_size()  # GPT-2 has no [MASK]: the model gets one extra id
+    assert task.mask_id == mask_id and model_vocab_size(task.config, gpt2, mask_id) == mask_id + 1
+    masked = (a["input_ids"] == mask_id) & selected
+    assert 0.6 < masked.sum() / selected.sum() < 0.95
+    assert not (a["input_ids"] == mask_id)[~selected].any()
+
+
+def test_whole_word_masking_selects_every_sub_token_of_a_word(gpt2, corpora):
+    task = mlm_task(gpt2, "task.whole_word_masking=true", "task.mlm_probability=0.3")
+    rows = sample_rows(gpt2, corpora)
+    selected = task.inputs(rows, 1, 0)["labels"] != IGNORE
+    starts = task.word_start[rows]
+    word = torch.cumsum(starts.long(), dim=1)
+    checked = 0
+    for r in range(len(rows)):
+        for w in word[r].unique().tolist():
+            span = (word[r] == w) & (w > 0)
+            if span.sum() > 1:
+                assert selected[r][span].all() or not selected[r][span].any()
+                checked += 1
+    assert checked > 20
+
+
+def test_classification_scores_from_a_confusion_matrix():
+    confusion = torch.tensor([[8.0, 2.0], [1.0, 9.0]])  # rows: truth; columns: prediction
+    result = scores(confusion)
+    assert result["accuracy"] == pytest.approx(17 / 20)
+    f1_neg, f1_pos = 2 * 8 / (9 + 10), 2 * 9 / (11 + 10)
+    assert result["macro_f1"] == pytest.approx((f1_neg + f1_pos) / 2)
+
+
+def test_best_metric_tracks_improvements_and_patience():
+    best = BestMetric("eval/accuracy", "max", 2)
+    assert best.update({"accuracy": 0.6}, 10) and best.update({"accuracy": 0.7}, 20)
+    assert not best.update({"accuracy": 0.65}, 30) and not best.exhausted()
+    resumed = BestMetric("eval/accuracy", "max", 2)
+    resumed.restore(best.state())
+    assert not resumed.update({"accuracy": 0.7}, 40) and resumed.exhausted() and resumed.step == 20
+    with pytest.raises(ConfigError, match=r"train.best_metric 'eval/f1': this task logs eval/accuracy"):
+        BestMetric("eval/f1", "max", None).update({"accuracy": 0.5}, 1)
+    with pytest.raises(ConfigError, match="early_stop_patience needs train.best_metric"):
+        BestMetric(None, "max", 3)
+
+
+def test_retention_keeps_the_best_checkpoint(tmp_path):
+    checkpoints = Checkpoints(tmp_path)
+    for step in (10, 20, 30, 40):
+        (tmp_path / checkpoints.staging(step)).mkdir()
+        checkpoints.publish(TrainerState(step, 0, "", 1, "deepspeed", 2, {}), keep_last=1, keep_every=None, best=step == 20)
+    assert checkpoints.best() == "step_000020" and checkpoints.latest() == "step_000040"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000020", "step_000040"]

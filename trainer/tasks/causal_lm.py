@@ -1,0 +1,54 @@
+"""Causal-LM pretraining on packed token rows: every token predicts the next one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from trainer import distributed
+from trainer.data import LanesLoader, Source
+from trainer.tasks.base import Evaluation, TaskContext
+
+
+class CausalLM:
+    def __init__(self, ctx: TaskContext) -> None:
+        self.ctx, self.config = ctx, ctx.config
+        self.valid_loader = None
+        if ctx.valid:
+            rank, world = distributed.dist.get_rank(), distributed.dist.get_world_size()
+            # One lane per rank and one micro-batch per rank per eval batch: a small valid split suffices.
+            self.valid_loader = LanesLoader(
+                [Source(ctx.valid)], seq_len=ctx.seq_len, global_batch=self.config.train.micro_batch * world, lanes=world,
+                seed=self.config.run.seed, rank=rank, world_size=world, verify=self.config.data.verify,
+            )
+
+    def tokens(self, rows: np.ndarray) -> int:
+        return rows.size
+
+    def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
+        return {"input_ids": rows, "labels": rows}
+
+    def valid_batches(self) -> Iterator[torch.Tensor]:
+        """The first `train.eval_batches` batches of the valid split: the same ones at every eval."""
+        batches = self.valid_loader.batches(0)
+        try:
+            for _ in range(self.config.train.eval_batches):
+                yield torch.from_numpy(next(batches)).to(distributed.device())
+        finally:
+            batches.close()
+
+    def evaluate(self, engine) -> Evaluation:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i, rows in enumerate(self.valid_batches()):
+                total, count = total + engine.forward(**self.inputs(rows, -1, i)).loss.item(), count + 1
+        summed = distributed.all_reduce([total, count])
+        loss = (summed[0] / summed[1]).item()
+        return Evaluation({"loss": loss, "perplexity": math.exp(min(loss, 50))})
+
+    def close(self) -> None:
+        if self.valid_loader is not None:
+            self.valid_loader.close()

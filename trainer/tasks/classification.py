@@ -1,0 +1,61 @@
+"""Sequence classification (sentiment, topic, …) on an encoder or a decoder model.
+
+Metrics over the whole valid split: accuracy and macro-F1 from a confusion matrix summed across
+ranks. Optional input noise for training only: `token_dropout` hides random tokens from attention,
+`random_mask` replaces them with the mask (or unknown) token; special tokens are never touched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trainer import distributed
+from trainer.tasks.base import Evaluation, FinetuneTask, LossMeter, encoder_inputs, special_ids, valid_outputs
+
+
+class Classification(FinetuneTask):
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.special = special_ids(ctx)
+        self.noise_id = ctx.token_id("[MASK]", "<mask>", "[UNK]", "<unk>")
+        if self.config.task.input_noise == "random_mask" and self.noise_id is None:
+            from trainer.config import ConfigError
+
+            raise ConfigError("task.input_noise: random_mask needs a mask or unknown token, this tokenizer has neither; use token_dropout")
+
+    def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
+        inputs = {**encoder_inputs(rows[:, 0], self.ctx.pad_id), "labels": rows[:, 1, 0]}  # the label sits at position 0
+        task = self.config.task
+        if train and task.input_noise != "none":
+            seed = np.random.SeedSequence([self.config.run.seed, step + 1, distributed.dist.get_rank(), micro]).generate_state(1)[0]
+            ids = inputs["input_ids"]
+            hit = torch.rand(ids.shape, generator=torch.Generator().manual_seed(int(seed))).to(ids.device) < task.input_noise_prob
+            hit &= inputs["attention_mask"].bool() & ~torch.isin(ids, self.special.to(ids.device))
+            if task.input_noise == "token_dropout":
+                inputs["attention_mask"] = inputs["attention_mask"] * ~hit
+            else:
+                inputs["input_ids"] = torch.where(hit, self.noise_id, ids)
+        return inputs
+
+    def evaluate(self, engine) -> Evaluation:
+        classes = len(self.ctx.labels)
+        confusion = torch.zeros(classes, classes, dtype=torch.float64)  # [true, predicted]
+        loss = LossMeter()
+        for real, inputs, output in valid_outputs(engine, self, self.config.train.micro_batch):
+            labels = inputs["labels"]
+            loss.add(output, labels, real)
+            predicted = output.logits.argmax(-1)
+            for true, pred in zip(labels[real].tolist(), predicted[real].tolist()):
+                confusion[true, pred] += 1
+        confusion = distributed.all_reduce(confusion)
+        return Evaluation({"loss": loss.mean(), **scores(confusion)})
+
+
+def scores(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro-F1 (unweighted mean over classes present in the truth or the predictions)."""
+    tp = confusion.diag()
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    present = (predicted + actual) > 0
+    f1 = 2 * tp / (predicted + actual).clamp(min=1)
+    return {"accuracy": (tp.sum() / confusion.sum().clamp(min=1)).item(), "macro_f1": f1[present].mean().item() if present.any() else 0.0}
