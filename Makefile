@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test finetune bench clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q tests
+
+# every recipe in examples/finetune (mlm reads the demo's token shards: run `make demo` first)
+finetune: $(INSTALLED)
+	PYTHON=$(BIN)/python examples/finetune/run.sh all
 
 BENCH_DATATROVE := bench/.venv-datatrove/.installed
 

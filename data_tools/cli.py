@@ -132,7 +132,8 @@ def prepare_finetune(args: argparse.Namespace) -> int:
 
     fields = {key: getattr(args, f"{key}_field") for key in FIELD_KEYS if getattr(args, f"{key}_field") is not None}
     options = Options(
-        args.task, args.input, args.output, args.tokenizer, args.seq_len, args.valid_fraction, args.seed, fields, args.too_long
+        args.task, args.input, args.output, args.tokenizer, args.seq_len, args.valid_fraction, args.seed, fields, args.too_long,
+        args.pack,
     )
     print(summary(options, prepare(options)))
     return 0
@@ -184,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     for key in FIELD_KEYS:
         fields.add_argument(f"--{key}-field", metavar="NAME")
     p.add_argument("--too-long", choices=TOO_LONG, help="sft: drop (default) an example whose prompt fills --seq-len, or keep the prompt's last tokens")
+    p.add_argument(
+        "--pack", action="store_true",
+        help="sft: fill each train row with several whole examples (valid stays one per row); cheaper per token, but "
+        "with no attention reset an example attends to the earlier ones in its row (off by default)",
+    )
     p.set_defaults(func=prepare_finetune)
     return parser
 

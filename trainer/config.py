@@ -35,6 +35,9 @@ class TaskConfig:
     type: Literal["causal_lm", "mlm", "classification", "token_classification", "sft", "seq2seq"] = "causal_lm"
     mlm_probability: float = 0.15  # mlm: share of tokens selected; 80% [MASK], 10% random, 10% kept
     whole_word_masking: bool = False  # mlm: select whole words, not single sub-tokens
+    # mlm: a second objective on the two halves of each row: BERT's next-sentence prediction (the second half
+    # replaced by another row's half half of the time) or ALBERT's sentence-order prediction (halves swapped)
+    sentence_task: Literal["none", "nsp", "sop"] = "none"
     input_noise: Literal["none", "token_dropout", "random_mask"] = "none"  # classification augmentation
     input_noise_prob: float = 0.1
     generate_samples: int = 3  # sft / seq2seq: validation examples generated at each eval (TensorBoard text)

@@ -34,7 +34,7 @@ from trainer.adapt import apply_peft
 from trainer.adapters import is_adapter_parameter, save_adapters
 from trainer.checkpoint import Checkpoints
 from trainer.config import Config, ConfigError
-from trainer.models import TASK_CLASSES, base_model
+from trainer.models import base_model, model_class
 
 log = logging.getLogger("trainer")
 
@@ -90,7 +90,7 @@ def rebuild(hf_config: dict, config: Config) -> torch.nn.Module:
         if hasattr(transformers, name):
             model = getattr(transformers, name)._from_config(model_config)
         else:
-            model = TASK_CLASSES[config.task.type].from_config(model_config)
+            model = model_class(config).from_config(model_config)
     return apply_peft(model, config.peft, config.task.type)
 
 

@@ -23,6 +23,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForPreTraining,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -77,17 +78,24 @@ def build_model(config: Config, vocab_size: int, seq_len: int, eos_id: int, labe
         label_maps = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                       "label2id": {label: i for i, label in enumerate(labels)}}
     if config.model.pretrained:
-        model = _load_pretrained(config.model, task, label_maps)
+        model = _load_pretrained(config.model, task, model_class(config), label_maps)
         _check_fits(model, config.model.pretrained, vocab_size, seq_len)
     else:
-        model = TASK_CLASSES[task].from_config(_hf_config(config.model, task, vocab_size, seq_len, eos_id, label_maps))
+        model = model_class(config).from_config(_hf_config(config.model, task, vocab_size, seq_len, eos_id, label_maps))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = eos_id
     model.config.architectures = [type(model).__name__]
     return model.float()
 
 
-def _load_pretrained(config: ModelConfig, task: str, label_maps: dict) -> PreTrainedModel:
+def model_class(config: Config):
+    """The Auto class for `task.type`; masked LM with a sentence task gets BERT's pretraining heads (MLM + NSP/SOP)."""
+    if config.task.type == "mlm" and config.task.sentence_task != "none":
+        return AutoModelForPreTraining
+    return TASK_CLASSES[config.task.type]
+
+
+def _load_pretrained(config: ModelConfig, task: str, auto, label_maps: dict) -> PreTrainedModel:
     path = resolve(config.pretrained)  # package:<module>/<path> points inside an installed package
     where = f"model.pretrained {config.pretrained}"
     if path.suffix == ".gguf":
@@ -100,7 +108,6 @@ def _load_pretrained(config: ModelConfig, task: str, label_maps: dict) -> PreTra
         source, extra = path, {}
     else:
         raise ConfigError(f"{where}: neither a .gguf file nor a directory with config.json; give a save_pretrained directory")
-    auto = TASK_CLASSES[task]
     if model_type not in auto._model_mapping._model_mapping and not config.trust_remote_code:
         raise ConfigError(f"{where}: a {model_type} model has no {task} head in transformers; choose another model or task.type")
     with _quiet_transformers():  # a head for another label set (mismatched size) is replaced like a missing one

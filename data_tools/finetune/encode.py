@@ -36,14 +36,7 @@ CHANNELS = ["input_ids", "targets"]
 class Example:
     record: dict  # the checked fields under their canonical keys, kept in the shard's json
     inputs: list[int]
-    targets: list[int]  # from position 0; IGNORE-padded to seq_len in the row
-
-    def row(self, seq_len: int) -> np.ndarray:
-        row = np.empty((2, seq_len), np.int32)
-        row[0], row[1] = PAD, IGNORE
-        row[0, : len(self.inputs)] = self.inputs
-        row[1, : len(self.targets)] = self.targets
-        return row
+    targets: list[int]  # from the example's start; IGNORE-padded to seq_len in the row (rows.array)
 
 
 def _summary(lengths: list[int]) -> dict:

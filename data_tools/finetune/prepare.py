@@ -2,7 +2,9 @@
 
 Every record is checked before the tokenizer loads (a GGUF one takes seconds), so a bad line
 stops the run at once. The label vocabulary comes from all records, before the split, so train
-and valid manifests carry the same labels with the same ids.
+and valid manifests carry the same labels with the same ids. With `--pack` (sft) the train split's
+rows hold several whole examples each, which attend to each other (see `rows`); valid stays one
+example per row.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from data_tools.finetune import tokenizer
 from data_tools.finetune.encode import CHANNELS, Encoder, Example
 from data_tools.finetune.readers import read_records
 from data_tools.finetune.records import TASK_KEYS, TOO_LONG, Field, Record, check, flag, label_vocabulary
+from data_tools.finetune.rows import one_per_row, pack, packing_stats
 from data_tools.finetune.write import ROWS_PER_SAMPLE, clear, split, write_shards
 from data_tools.manifest import Manifest
 
@@ -35,6 +38,7 @@ class Options:
     seed: int = 0
     fields: dict[str, str] = field(default_factory=dict)  # canonical key → its name in the input, where not the key
     too_long: str | None = None  # sft: an example whose prompt fills seq_len; default drop
+    pack: bool = False  # sft: several whole examples per train row
 
     def pipeline(self) -> dict:
         """The arguments that determine the output (not where it went), recorded in both manifests."""
@@ -55,6 +59,8 @@ def _check_options(options: Options) -> tuple[Field, ...]:
         raise DataError(f"--valid-fraction {options.valid_fraction}: must be in [0, 1)")
     if options.too_long is not None and (options.task != "sft" or options.too_long not in TOO_LONG):
         raise DataError(f"--too-long {options.too_long}: applies to --task sft only, as one of {', '.join(TOO_LONG)}")
+    if options.pack and options.task != "sft":
+        raise DataError(f"--pack: applies to --task sft only; --task {options.task} keeps one example per row")
     return tuple(Field(key, options.fields.get(key, key)) for key in keys)
 
 
@@ -103,6 +109,9 @@ def prepare(options: Options) -> dict:
         "splits": {name: len(part) for name, part in splits.items()},
         "label_counts": _label_counts(options.task, examples, labels),
     }
+    packed = {"train": pack(splits["train"], options.seq_len)} if options.pack else {}
+    if packed:
+        stats["packed"] = packing_stats(packed["train"], options.seq_len)
     out = Path(options.output)
     for name in ("train", "valid"):
         clear(out / name)
@@ -110,7 +119,8 @@ def prepare(options: Options) -> dict:
         directory = out / name
         directory.mkdir(parents=True)
         info = tok.save(directory)
-        shards = write_shards(directory, part, options.seq_len)
+        rows = packed[name] if name in packed else one_per_row(part)
+        shards = write_shards(directory, rows, options.seq_len, name in packed)
         Manifest(
             options.seq_len, "int32", info, shards, name, ROWS_PER_SAMPLE, stats, options.pipeline(),
             task=options.task, labels=labels, channels=CHANNELS,
@@ -124,9 +134,11 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def summary(options: Options, stats: dict) -> str:
-    """One line: what was read, kept (per split), dropped and truncated, and why."""
+    """One line: what was read, kept (per split), dropped, truncated and why, and what packing made of train."""
     splits = ", ".join(f"{name} {n}" for name, n in stats["splits"].items())
+    packed = stats.get("packed")
+    packing = f", packed train {packed['examples']} into {packed['rows']} rows (fill {packed['fill']})" if packed else ""
     return (
         f"{options.task}: read {stats['read']}, kept {stats['kept']} ({splits}), dropped {sum(stats['dropped'].values())}"
-        f"{_counts(stats['dropped'])}, truncated {stats['truncated']}{_counts(stats['truncated_parts'])} → {options.output}"
+        f"{_counts(stats['dropped'])}, truncated {stats['truncated']}{_counts(stats['truncated_parts'])}{packing} → {options.output}"
     )

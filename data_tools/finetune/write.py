@@ -4,7 +4,8 @@ Examples are ordered by sha256 of (seed, record): the first round(n × valid_fra
 valid split, the rest, in the same order, the train split. The order is a seeded shuffle that
 depends only on the records (never on input order or timing), so the same input and seed give
 byte-identical shards, and exact duplicates sort together, into one split (barring the boundary).
-Block and shard sizes are those of the pretraining shards.
+Block and shard sizes are those of the pretraining shards; `rows` makes the rows and documents
+the json layout of packed and unpacked blocks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from data_tools.config import PackConfig
 from data_tools.errors import DataError
 from data_tools.finetune.encode import Example
+from data_tools.finetune.rows import Row, array, starts
 from data_tools.manifest import MANIFEST_NAME, ShardInfo
 from data_tools.shards import Sample, json_bytes, npy_bytes, write_tar
 
@@ -49,19 +51,27 @@ def clear(directory: Path) -> None:
     shutil.rmtree(directory)
 
 
-def _samples(index: int, examples: list[Example], seq_len: int) -> Iterator[Sample]:
-    for sample, first in enumerate(range(0, len(examples), ROWS_PER_SAMPLE)):
-        block = examples[first : first + ROWS_PER_SAMPLE]
-        rows = np.stack([e.row(seq_len) for e in block])
-        yield f"{index:05d}-{sample:05d}", {"npy": npy_bytes(rows), "json": json_bytes({"records": [e.record for e in block]})}
+def _meta(block: list[Row], packed: bool) -> dict:
+    """The block's records: one per row, or for packed rows a list per row and where each example starts."""
+    if not packed:
+        return {"records": [example.record for (example,) in block]}
+    return {"records": [[example.record for example in row] for row in block], "starts": [starts(row) for row in block]}
 
 
-def write_shards(directory: Path, examples: list[Example], seq_len: int) -> list[ShardInfo]:
-    """`shard-NNNNN.tar` files of ROWS_PER_SHARD examples, in blocks of ROWS_PER_SAMPLE; tokens = input tokens."""
+def _samples(index: int, rows: list[Row], seq_len: int, packed: bool) -> Iterator[Sample]:
+    for sample, first in enumerate(range(0, len(rows), ROWS_PER_SAMPLE)):
+        block = rows[first : first + ROWS_PER_SAMPLE]
+        data = np.stack([array(row, seq_len) for row in block])
+        yield f"{index:05d}-{sample:05d}", {"npy": npy_bytes(data), "json": json_bytes(_meta(block, packed))}
+
+
+def write_shards(directory: Path, rows: list[Row], seq_len: int, packed: bool) -> list[ShardInfo]:
+    """`shard-NNNNN.tar` files of ROWS_PER_SHARD rows, in blocks of ROWS_PER_SAMPLE; tokens = input tokens."""
     shards = []
-    for index, first in enumerate(range(0, len(examples), ROWS_PER_SHARD)):
-        part = examples[first : first + ROWS_PER_SHARD]
+    for index, first in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
+        part = rows[first : first + ROWS_PER_SHARD]
         name = f"shard-{index:05d}.tar"
-        size, sha = write_tar(directory / name, _samples(index, part, seq_len))
-        shards.append(ShardInfo(name, len(part), sum(len(e.inputs) for e in part), size, sha))
+        size, sha = write_tar(directory / name, _samples(index, part, seq_len, packed))
+        tokens = sum(len(example.inputs) for row in part for example in row)
+        shards.append(ShardInfo(name, len(part), tokens, size, sha))
     return shards

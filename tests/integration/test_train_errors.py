@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -81,3 +82,44 @@ def test_lanes_must_divide_by_world_size(tmp_path, config_file):
     result = run_trainer(train_cmd(config_file, 2, tmp_path / "run", "data.lanes=3", "train.global_batch=12", "train.micro_batch=2"))
     assert result.returncode != 0
     assert "lanes" in result.stderr and "3" in result.stderr and "world" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def sentiment_data(tmp_path_factory, corpora) -> Path:
+    out = tmp_path_factory.mktemp("ft") / "sentiment"
+    subprocess.run([sys.executable, "-m", "data_tools", "prepare-finetune", "--task", "classification", "--input",
+                    str(corpora / "finetune/sentiment-movie-reviews.csv"), "--tokenizer", str(corpora / "tokenizers/gpt2"),
+                    "--seq-len", "32", "--valid-fraction", "0.05", "--output", str(out)], check=True, capture_output=True)
+    return out
+
+
+def relabelled_valid(data: Path, tmp: Path) -> Path:
+    """The valid split as if it had been prepared with a label the training split never had."""
+    copy = tmp / "valid"
+    shutil.copytree(data / "valid", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["labels"] = ["negative", "neutral", "positive"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("pretraining_data", "made by data_tools prepare (packed tokens), but task.type classification reads data from "
+                             "prepare-finetune --task classification"),
+        ("label_not_in_vocabulary", "label 'neutral' is not in the training label vocabulary ['negative', 'positive']"),
+        ("lora_target_matches_nothing", "peft.target_modules"),
+    ],
+)
+def test_bad_finetuning_run_fails_with_one_line(tmp_path, config_file, token_data, sentiment_data, case, message):
+    overrides = ["task.type=classification", f"data.train={sentiment_data / 'train'}", f"data.valid={sentiment_data / 'valid'}"]
+    overrides += {
+        "pretraining_data": [f"data.train={token_data / 'tokens/train'}", "data.valid=null"],
+        "label_not_in_vocabulary": [f"data.valid={relabelled_valid(sentiment_data, tmp_path)}"],
+        "lora_target_matches_nothing": ["model.arch=gpt2", "peft.method=lora", "peft.target_modules=[query_proj]"],
+    }[case]
+    result = run_trainer(train_cmd(config_file, 1, tmp_path / "run", *overrides))
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]

@@ -35,16 +35,17 @@ def prepare(out: Path, task: str, data: Path, tokenizer: str | Path, seq_len: in
     return out
 
 
-def read_split(directory: Path) -> tuple[np.ndarray, list[dict]]:
-    """All rows [n, 2, seq_len] and records of a split, checking each shard against its manifest."""
+def read_split(directory: Path, key: str = "records") -> tuple[np.ndarray, list]:
+    """All rows [n, 2, seq_len] of a split and the per-row `key` list of its blocks' json (records,
+    or a packed split's starts), checking each shard against its manifest."""
     manifest = load_manifest(directory)
-    blocks, records = [], []
+    blocks, values = [], []
     for shard in manifest.shards:
         verify_shard(directory, shard)
         for rows, meta in iter_blocks(directory / shard.path):
             blocks.append(rows)
-            records += meta["records"]
-    return np.concatenate(blocks), records
+            values += meta[key]
+    return np.concatenate(blocks), values
 
 
 def split_files(out: Path) -> dict[str, str]:
@@ -212,6 +213,60 @@ def test_sft_without_chat_template(tmp_path, gpt2_dir):
     assert not (out / "train" / "tokenizer_config.json").exists()
 
 
+@pytest.fixture(scope="module")
+def packing(tmp_path_factory, finetune, gpt2_dir) -> tuple[Path, Path]:
+    """The chatterbot pairs with GPT-2's tokenizer at --seq-len 256, one example per row and packed."""
+    root, data = tmp_path_factory.mktemp("packing"), finetune / "sft-chatterbot-en.jsonl"
+    return prepare(root / "plain", "sft", data, gpt2_dir, 256), prepare(root / "packed", "sft", data, gpt2_dir, 256, "--pack")
+
+
+def _target_runs(targets: np.ndarray) -> Counter:
+    """The maximal runs of non-IGNORE targets of each row (one per example: a prompt separates them)."""
+    runs = Counter()
+    for row in targets:
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], row != IGNORE, [False]]).astype(np.int8)))
+        runs.update(tuple(row[start:end].tolist()) for start, end in zip(edges[::2], edges[1::2]))
+    return runs
+
+
+def test_pack_keeps_every_example_whole_and_masked(packing):
+    """Packed train rows hold the unpacked examples in order, each whole at its listed start, its
+    prompt (GPT-2: prompt + "\n") never a target: the response runs are exactly the unpacked ones."""
+    plain, packed = packing
+    plain_rows, plain_records = read_split(plain / "train")
+    rows, records = read_split(packed / "train")
+    _, starts = read_split(packed / "train", "starts")
+    manifest = load_manifest(packed / "train")
+    tokens = int((rows[:, 0] != PAD).sum())
+    assert manifest.stats["packed"] == {"examples": 594, "rows": len(rows), "fill": round(tokens / (len(rows) * 256), 3)}
+    assert len(rows) == manifest.total_rows < 594 and tokens == manifest.total_tokens == load_manifest(plain / "train").total_tokens
+    assert [r for row in records for r in row] == plain_records
+    assert _target_runs(rows[:, 1]) == _target_runs(plain_rows[:, 1])
+    tokenizer = Tokenizer.from_file(str(packed / "train" / "tokenizer.json"))
+    examples = iter(plain_rows)
+    for row, row_records, row_starts in zip(rows, records, starts):
+        ends = [*row_starts[1:], int((row[0] != PAD).sum())]
+        assert len(row_records) == len(row_starts) and row_starts[0] == 0
+        for record, start, end in zip(row_records, row_starts, ends):
+            example = next(examples)
+            assert row[0, start:end].tolist() == example[0][example[0] != PAD].tolist()
+            assert (row[1, start:end] == example[1, : end - start]).all()
+            assert (row[1, start : start + len(tokenizer.encode(record["prompt"] + "\n"))] == IGNORE).all()
+        assert (row[1, ends[-1] :] == IGNORE).all()
+
+
+def test_pack_leaves_valid_alone_and_is_deterministic(tmp_path, capsys, packing, finetune, gpt2_dir):
+    """Valid shards are the unpacked run's, byte for byte; a second packed run is byte-identical
+    and its summary line says what packing made of the train split."""
+    plain, packed = packing
+    valid = {name: sha for name, sha in split_files(plain).items() if name.startswith("valid/") and "manifest" not in name}
+    assert valid.items() <= split_files(packed).items() and "valid/shard-00000.tar" in valid
+    again = prepare(tmp_path, "sft", finetune / "sft-chatterbot-en.jsonl", gpt2_dir, 256, "--pack")
+    assert split_files(again) == split_files(packed)
+    stats = load_manifest(again / "train").stats["packed"]
+    assert f", packed train 594 into {stats['rows']} rows (fill {stats['fill']}) → {again}\n" in capsys.readouterr().out
+
+
 def test_seq2seq_source_and_target_channels(tmp_path, finetune, gpt2_dir):
     """English → German with GPT-2's tokenizer: channel 0 source + EOS, channel 1 target + EOS; the
     cuts at --seq-len 64 (EOS kept) are exactly the pairs longer than that."""
@@ -309,6 +364,8 @@ BAD_INPUTS = {
                               "--prompt-field does not apply to --task classification; it reads --text-field and --label-field"),
     "too-long-not-sft": ("classification", "data.csv", "text,label\n", ("--too-long", "truncate"),
                          "--too-long truncate: applies to --task sft only"),
+    "pack-not-sft": ("classification", "data.csv", "text,label\n", ("--pack",),
+                     "--pack: applies to --task sft only; --task classification keeps one example per row"),
     "unknown-format": ("classification", "data.xml", "<a/>", (), "data.xml: not a finetuning input; expected CSV/TSV"),
 }
 

@@ -108,3 +108,24 @@ def test_retention_keeps_the_best_checkpoint(tmp_path):
         checkpoints.publish(TrainerState(step, 0, "", 1, "deepspeed", 2, {}), keep_last=1, keep_every=None, best=step == 20)
     assert checkpoints.best() == "step_000020" and checkpoints.latest() == "step_000040"
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000020", "step_000040"]
+
+
+@pytest.mark.parametrize("kind", ["nsp", "sop"])
+def test_sentence_pairs_label_what_they_did(gpt2, corpora, kind):
+    task = mlm_task(gpt2, f"task.sentence_task={kind}")
+    rows = sample_rows(gpt2, corpora)
+    inputs = task.inputs(rows, 2, 0)
+    flipped = inputs["next_sentence_label"].bool()
+    assert 0 < flipped.sum() < len(rows)
+    original = torch.where(inputs["labels"] != IGNORE, inputs["labels"], inputs["input_ids"])  # undo the masking where it hit
+    half = rows.shape[1] // 2
+    for i in range(len(rows)):
+        if not flipped[i]:
+            expected, second = rows[i], half
+        elif kind == "sop":
+            expected, second = torch.cat([rows[i, half:], rows[i, :half]]), rows.shape[1] - half
+        else:
+            expected, second = torch.cat([rows[i, :half], rows[(i + 1) % len(rows), half:]]), half
+        kept = inputs["input_ids"][i] == original[i]  # random replacements (10% of the masked) cannot be undone
+        assert torch.equal(original[i][kept], expected[kept])
+        assert inputs["token_type_ids"][i].tolist() == [0] * second + [1] * (rows.shape[1] - second)

@@ -48,6 +48,13 @@ class Evaluation:
     texts: dict[str, str] = field(default_factory=dict)
 
 
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """A generator for one micro-batch's random choices (masking, noise): a function of (seed, step, rank,
+    micro-batch) only, so a resumed run draws exactly what the uninterrupted one drew."""
+    state = np.random.SeedSequence([seed, step + 1, distributed.dist.get_rank(), micro]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def special_ids(ctx: TaskContext) -> torch.Tensor:
     """Ids never masked or dropped: EOS and the tokenizer's special tokens ([CLS], [SEP], <|im_start|>, …)."""
     added = ctx.tokenizer.get_added_tokens_decoder()

@@ -4,18 +4,18 @@ Masking is dynamic (new positions every step, as RoBERTa does) yet reproducible:
 micro-batch are drawn from a generator seeded by (run seed, step, rank, micro-batch), so a resumed
 run masks exactly what the uninterrupted one did. Of the selected tokens 80% become the mask
 token, 10% a random token and 10% stay. With `whole_word_masking` a word's sub-tokens are selected
-together. A tokenizer without a mask token (a BPE trained by `data_tools prepare`) gets one extra
-id past its vocabulary; the model is built with room for it.
+together. `task.sentence_task` adds BERT's next-sentence or ALBERT's sentence-order prediction
+(RoBERTa found NSP does not help, hence off by default). A tokenizer without a mask token (a BPE
+trained by `data_tools prepare`) gets one extra id past its vocabulary; the model has room for it.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from tokenizers.models import WordPiece
 
 from trainer import distributed
-from trainer.tasks.base import IGNORE, Evaluation, special_ids
+from trainer.tasks.base import IGNORE, Evaluation, special_ids, step_generator
 from trainer.tasks.causal_lm import CausalLM
 
 MASK_TOKENS = ("[MASK]", "<mask>")
@@ -41,8 +41,7 @@ class MaskedLM(CausalLM):
         return starts
 
     def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
-        rank = distributed.dist.get_rank()
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.config.run.seed, step + 1, rank, micro]).generate_state(1)[0]))
+        gen = step_generator(self.config.run.seed, step, micro)
         ids = rows.cpu()
         probs = torch.rand(ids.shape, generator=gen)
         if self.word_start is not None:  # one draw per word, shared by its sub-tokens
@@ -54,21 +53,52 @@ class MaskedLM(CausalLM):
         random_ids = torch.randint(self.vocab, ids.shape, generator=gen)
         masked = torch.where(selected & (action < 0.8), self.mask_id, ids)
         masked = torch.where(selected & (action >= 0.8) & (action < 0.9), random_ids, masked)
-        device = rows.device
-        return {"input_ids": masked.to(device), "labels": labels.to(device)}
+        inputs = {"input_ids": masked, "labels": labels}
+        if self.config.task.sentence_task != "none":
+            inputs = sentence_pairs(inputs, self.config.task.sentence_task, gen)
+        return {name: tensor.to(rows.device) for name, tensor in inputs.items()}
 
     def evaluate(self, engine) -> Evaluation:
-        """Loss and masked-token accuracy on the same masked valid batches every time."""
-        stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, masked tokens
+        """Loss, masked-token accuracy (and sentence-task accuracy) on the same masked valid batches every time."""
+        stats = torch.zeros(5, dtype=torch.float64)  # loss sum, batches, correct tokens, masked tokens, correct pairs
         with torch.no_grad():
             for i, rows in enumerate(self.valid_batches()):
                 inputs = self.inputs(rows, -1, i)
                 output = engine.forward(**inputs)
                 labels = inputs["labels"]
                 counted = labels != IGNORE
-                n = counted.sum().item()
-                correct = ((output.logits.argmax(-1) == labels) & counted).sum().item()
-                stats += torch.tensor([output.loss.item() * n, correct, n], dtype=torch.float64)
-        loss_sum, correct, n = distributed.all_reduce(stats).tolist()
-        loss = loss_sum / max(n, 1)
-        return Evaluation({"loss": loss, "masked_accuracy": correct / max(n, 1)})
+                logits = output.logits if "logits" in output else output.prediction_logits
+                correct = ((logits.argmax(-1) == labels) & counted).sum().item()
+                pairs = 0
+                if "next_sentence_label" in inputs:
+                    pairs = (output.seq_relationship_logits.argmax(-1) == inputs["next_sentence_label"]).sum().item()
+                stats += torch.tensor([output.loss.item(), 1, correct, counted.sum().item(), pairs], dtype=torch.float64)
+        loss_sum, batches, correct, masked, pairs = distributed.all_reduce(stats).tolist()
+        scalars = {"loss": loss_sum / batches, "masked_accuracy": correct / max(masked, 1)}
+        if self.config.task.sentence_task != "none":
+            rows = self.config.train.micro_batch * distributed.dist.get_world_size() * self.config.train.eval_batches
+            scalars[f"{self.config.task.sentence_task}_accuracy"] = pairs / rows
+        return Evaluation(scalars)
+
+
+def sentence_pairs(inputs: dict[str, torch.Tensor], kind: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Cut each row into halves A | B; label 1 rows get B from the next row (nsp) or become B | A (sop).
+
+    Packed rows carry no sentence boundaries, so the halves are consecutive text spans, as ALBERT's
+    segments are; token_type_ids mark the second span.
+    """
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    half = ids.shape[1] // 2
+    flip = torch.rand(len(ids), generator=gen) < 0.5
+    if kind == "nsp":
+        other = torch.roll(torch.arange(len(ids)), -1)
+        second = torch.where(flip[:, None], ids[other, half:], ids[:, half:])
+        second_labels = torch.where(flip[:, None], labels[other, half:], labels[:, half:])
+        ids, labels = torch.cat([ids[:, :half], second], 1), torch.cat([labels[:, :half], second_labels], 1)
+    else:
+        swapped = lambda t: torch.cat([t[:, half:], t[:, :half]], 1)  # noqa: E731
+        ids = torch.where(flip[:, None], swapped(ids), ids)
+        labels = torch.where(flip[:, None], swapped(labels), labels)
+    first_len = torch.where(flip & (kind == "sop"), ids.shape[1] - half, half)
+    token_type_ids = (torch.arange(ids.shape[1])[None] >= first_len[:, None]).long()
+    return {"input_ids": ids, "labels": labels, "token_type_ids": token_type_ids, "next_sentence_label": flip.long()}

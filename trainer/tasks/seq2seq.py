@@ -32,7 +32,8 @@ class Seq2Seq(FinetuneTask):
                     hypotheses.append(decode(self.ctx, generated[i]))
                     references.append(decode(self.ctx, inputs["labels"][i]))
         hypotheses, references = gather(hypotheses), gather(references)
-        samples = "\n\n---\n\n".join(f"**reference** {r}\n\n**generated** {h}" for h, r in list(zip(hypotheses, references))[: self.config.task.generate_samples])
+        shown = list(zip(hypotheses, references))[: self.config.task.generate_samples]
+        samples = "\n\n---\n\n".join(f"**reference** {r}\n\n**generated** {h}" for h, r in shown)
         return Evaluation(
             {"loss": loss.mean(), "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
              "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score},

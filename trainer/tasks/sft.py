@@ -31,8 +31,7 @@ class SFT(FinetuneTask):
                 prompt_len = int((row[1] != IGNORE).argmax())
                 prompt = torch.from_numpy(row[0, :prompt_len][None]).to(distributed.device())
                 answer = generate(engine, self.ctx, prompt, torch.ones_like(prompt))
-                parts.append(
-                    f"**prompt** {decode(self.ctx, row[0, :prompt_len])}\n\n**reference** {decode(self.ctx, row[0, prompt_len:])}\n\n"
-                    f"**generated** {decode(self.ctx, answer[0])}"
-                )
+                prompt_text, reference = decode(self.ctx, row[0, :prompt_len]), decode(self.ctx, row[0, prompt_len:])
+                generated = decode(self.ctx, answer[0])
+                parts.append(f"**prompt** {prompt_text}\n\n**reference** {reference}\n\n**generated** {generated}")
         return "\n\n---\n\n".join(parts)
