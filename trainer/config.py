@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ class RunConfig:
 class TaskConfig:
     """What the run learns; every task reads the same lanes and runs under either engine."""
 
-    type: Literal["causal_lm", "mlm", "classification", "token_classification", "sft", "seq2seq"] = "causal_lm"
+    # multitask: one shared encoder, a head per data.train source (classification / token_classification data)
+    type: Literal["causal_lm", "mlm", "classification", "token_classification", "sft", "seq2seq", "multitask"] = "causal_lm"
     mlm_probability: float = 0.15  # mlm: share of tokens selected; 80% [MASK], 10% random, 10% kept
     whole_word_masking: bool = False  # mlm: select whole words, not single sub-tokens
     # mlm: a second objective on the two halves of each row: BERT's next-sentence prediction (the second half
@@ -62,6 +64,13 @@ class ModelConfig:
 class DataSource:
     path: str  # a manifest.json or its directory
     weight: float = 1.0
+    valid: str | None = None  # task.type multitask: this source's valid split (data.valid is for one-task runs)
+    name: str | None = None  # task.type multitask: the task's name in metrics and exports; unset: the data directory's name
+
+    def default_name(self) -> str:
+        """`sentiment` for runs/finetune/data/sentiment/train (or …/train/manifest.json): what prepare-finetune was told."""
+        directory = Path(self.path).parent if self.path.endswith(".json") else Path(self.path)
+        return directory.parent.name
 
 
 @dataclass
@@ -74,6 +83,10 @@ class DataConfig:
 
     def sources(self) -> list[DataSource]:
         return [DataSource(self.train)] if isinstance(self.train, str) else self.train
+
+    def has_valid(self) -> bool:
+        """Whether the run evaluates: a data.valid split, or (multitask) a `valid:` on some source."""
+        return bool(self.valid or any(s.valid for s in self.sources()))
 
 
 @dataclass
@@ -244,3 +257,25 @@ def _check(config: Config, where: str) -> None:
             raise ConfigError(f"{where}: 'engine.offload: cpu' needs engine.zero_stage 1-3")
     if not config.data.sources() or not config.data.sources()[0].path:
         raise ConfigError(f"{where}: 'data.train' is empty; give a manifest from `python -m data_tools prepare`")
+    if config.task.type == "multitask":
+        _check_multitask(config, where)
+    elif (given := next((i for i, s in enumerate(config.data.sources()) if s.valid), None)) is not None:
+        raise ConfigError(f"{where}: 'data.train[{given}].valid' is for task.type multitask only; use data.valid")
+
+
+def _check_multitask(config: Config, where: str) -> None:
+    """A multi-task run's sources carry their own valid splits and names; names become metric and export paths."""
+    data = config.data
+    if isinstance(data.train, str):
+        raise ConfigError(f"{where}: task.type multitask needs 'data.train' as a list of sources ({{path, weight, valid, name}}), one per task")
+    if data.valid:
+        raise ConfigError(f"{where}: 'data.valid' is not read by task.type multitask; put 'valid:' on each data.train source")
+    if config.peft.method != "none":
+        raise ConfigError(f"{where}: 'peft.method {config.peft.method}' is not supported with task.type multitask; set peft.method none")
+    names: set[str] = set()
+    for i, source in enumerate(data.train):
+        source.name = source.name or source.default_name()
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", source.name) or source.name in names:
+            raise ConfigError(f"{where}: 'data.train[{i}].name' {source.name!r} is empty, repeated or not a plain word "
+                              "(letters, digits, _ -); give each source a distinct name")
+        names.add(source.name)

@@ -436,6 +436,11 @@ class LanesLoader:
         self._stream = _Prefetch(lambda: self._produce(start_step), self.prefetch)
         return self._stream
 
+    def row_sources(self) -> np.ndarray:
+        """The source index of each of this rank's rows, the same in every batch: lane i of `local_lanes`
+        fills rows i*k .. (i+1)*k - 1 and reads one source. A multi-task run routes rows to heads by it."""
+        return np.repeat([lane.source for lane in self.local_lanes], self.rows_per_lane)
+
     def local_lane_digests(self, rows: np.ndarray) -> np.ndarray:
         """Digest of each of this rank's lanes' rows in a batch, int64 [lanes], zero for other ranks' lanes.
 

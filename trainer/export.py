@@ -14,6 +14,9 @@ match. What is written then depends on `peft.method`:
     adapter                                    out/ is the base model plus bottleneck_adapters.*
                                                (`trainer.adapters.load_adapters(base, out)`); they
                                                cannot merge, a nonlinearity sits between
+
+A multi-task run (trainer.multitask) exports one standalone model per task, out/<name>/, each with
+the shared encoder, its own head and labels, and the tokenizer.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from trainer.adapters import is_adapter_parameter, save_adapters
 from trainer.checkpoint import Checkpoints
 from trainer.config import Config, ConfigError
 from trainer.models import base_model, model_class
+from trainer.multitask import MultiTaskModel, standalone
 
 log = logging.getLogger("trainer")
 
@@ -87,6 +91,8 @@ def rebuild(hf_config: dict, config: Config) -> torch.nn.Module:
     model_config = AutoConfig.for_model(**hf_config)
     name = (model_config.architectures or [""])[0]
     with torch.device("meta"):
+        if config.task.type == "multitask":
+            return MultiTaskModel.from_config(model_config)  # peft is refused for multitask runs
         if hasattr(transformers, name):
             model = getattr(transformers, name)._from_config(model_config)
         else:
@@ -114,9 +120,17 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     hf_config, config = read_configs(checkpoint)
     model = rebuild(hf_config, config)
     load_weights(model, consolidated_state_dict(checkpoint, model), checkpoint)
-    save_model(model, config, out)
-    save_tokenizer(checkpoint, hf_config, out)
+    for target, task_model in task_models(model, out):
+        save_model(task_model, config, target)
+        save_tokenizer(checkpoint, hf_config, target)
     return out
+
+
+def task_models(model: torch.nn.Module, out: Path) -> list[tuple[Path, torch.nn.Module]]:
+    """(directory, model) to write: out/<name>/ per task of a multi-task model, else the model itself in out/."""
+    if isinstance(model, MultiTaskModel):
+        return [(out / head.name, standalone(model, head)) for head in model.task_heads]
+    return [(out, model)]
 
 
 def save_model(model: torch.nn.Module, config: Config, out: Path) -> None:

@@ -47,32 +47,42 @@ class StopSignal:
 
 
 def read_manifests(config: Config) -> tuple[list[Manifest], Manifest | None]:
-    """The run's manifests, checked to agree with each other and with `task.type`."""
+    """The run's manifests, checked to agree with each other and with `task.type`. A multi-task run's
+    sources may differ in task and labels (a head each); each is checked against its own valid split."""
     sources = [load_manifest(s.path) for s in config.data.sources()]
-    first, wanted = sources[0], DATA_TASK[config.task.type]
-    for source, manifest in zip(config.data.sources(), sources):
-        if manifest.task != wanted:
+    first, accepted = sources[0], DATA_TASK[config.task.type]
+    multitask = config.task.type == "multitask"
+    for i, (source, manifest) in enumerate(zip(config.data.sources(), sources)):
+        if manifest.task not in accepted:
             made_by = f"prepare-finetune --task {manifest.task}" if manifest.task else "data_tools prepare (packed tokens)"
-            needs = f"prepare-finetune --task {wanted}" if wanted else "data_tools prepare"
+            needs = " or ".join(f"prepare-finetune --task {wanted}" if wanted else "data_tools prepare" for wanted in accepted)
             raise ConfigError(f"data.train {source.path}: made by {made_by}, but task.type {config.task.type} reads data from {needs}")
         if (manifest.seq_len, manifest.tokenizer.sha256, row_shape(manifest)) != (first.seq_len, first.tokenizer.sha256, row_shape(first)):
             raise ConfigError(
                 f"data.train {source.path}: seq_len {manifest.seq_len} / tokenizer {manifest.tokenizer.name} differ from "
                 f"the first source's {first.seq_len} / {first.tokenizer.name}; a mixture needs one tokenizer and seq_len"
             )
-        if manifest.labels != first.labels:
+        if not multitask and manifest.labels != first.labels:
             raise ConfigError(f"data.train {source.path}: labels {manifest.labels} differ from the first source's {first.labels}")
+        if source.valid:
+            check_valid(f"data.train[{i}].valid {source.valid}", load_manifest(source.valid), manifest)
     valid = load_manifest(config.data.valid) if config.data.valid else None
-    if valid and (valid.seq_len, valid.tokenizer.sha256, valid.task) != (first.seq_len, first.tokenizer.sha256, first.task):
-        raise ConfigError(f"data.valid {config.data.valid}: seq_len, tokenizer or task differ from data.train's")
-    if valid and (unknown := [label for label in valid.labels if label not in first.labels]):
+    if valid:
+        check_valid(f"data.valid {config.data.valid}", valid, first)
+    return sources, valid
+
+
+def check_valid(where: str, valid: Manifest, train: Manifest) -> None:
+    """A valid split must be scored as its training data is read: same seq_len, tokenizer, task and label ids."""
+    if (valid.seq_len, valid.tokenizer.sha256, valid.task) != (train.seq_len, train.tokenizer.sha256, train.task):
+        raise ConfigError(f"{where}: seq_len, tokenizer or task differ from data.train's")
+    if unknown := [label for label in valid.labels if label not in train.labels]:
         raise ConfigError(
-            f"data.valid {config.data.valid}: label {unknown[0]!r} is not in the training label vocabulary {first.labels}; "
+            f"{where}: label {unknown[0]!r} is not in the training label vocabulary {train.labels}; "
             "prepare both splits in one prepare-finetune run"
         )
-    if valid and valid.labels and valid.labels != first.labels:
-        raise ConfigError(f"data.valid {config.data.valid}: label ids differ from data.train's; prepare both splits in one run")
-    return sources, valid
+    if valid.labels and valid.labels != train.labels:
+        raise ConfigError(f"{where}: label ids differ from data.train's; prepare both splits in one run")
 
 
 def total_steps(config: Config, seq_len: int) -> int:
@@ -84,7 +94,7 @@ def total_steps(config: Config, seq_len: int) -> int:
 def model_shape(model: torch.nn.Module) -> dict:
     cfg = model.config.to_dict()
     keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
-            "num_key_value_heads", "intermediate_size", "n_inner")
+            "num_key_value_heads", "intermediate_size", "n_inner", "multitask_heads")
     return {k: cfg[k] for k in keys if k in cfg}
 
 
@@ -147,6 +157,8 @@ def train(config: Config) -> int:
         rank=rank, world_size=world, vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256,
         prefetch=config.data.prefetch, verify=config.data.verify,
     )
+    if config.task.type == "multitask":
+        task.route(loader.row_sources())
     if state and state.data_fingerprint != loader.fingerprint():
         raise ConfigError(
             f"{checkpoints.root / resume}: written for other data, seed, global batch or lanes (fingerprint "
@@ -231,7 +243,7 @@ def train(config: Config) -> int:
             window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "tokens": 0}
 
         improved = early_stop = False
-        if config.data.valid and (step % tcfg.eval_every == 0 or step == steps_total):
+        if config.data.has_valid() and (step % tcfg.eval_every == 0 or step == steps_total):
             engine.eval()
             evaluation = task.evaluate(engine)
             engine.train()

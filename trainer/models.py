@@ -1,8 +1,9 @@
 """Hugging Face models for each task, built from the run config or loaded from local weights.
 
 The model class follows `task.type` (causal LM, masked LM, sequence or token classification,
-encoder-decoder). Weights come from the config's sizes, a `save_pretrained` directory, a `.gguf`
-file or `package:<module>/<path>` inside an installed package; nothing is fetched from a hub, and
+encoder-decoder; multitask: a shared encoder with a head per data source, trainer.multitask).
+Weights come from the config's sizes, a `save_pretrained` directory, a `.gguf` file or
+`package:<module>/<path>` inside an installed package; nothing is fetched from a hub, and
 `trust_remote_code` stays off unless the config turns it on. Models are built under the run seed
 so every rank starts from the same weights (a fresh task head included).
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForPreTraining,
@@ -50,6 +52,7 @@ TASK_CLASSES = {
     "classification": AutoModelForSequenceClassification,
     "token_classification": AutoModelForTokenClassification,
     "seq2seq": AutoModelForSeq2SeqLM,
+    "multitask": AutoModel,  # the shared encoder; trainer.multitask adds the heads
 }
 ARCHS = {  # model.arch values a model built from sizes may take, per task
     "causal_lm": ("llama", "gpt2"),
@@ -58,6 +61,7 @@ ARCHS = {  # model.arch values a model built from sizes may take, per task
     "classification": ("bert", "llama", "gpt2"),
     "token_classification": ("bert", "llama", "gpt2"),
     "seq2seq": ("t5", "bart"),
+    "multitask": ("bert",),
 }
 LABELLED = ("classification", "token_classification")
 HEADS = ("classifier", "score", "classification_head", "qa_outputs")  # attribute names of task heads
@@ -84,6 +88,10 @@ def build_model(config: Config, vocab_size: int, seq_len: int, eos_id: int, labe
         model = model_class(config).from_config(_hf_config(config.model, task, vocab_size, seq_len, eos_id, label_maps))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = eos_id
+    if task == "multitask":
+        from trainer.multitask import MultiTaskModel, heads
+
+        model = MultiTaskModel(model, heads(config))
     model.config.architectures = [type(model).__name__]
     return model.float()
 

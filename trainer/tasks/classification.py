@@ -7,11 +7,14 @@ ranks. Optional input noise for training only: `token_dropout` hides random toke
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
 from trainer import distributed
-from trainer.tasks.base import Evaluation, FinetuneTask, LossMeter, encoder_inputs, special_ids, valid_outputs
+from trainer.config import ConfigError
+from trainer.tasks.base import Evaluation, FinetuneTask, LossMeter, encoder_inputs, special_ids, step_generator, valid_outputs
 
 
 class Classification(FinetuneTask):
@@ -20,17 +23,16 @@ class Classification(FinetuneTask):
         self.special = special_ids(ctx)
         self.noise_id = ctx.token_id("[MASK]", "<mask>", "[UNK]", "<unk>")
         if self.config.task.input_noise == "random_mask" and self.noise_id is None:
-            from trainer.config import ConfigError
-
-            raise ConfigError("task.input_noise: random_mask needs a mask or unknown token, this tokenizer has neither; use token_dropout")
+            raise ConfigError("task.input_noise: random_mask needs a mask or unknown token, this tokenizer has neither; "
+                              "use token_dropout")
 
     def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
         inputs = {**encoder_inputs(rows[:, 0], self.ctx.pad_id), "labels": rows[:, 1, 0]}  # the label sits at position 0
         task = self.config.task
         if train and task.input_noise != "none":
-            seed = np.random.SeedSequence([self.config.run.seed, step + 1, distributed.dist.get_rank(), micro]).generate_state(1)[0]
             ids = inputs["input_ids"]
-            hit = torch.rand(ids.shape, generator=torch.Generator().manual_seed(int(seed))).to(ids.device) < task.input_noise_prob
+            draw = torch.rand(ids.shape, generator=step_generator(self.config.run.seed, step, micro)).to(ids.device)
+            hit = draw < task.input_noise_prob
             hit &= inputs["attention_mask"].bool() & ~torch.isin(ids, self.special.to(ids.device))
             if task.input_noise == "token_dropout":
                 inputs["attention_mask"] = inputs["attention_mask"] * ~hit
@@ -39,17 +41,28 @@ class Classification(FinetuneTask):
         return inputs
 
     def evaluate(self, engine) -> Evaluation:
-        classes = len(self.ctx.labels)
-        confusion = torch.zeros(classes, classes, dtype=torch.float64)  # [true, predicted]
-        loss = LossMeter()
+        meter = ClassificationMeter(self.ctx.labels)
         for real, inputs, output in valid_outputs(engine, self, self.config.train.micro_batch):
-            labels = inputs["labels"]
-            loss.add(output, labels, real)
-            predicted = output.logits.argmax(-1)
-            for true, pred in zip(labels[real].tolist(), predicted[real].tolist()):
-                confusion[true, pred] += 1
-        confusion = distributed.all_reduce(confusion)
-        return Evaluation({"loss": loss.mean(), **scores(confusion)})
+            meter.add(output.logits, inputs["labels"], real)
+        return Evaluation(meter.scalars())
+
+
+class ClassificationMeter:
+    """Loss and a confusion matrix over a valid split, batch by batch; `scalars()` combines all ranks.
+    Shared with multi-task runs, which score each classification head with it."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.confusion = torch.zeros(len(labels), len(labels), dtype=torch.float64)  # [true, predicted]
+        self.loss = LossMeter()
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, real: np.ndarray) -> None:
+        """`logits` [rows, classes] and `labels` [rows] of one batch; only `real` rows count."""
+        self.loss.add(SimpleNamespace(logits=logits), labels, real)
+        for true, pred in zip(labels[real].tolist(), logits.argmax(-1)[real].tolist()):
+            self.confusion[true, pred] += 1
+
+    def scalars(self) -> dict[str, float]:
+        return {"loss": self.loss.mean(), **scores(distributed.all_reduce(self.confusion))}
 
 
 def scores(confusion: torch.Tensor) -> dict[str, float]:
@@ -58,4 +71,5 @@ def scores(confusion: torch.Tensor) -> dict[str, float]:
     predicted, actual = confusion.sum(0), confusion.sum(1)
     present = (predicted + actual) > 0
     f1 = 2 * tp / (predicted + actual).clamp(min=1)
-    return {"accuracy": (tp.sum() / confusion.sum().clamp(min=1)).item(), "macro_f1": f1[present].mean().item() if present.any() else 0.0}
+    accuracy = (tp.sum() / confusion.sum().clamp(min=1)).item()
+    return {"accuracy": accuracy, "macro_f1": f1[present].mean().item() if present.any() else 0.0}
