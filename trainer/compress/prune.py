@@ -1,0 +1,117 @@
+"""`python -m trainer compress prune MODEL --sparsity 0.5 [--structured ffn|layers|heads] --out DIR`.
+
+    (unstructured)  magnitude: the smallest |w| of every weight matrix inside the transformer blocks
+                    set to zero (torch.nn.utils.prune, made permanent). Embeddings and the task head
+                    are left whole: they are lookups or tiny. The file stays dense: the zeros pay off
+                    with a sparse kernel or compression, not on disk
+    ffn             the FFN channels with the smallest L1 norm (input rows plus output columns)
+                    removed in every block: intermediate_size shrinks, weights and disk with it
+    layers          every other block kept, evenly spaced (DistilBERT's student initialisation):
+                    num_hidden_layers shrinks
+    heads           refused: transformers 5 dropped `prune_heads`, and a BERT config cannot state
+                    fewer heads than hidden_size / head size
+
+The result is a `save_pretrained` directory with the tokenizer. Recovery finetuning is an ordinary
+run from it: `python -m trainer --config … model.pretrained=DIR`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.nn.utils import prune as torch_prune
+from transformers.pytorch_utils import Conv1D
+
+from trainer.compress.models import copy_tokenizer, is_quantized, load_model
+from trainer.config import ConfigError
+from trainer.models import BLOCK_LISTS, transformer_blocks
+
+STRUCTURES = ("ffn", "layers", "heads")
+FFN_LAYOUTS = (  # (input projections, output projection) attribute paths inside a block
+    (("intermediate.dense",), "output.dense"),  # BERT family
+    (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),  # Llama family
+)
+
+
+def prune(source: str | Path, out: str | Path, sparsity: float, structured: str | None = None) -> Path:
+    if not 0 < sparsity < 1:
+        raise ConfigError(f"--sparsity {sparsity}: must lie strictly between 0 and 1")
+    if is_quantized(source):
+        raise ConfigError(f"{source}: a quantized model cannot be pruned; prune the float model, then quantize")
+    model, tokenizer = load_model(source)
+    if structured is None:
+        magnitude(model, sparsity)
+    elif structured == "ffn":
+        prune_ffn(model, sparsity)
+    elif structured == "layers":
+        drop_layers(model, sparsity)
+    elif structured == "heads":
+        raise ConfigError("--structured heads: transformers 5 has no prune_heads and the config cannot state a smaller head count; use ffn or layers")
+    else:
+        raise ConfigError(f"--structured {structured}: unknown; use one of {', '.join(STRUCTURES)}")
+    out = Path(out)
+    model.save_pretrained(out)
+    copy_tokenizer(tokenizer, out)
+    return out
+
+
+def magnitude(model: torch.nn.Module, sparsity: float) -> None:
+    for block in transformer_blocks(model):
+        for module in block.modules():
+            if isinstance(module, (torch.nn.Linear, Conv1D)):
+                torch_prune.l1_unstructured(module, "weight", amount=sparsity)
+                torch_prune.remove(module, "weight")
+
+
+def sparsity_of(model: torch.nn.Module) -> float:
+    """Share of zero weights inside the transformer blocks' matrices."""
+    weights = [p for block in transformer_blocks(model) for p in block.parameters() if p.dim() == 2]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def prune_ffn(model: torch.nn.Module, sparsity: float) -> None:
+    """Keep the (1 - sparsity) share of FFN channels with the largest L1 norm, the same count in every
+    block so one `intermediate_size` describes the result."""
+    blocks = transformer_blocks(model)
+    kept = 0
+    for block in blocks:
+        inputs, output = ffn_parts(block)
+        norms = sum(layer.weight.abs().sum(1) for layer in inputs) + output.weight.abs().sum(0)
+        kept = max(1, round((1 - sparsity) * len(norms)))
+        keep = norms.topk(kept).indices.sort().values
+        for layer in inputs:
+            layer.weight = torch.nn.Parameter(layer.weight[keep].clone())
+            if layer.bias is not None:
+                layer.bias = torch.nn.Parameter(layer.bias[keep].clone())
+            layer.out_features = kept
+        output.weight = torch.nn.Parameter(output.weight[:, keep].clone())
+        output.in_features = kept
+    model.config.intermediate_size = kept
+
+
+def ffn_parts(block: torch.nn.Module) -> tuple[list[torch.nn.Linear], torch.nn.Linear]:
+    for inputs, output in FFN_LAYOUTS:
+        try:
+            return [block.get_submodule(name) for name in inputs], block.get_submodule(output)
+        except AttributeError:
+            continue
+    raise ConfigError(f"--structured ffn: no FFN of a known layout in {type(block).__name__} (BERT and Llama families are supported)")
+
+
+def drop_layers(model: torch.nn.Module, sparsity: float) -> None:
+    """Keep blocks 0, k, 2k, … so the kept ones span the depth; per-layer config lists follow."""
+    holder, attribute = next((module, name) for module in model.modules() for name in BLOCK_LISTS
+                             if isinstance(getattr(module, name, None), torch.nn.ModuleList))
+    blocks = getattr(holder, attribute)
+    count = max(1, round((1 - sparsity) * len(blocks)))
+    keep = [i * len(blocks) // count for i in range(count)]
+    setattr(holder, attribute, torch.nn.ModuleList(blocks[i] for i in keep))
+    for new, block in enumerate(getattr(holder, attribute)):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):  # the KV cache is indexed by it
+                module.layer_idx = new
+    config = model.config
+    config.num_hidden_layers = count
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in keep]
