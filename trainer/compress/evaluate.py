@@ -13,7 +13,6 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -78,7 +77,7 @@ def task_metrics(model: torch.nn.Module, manifest: Manifest, rows: np.ndarray, p
         labels = inputs.pop("labels")
         logits = model(**inputs).logits
         real = np.ones(len(labels), dtype=bool)
-        meter.add(logits if classification else SimpleNamespace(logits=logits), labels, real)
+        meter.add(logits, labels, real)
     if classification:  # scores() of the meter's own confusion matrix: one process, nothing to all-reduce
         return {"loss": meter.loss.total / max(meter.loss.count, 1), **scores(meter.confusion)}
     loss = meter.total / max(meter.count, 1)

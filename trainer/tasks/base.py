@@ -120,6 +120,18 @@ class ValidSplit:
             yield real[first : first + micro_batch], torch.from_numpy(self.rows[chunk]).to(distributed.device())
 
 
+class MeteredTask(FinetuneTask):
+    """A task scored by a meter (`meter(labels)` with `add(logits, labels, real)` and `scalars()`) over the whole valid split."""
+
+    meter: type
+
+    def evaluate(self, engine) -> Evaluation:
+        meter = self.meter(self.ctx.labels)
+        for real, inputs, output in valid_outputs(engine, self, self.config.train.micro_batch):
+            meter.add(output.logits, inputs["labels"], real)
+        return Evaluation(meter.scalars())
+
+
 def valid_outputs(engine, task: FinetuneTask, micro_batch: int):
     """(real mask, model inputs, model output) for each of this rank's valid micro-batches, without gradients."""
     with torch.no_grad():
@@ -147,8 +159,8 @@ class LossMeter:
     def __init__(self, shift: bool = False) -> None:
         self.shift, self.total, self.count = shift, 0.0, 0
 
-    def add(self, output, labels: torch.Tensor, real: np.ndarray) -> None:
-        losses, counted = token_losses(output.logits, labels, self.shift)
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, real: np.ndarray) -> None:
+        losses, counted = token_losses(logits, labels, self.shift)
         keep = torch.as_tensor(real, device=losses.device)
         self.total += losses[keep].sum().item()
         self.count += counted[keep].sum().item()

@@ -7,17 +7,35 @@ ranks. Optional input noise for training only: `token_dropout` hides random toke
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 
 from trainer import distributed
 from trainer.config import ConfigError
-from trainer.tasks.base import Evaluation, FinetuneTask, LossMeter, encoder_inputs, special_ids, step_generator, valid_outputs
+from trainer.tasks.base import LossMeter, MeteredTask, encoder_inputs, special_ids, step_generator
 
 
-class Classification(FinetuneTask):
+class ClassificationMeter:
+    """Loss and a confusion matrix over a valid split, batch by batch; `scalars()` combines all ranks.
+    Shared with multi-task runs, which score each classification head with it."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.confusion = torch.zeros(len(labels), len(labels), dtype=torch.float64)  # [true, predicted]
+        self.loss = LossMeter()
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, real: np.ndarray) -> None:
+        """`logits` [rows, classes] and `labels` [rows] of one batch; only `real` rows count."""
+        self.loss.add(logits, labels, real)
+        for true, pred in zip(labels[real].tolist(), logits.argmax(-1)[real].tolist()):
+            self.confusion[true, pred] += 1
+
+    def scalars(self) -> dict[str, float]:
+        return {"loss": self.loss.mean(), **scores(distributed.all_reduce(self.confusion))}
+
+
+class Classification(MeteredTask):
+    meter = ClassificationMeter
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         self.special = special_ids(ctx)
@@ -39,30 +57,6 @@ class Classification(FinetuneTask):
             else:
                 inputs["input_ids"] = torch.where(hit, self.noise_id, ids)
         return inputs
-
-    def evaluate(self, engine) -> Evaluation:
-        meter = ClassificationMeter(self.ctx.labels)
-        for real, inputs, output in valid_outputs(engine, self, self.config.train.micro_batch):
-            meter.add(output.logits, inputs["labels"], real)
-        return Evaluation(meter.scalars())
-
-
-class ClassificationMeter:
-    """Loss and a confusion matrix over a valid split, batch by batch; `scalars()` combines all ranks.
-    Shared with multi-task runs, which score each classification head with it."""
-
-    def __init__(self, labels: list[str]) -> None:
-        self.confusion = torch.zeros(len(labels), len(labels), dtype=torch.float64)  # [true, predicted]
-        self.loss = LossMeter()
-
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, real: np.ndarray) -> None:
-        """`logits` [rows, classes] and `labels` [rows] of one batch; only `real` rows count."""
-        self.loss.add(SimpleNamespace(logits=logits), labels, real)
-        for true, pred in zip(labels[real].tolist(), logits.argmax(-1)[real].tolist()):
-            self.confusion[true, pred] += 1
-
-    def scalars(self) -> dict[str, float]:
-        return {"loss": self.loss.mean(), **scores(distributed.all_reduce(self.confusion))}
 
 
 def scores(confusion: torch.Tensor) -> dict[str, float]:

@@ -26,7 +26,7 @@ class Seq2Seq(FinetuneTask):
         loss, hypotheses, references = LossMeter(), [], []
         with torch.no_grad():
             for real, inputs, output in valid_outputs(engine, self, self.config.train.micro_batch):
-                loss.add(output, inputs["labels"], real)
+                loss.add(output.logits, inputs["labels"], real)
                 generated = generate(engine, self.ctx, inputs["input_ids"], inputs["attention_mask"])
                 for i in real.nonzero()[0]:
                     hypotheses.append(decode(self.ctx, generated[i]))

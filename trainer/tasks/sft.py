@@ -19,7 +19,7 @@ class SFT(FinetuneTask):
     def evaluate(self, engine) -> Evaluation:
         loss = LossMeter(shift=True)
         for real, inputs, output in valid_outputs(engine, self, self.config.train.micro_batch):
-            loss.add(output, inputs["labels"], real)
+            loss.add(output.logits, inputs["labels"], real)
         mean = loss.mean()
         return Evaluation({"loss": mean, "perplexity": math.exp(min(mean, 50))}, {"samples": self.samples(engine)})
 

@@ -6,21 +6,11 @@ entity counts only when its type and both boundaries are right), over the whole 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 from seqeval.metrics import f1_score, precision_score, recall_score
 
-from trainer.tasks.base import IGNORE, Evaluation, FinetuneTask, LossMeter, gather, valid_outputs
-
-
-class TokenClassification(FinetuneTask):
-    def evaluate(self, engine) -> Evaluation:
-        meter = EntityMeter(self.ctx.labels)
-        for real, inputs, output in valid_outputs(engine, self, self.config.train.micro_batch):
-            meter.add(output.logits, inputs["labels"], real)
-        return Evaluation(meter.scalars())
+from trainer.tasks.base import IGNORE, LossMeter, MeteredTask, gather
 
 
 class EntityMeter:
@@ -32,7 +22,7 @@ class EntityMeter:
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, real: np.ndarray) -> None:
         """`logits` [rows, tokens, tags] and `labels` [rows, tokens] of one batch; only `real` rows count."""
-        self.loss.add(SimpleNamespace(logits=logits), labels, real)
+        self.loss.add(logits, labels, real)
         predicted = logits.argmax(-1)
         for i in real.nonzero()[0]:
             words = labels[i] != IGNORE
@@ -47,3 +37,7 @@ class EntityMeter:
             "recall": recall_score(truth, guess, zero_division=0),
             "f1": f1_score(truth, guess, zero_division=0),
         }
+
+
+class TokenClassification(MeteredTask):
+    meter = EntityMeter
