@@ -106,6 +106,7 @@ class TrainConfig:
     early_stop_patience: int | None = None  # stop after this many evals without a better best_metric
     nan_policy: Literal["skip", "stop"] = "skip"  # a non-finite loss: skip that micro-batch, or checkpoint and stop
     max_nan_skips: int = 10  # skips allowed in a run before stopping anyway
+    collective_timeout_s: float = 600  # a rank waits this long for the others (dead or stalled) before failing
 
 
 @dataclass

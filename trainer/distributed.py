@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import warnings
 from datetime import timedelta
 
@@ -25,7 +26,10 @@ def _free_port() -> int:
 
 
 def init(timeout_s: float = 600) -> tuple[int, int, int]:
-    """Start the process group; return (rank, world_size, local_rank)."""
+    """Start the process group; return (rank, world_size, local_rank).
+
+    `timeout_s` bounds every collective: when another rank dies or stalls, this one fails after at
+    most that long (instead of waiting forever) and its last stderr line says so."""
     if "RANK" not in os.environ:  # a plain single-process run
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     cuda = torch.cuda.is_available()
@@ -41,7 +45,23 @@ def init(timeout_s: float = 600) -> tuple[int, int, int]:
     if cuda:
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    _explain_collective_failures(dist.get_rank(), timeout_s)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _explain_collective_failures(rank: int, timeout_s: float) -> None:
+    """After the traceback of an uncaught collective failure (ours or DeepSpeed's), one line saying what it means."""
+    previous = sys.excepthook
+
+    def hook(kind, error, trace) -> None:
+        previous(kind, error, trace)
+        if isinstance(error, dist.DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower():
+            first = (str(error).strip().splitlines() or [kind.__name__])[0][:200]
+            print(f"error: rank {rank}: a collective failed or waited over {timeout_s:g} s ({first}); another rank died or "
+                  "stalled (train.collective_timeout_s bounds the wait); run the same command to resume from the last checkpoint",
+                  file=sys.stderr)
+
+    sys.excepthook = hook
 
 
 def device() -> torch.device:

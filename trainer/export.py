@@ -51,12 +51,18 @@ def consolidated_state_dict(checkpoint: Path, model: torch.nn.Module | None = No
     if state["engine"] == "fsdp2":
         import torch.distributed.checkpoint as dcp
 
+        from trainer.engines.fsdp2_engine import verify_dcp
+
+        verify_dcp(checkpoint / "dcp")  # DCP unpickles its metadata and non-tensor items in full
         model = model if model is not None else rebuild(*read_configs(checkpoint))
         weights = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(weights, checkpoint_id=str(checkpoint / "dcp"), no_dist=True)
         return weights["model"]
+    from trainer.engines.deepspeed_engine import verify_torch_files
+
+    verify_torch_files(checkpoint)  # zero_to_fp32 reads with weights_only=False
     if state["zero_stage"] == 0:
         return _module_state(checkpoint)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -74,7 +80,10 @@ def _module_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise ConfigError(f"{checkpoint}: no mp_rank_*_model_states.pt; the checkpoint is incomplete")
-    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    from trainer.engines.deepspeed_engine import safe_globals
+
+    with safe_globals():
+        return torch.load(files[0], map_location="cpu", weights_only=True)["module"]
 
 
 def read_configs(checkpoint: Path) -> tuple[dict, Config]:

@@ -4,11 +4,14 @@ backward, step, log, maybe evaluate, maybe checkpoint. Everything else is a comp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import resource
+import shutil
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -109,7 +112,7 @@ def peak_flops(config: Config) -> float | None:
 
 
 def train(config: Config) -> int:
-    rank, world, _ = distributed.init()
+    rank, world, _ = distributed.init(config.train.collective_timeout_s)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
     device = distributed.device()
     tcfg = config.train
@@ -228,11 +231,12 @@ def train(config: Config) -> int:
                 "loss": loss_mean, "lr": engine.lr, "grad_norm": engine.grad_norm, "tokens": tokens,
                 "tokens_per_s": window["tokens"] / window["time"], "step_s": step_s,
                 "data_wait_frac": window["wait"] / window["time"],
-                "batch_digest": batch_digest(lane_digests.numpy()), "peak_mem_gb": peak_memory_gb(),
+                "batch_digest": batch_digest(lane_digests.numpy()), "peak_mem_gb": peak_memory_gb(), "nan_skips": nan_skips,
             }
             scalars = {
                 "train/loss": loss_mean, "train/lr": engine.lr, "perf/tokens_per_s": record["tokens_per_s"],
                 "perf/step_s": step_s, "perf/data_wait_frac": record["data_wait_frac"], "mem/peak_gb": record["peak_mem_gb"],
+                "train/nan_skips": nan_skips,
             }
             if record["grad_norm"] is not None:
                 scalars["train/grad_norm"] = record["grad_norm"]
@@ -296,10 +300,17 @@ class Saver:
             checkpoints.clear_staging(step)
         distributed.barrier()
         staging = checkpoints.root / checkpoints.staging(step)
-        self.engine.save(checkpoints.root, staging.name)
-        (staging / f"rng_rank{self.rank}.txt").write_text(rng_state())
+        with _writing(staging, checkpoints):
+            self.engine.save(checkpoints.root, staging.name)
+            (staging / f"rng_rank{self.rank}.txt").write_text(rng_state())
         distributed.barrier()
         if self.rank == 0:
+            self._publish(staging, step, tokens, nan_skips, best)
+        distributed.barrier()
+
+    def _publish(self, staging: Path, step: int, tokens: int, nan_skips: int, best: BestMetric) -> None:
+        checkpoints, config = self.checkpoints, self.config
+        with _writing(staging, checkpoints):
             (staging / "tokenizer.json").write_bytes(self.tokenizer_file.read_bytes())
             template = self.data_dir / "tokenizer_config.json"  # the chat template, when the data has one
             if template.exists():
@@ -309,8 +320,21 @@ class Saver:
             state = TrainerState(step, tokens, self.loader.fingerprint(), self.world, config.engine.type, config.engine.zero_stage,
                                  model_shape(model), nan_skips, config.to_dict(), best.state())
             final = checkpoints.publish(state, config.train.keep_last, config.train.keep_every, best=best.step == step)
-            log.info("checkpoint %s%s", final, " (best so far)" if best.step == step else "")
-        distributed.barrier()
+        log.info("checkpoint %s%s", final, " (best so far)" if best.step == step else "")
+
+
+@contextlib.contextmanager
+def _writing(staging: Path, checkpoints: Checkpoints) -> Iterator[None]:
+    """A failed checkpoint write (a full disk, a quota) as one line naming the directory; `latest` is untouched."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, distributed.dist.DistError):
+            raise
+        free = shutil.disk_usage(checkpoints.root).free / 2**20
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"{staging}: writing the checkpoint failed ({first}; {free:.1f} MiB free there); "
+                          f"`latest` still names {checkpoints.latest() or 'no checkpoint'}") from None
 
 
 def peak_memory_gb() -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,37 @@ from trainer.engines import adamw_with_schedule
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 log = logging.getLogger("trainer")
+# the non-tensor classes DeepSpeed pickles into its checkpoint files: plain records, nothing runs on load
+DEEPSPEED_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+)
+
+
+def safe_globals():
+    """The context in which `torch.load(..., weights_only=True)` reads DeepSpeed's files."""
+    import importlib
+
+    return torch.serialization.safe_globals([getattr(importlib.import_module(m), n) for m, n in DEEPSPEED_GLOBALS])
+
+
+def verify_torch_files(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose `.pt` files are unreadable (truncated, corrupt) or hold a pickle that
+    would need more than tensors and DeepSpeed's records (a pickle can run code), before DeepSpeed
+    itself reads them with `weights_only=False`. Tensor data is memory-mapped, not read."""
+    for path in sorted(checkpoint.rglob("*.pt")):
+        try:
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "a disallowed object")
+            raise ConfigError(f"{path}: refused, it is not a plain tensor checkpoint ({found}); "
+                              "only load checkpoints you wrote") from None
+        except (RuntimeError, OSError, EOFError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"{path}: unreadable ({first}); the checkpoint is truncated or corrupt") from None
 
 
 def ds_config(config: Config, world_size: int, load_universal: bool = False) -> dict:
@@ -124,6 +156,7 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
 
     def load(self, root: Path, tag: str) -> None:
+        verify_torch_files(root / tag)
         if self.universal:
             if dist.get_rank() == 0:
                 log.info("%s was written at another world size: converting it to a universal checkpoint", root / tag)

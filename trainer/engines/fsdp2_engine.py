@@ -9,7 +9,9 @@ at any world size: DCP reshards on read.
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -33,6 +35,47 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
         raise ConfigError(f"engine.type fsdp2: cannot find the transformer blocks of {type(model).__name__}")
     return blocks
 
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a plain pickle: allow its record classes, torch dtypes and sizes, paths; nothing callable else."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            ("." not in name and module.startswith("torch.distributed.checkpoint.")) or (module, name) in _METADATA_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        found = super().find_class(module, name) if allowed else None
+        if found is None or (module.startswith("torch.distributed.checkpoint.") and not isinstance(found, type)):
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
+        return found
+
+
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                     ("collections", "OrderedDict")}
+
+
+def verify_dcp(directory: Path) -> None:
+    """Refuse a DCP checkpoint whose `.metadata` or non-tensor items would unpickle more than records and plain
+    values (DCP reads both with full pickle, a pickle can run code), or that is unreadable, before `dcp.load`."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    path = directory / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        for fqn, item in metadata.state_dict_metadata.items():
+            if isinstance(item, BytesStorageMetadata):
+                info = metadata.storage_data[MetadataIndex(fqn)]
+                path = directory / info.relative_path
+                with open(path, "rb") as f:
+                    f.seek(info.offset)
+                    torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "a disallowed object")
+        raise ConfigError(f"{path}: refused, it is not a plain tensor checkpoint ({found}); only load checkpoints you wrote") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{path}: unreadable ({first}); the checkpoint is truncated or corrupt") from None
 
 class FSDP2Engine:
     def __init__(self, model: torch.nn.Module, config: Config, world_size: int, total_steps: int) -> None:
@@ -100,6 +143,7 @@ class FSDP2Engine:
     def load(self, root: Path, tag: str) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
+        verify_dcp(root / tag / "dcp")
         try:
             dcp.load(state, checkpoint_id=str(root / tag / "dcp"))
         except Exception as err:  # DCP wraps shape and key mismatches in CheckpointException

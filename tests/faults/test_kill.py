@@ -1,0 +1,69 @@
+"""SIGKILL at random moments of a 2-process run, and a rank that dies or stalls: nothing lost, nothing hangs."""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import signal
+import time
+
+import pytest
+from faults import alive, deterministic, kill, latest_step, logged, published, rank_pids, staging, start, stderr_of, wait_for
+from trainer_runs import losses, train
+
+pytestmark = pytest.mark.slow
+
+_rng = random.Random(8)  # the random moments: after the train record of step k, plus a delay
+RANDOM = [(_rng.randint(1, 7), round(_rng.uniform(0.0, 0.4), 3)) for _ in range(2)]
+MOMENTS = {
+    "writing-checkpoint-4": functools.partial(staging, step=4),
+    "writing-checkpoint-8": functools.partial(staging, step=8),
+    "evaluating-at-step-4": functools.partial(logged, step=4),  # eval runs right after step 4's record, before its checkpoint
+    **{f"after-step-{k}+{delay}s": functools.partial(lambda run_dir, k, delay: logged(run_dir, k) and not time.sleep(delay), k=k, delay=delay)
+       for k, delay in RANDOM},
+}
+
+
+@pytest.mark.parametrize("moment", sorted(MOMENTS))
+def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_metrics(tmp_path, config_file, reference, moment):
+    run_dir = tmp_path / "killed"
+    proc = start(config_file, 2, run_dir)
+    wait_for(proc, lambda: MOMENTS[moment](run_dir))
+    kill(proc)
+    last = max(losses(run_dir), default=0)
+    kept = latest_step(run_dir)  # also: nothing without COMPLETE is published or named by `latest`
+    print(f"{moment}: killed after step {last}, checkpoint {kept}, {last - kept} steps to redo")
+    result = train(config_file, 2, run_dir)
+    resumed = "resumed from" in result.stdout + result.stderr
+    assert resumed == (kept > 0), result.stderr[-2000:]
+    if kept:
+        assert f"checkpoints/step_{kept:06d} (step {kept}" in result.stdout + result.stderr
+    assert deterministic(run_dir) == deterministic(reference)
+
+
+TIMEOUT_S = 10
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stalled"])
+def test_a_dead_or_stalled_rank_ends_the_run_within_the_collective_timeout(tmp_path, config_file, reference, sig):
+    run_dir = tmp_path / "run"
+    proc = start(config_file, 2, run_dir, f"train.collective_timeout_s={TIMEOUT_S}")
+    try:
+        wait_for(proc, lambda: published(run_dir, 4))
+        ranks = rank_pids(proc.pid)
+        os.kill(ranks[1], sig)
+        began = time.monotonic()
+        while alive(ranks[0]) and time.monotonic() - began < TIMEOUT_S + 60:
+            time.sleep(0.05)
+        detected = time.monotonic() - began
+    finally:
+        kill(proc)
+    print(f"rank 1 {sig.name}: rank 0 exited {detected:.1f} s later (timeout {TIMEOUT_S} s)")
+    assert not alive(ranks[0]) and detected < TIMEOUT_S + 15
+    assert "another rank died or stalled" in stderr_of(run_dir)
+    assert latest_step(run_dir) >= 4
+    if sig == signal.SIGSTOP:  # the rerun resumes (a dead rank resumes alike: the SIGKILL test above)
+        result = train(config_file, 2, run_dir)
+        assert "resumed from" in result.stderr + result.stdout
+        assert deterministic(run_dir) == deterministic(reference)

@@ -1,0 +1,105 @@
+"""Faults of what a run reads and writes: a full disk at a checkpoint, damaged shards and
+checkpoints, non-finite losses. Each ends in one clear error (or a visible record), nothing used."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from faults import latest_step
+from trainer_runs import ENV, losses, metrics, train, train_cmd
+
+pytestmark = pytest.mark.slow
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `error:` line a refused run prints."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs: the run directory's disk, filled on demand."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill the disk but `leave` bytes."""
+    stat = shutil.disk_usage(disk)
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * max(0, stat.free - leave))
+    return filler
+
+
+def test_disk_full_at_a_checkpoint_keeps_the_previous_one(small_disk, config_file):
+    run_dir = small_disk / "run"
+    train(config_file, 1, run_dir, "train.max_steps=4")
+    filler = fill(small_disk, leave=96 * 1024)  # room for logs, not for a checkpoint (~400 KiB at 1 process)
+    result = train(config_file, 1, run_dir, expect=2)
+    line = error_line(result)
+    assert line.startswith(f"error: {run_dir / 'checkpoints' / 'step_000008.tmp'}: writing the checkpoint failed") and "MiB free" in line
+    assert "`latest` still names step_000004" in line
+    assert latest_step(run_dir) == 4
+    filler.unlink()
+    result = train(config_file, 1, run_dir)  # the previous checkpoint still loads
+    assert "checkpoints/step_000004 (step 4" in result.stdout + result.stderr and max(losses(run_dir)) == 8
+
+
+def _truncate(shard: Path) -> None:
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncate, r"size \d+ bytes, manifest says \d+; the shard is truncated or replaced"),
+    (Path.unlink, "shard listed in the manifest is missing"),
+], ids=["truncated", "deleted"])  # flipped bytes (sha256 found vs expected): tests/integration/test_train_errors.py
+def test_a_damaged_shard_stops_the_run_before_any_step(tmp_path, config_file, token_data, damage, message):
+    data = tmp_path / "data"
+    shutil.copytree(token_data, data)
+    shard = next((data / "tokens/train").glob("shard-*.tar"))
+    damage(shard)
+    result = subprocess.run(train_cmd(config_file, 1, tmp_path / "run", f"data.train={data / 'tokens/train'}"), capture_output=True,
+                            text=True, env=ENV, timeout=300)
+    assert result.returncode == 2
+    line = error_line(result)
+    assert str(shard) in line
+    assert re.search(message, line), line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not metrics(tmp_path / "run")
+
+
+def test_a_truncated_engine_file_in_the_newest_checkpoint_is_named(tmp_path, config_file, reference):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    engine_file = run_dir / "checkpoints" / "step_000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    _truncate(engine_file)
+    result = subprocess.run(train_cmd(config_file, 1, run_dir), capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 2
+    assert f"error: {engine_file}: unreadable (" in error_line(result) and "truncated or corrupt" in error_line(result)
+
+
+def test_a_skipped_nonfinite_loss_is_counted_in_metrics(tmp_path, config_file):
+    """The skip itself (log line, finite losses) is tested in tests/integration/test_train.py; here: it is on record."""
+    run_dir = tmp_path / "nan"
+    train(config_file, 1, run_dir, "train.max_steps=3", "train.eval_every=100", "debug.nan_at_steps=[2]")
+    assert [m["nan_skips"] for m in metrics(run_dir) if "loss" in m] == [0, 1, 1]
+    tags = {tag for path in (run_dir / "tb").glob("events.*") for tag in _scalar_tags(path)}
+    assert "train/nan_skips" in tags
+
+
+def _scalar_tags(path: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return {value.tag for event in EventFileLoader(str(path)).Load() for value in event.summary.value}
