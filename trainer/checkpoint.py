@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -25,6 +27,8 @@ import torch
 from trainer.config import ConfigError
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+ABANDONED = "abandoned"  # checkpoints newer than the one a `--resume-from` run went back to
+log = logging.getLogger("trainer")
 
 
 @dataclass
@@ -69,8 +73,44 @@ class Checkpoints:
             )
         return name
 
+    def resume_tag(self, choice: str) -> str | None:
+        """The checkpoint a run continues from: `latest`, `previous` (the complete one before the
+        newest, when the newest is damaged) or a `step_N` tag; None for a fresh run."""
+        if choice == "latest":
+            return self.latest()
+        complete = sorted(p.name for p in self.root.glob("step_*") if STEP_DIR.match(p.name) and (p / "COMPLETE").exists())
+        if choice == "previous":
+            pointer = self.root / "latest"
+            newest = pointer.read_text().strip() if pointer.exists() else None
+            earlier = [name for name in complete if newest and name < newest]
+            if not earlier:
+                raise ConfigError(f"{self.root}: --resume-from previous needs a complete checkpoint before `latest` "
+                                  f"({newest or 'none'}); there is none, start a new run.name")
+            return earlier[-1]
+        if choice not in complete:
+            raise ConfigError(f"{self.root / choice}: --resume-from {choice}: not a complete checkpoint here; "
+                              f"complete ones: {', '.join(complete) or 'none'}")
+        return choice
+
+    def rewind(self, name: str) -> None:
+        """Rank 0, after resuming from `name` rather than `latest`: move the newer checkpoints into
+        `abandoned/` (kept for inspection, out of retention's way) and point `latest` at `name`."""
+        newer = [p for p in self.root.glob("step_*") if STEP_DIR.match(p.name) and p.name > name]
+        for path in newer:
+            (self.root / ABANDONED).mkdir(exist_ok=True)
+            os.replace(path, self.root / ABANDONED / path.name)
+        self._point("latest", name)
+        if newer:
+            log.warning("moved %s to %s: this run continues from %s", ", ".join(sorted(p.name for p in newer)),
+                        self.root / ABANDONED, name)
+
     def read_state(self, name: str) -> TrainerState:
-        return TrainerState(**json.loads((self.root / name / "trainer_state.json").read_text()))
+        """The checkpoint's trainer state: plain JSON, never a pickle."""
+        path = self.root / name / "trainer_state.json"
+        try:
+            return TrainerState(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as err:
+            raise ConfigError(f"{unreadable(path, err)}; `--resume-from previous` continues from the checkpoint before {name}") from None
 
     def staging(self, step: int) -> str:
         """Tag of the temporary directory engines write into."""
@@ -90,12 +130,16 @@ class Checkpoints:
             shutil.rmtree(final)
         os.replace(staging, final)
         for pointer in ("latest", "best") if best else ("latest",):
-            pointer_tmp = self.root / f"{pointer}.tmp"
-            pointer_tmp.write_text(final.name + "\n")
-            os.replace(pointer_tmp, self.root / pointer)
-        _fsync_dir(self.root)
+            self._point(pointer, final.name)
         self._prune(state.step, keep_last, keep_every)
         return final
+
+    def _point(self, pointer: str, name: str) -> None:
+        """Rewrite a pointer file atomically: readers see the old name or the new one."""
+        pointer_tmp = self.root / f"{pointer}.tmp"
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, self.root / pointer)
+        _fsync_dir(self.root)
 
     def _prune(self, newest: int, keep_last: int, keep_every: int | None) -> None:
         steps = sorted(int(m.group(1)) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
@@ -107,6 +151,16 @@ class Checkpoints:
         for step in steps:
             if step not in keep:
                 shutil.rmtree(self.root / tag(step))
+
+
+def unreadable(path: Path, err: Exception) -> ConfigError:
+    """The one-line error for a checkpoint file that cannot be loaded safely: a pickle that would
+    construct more than tensors and plain records (a pickle can run code), or a damaged file."""
+    if isinstance(err, pickle.UnpicklingError):
+        found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "a disallowed object")
+        return ConfigError(f"{path}: refused, it is not a plain tensor checkpoint ({found}); only load checkpoints you wrote")
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return ConfigError(f"{path}: unreadable ({first}); the checkpoint is truncated or corrupt")
 
 
 def _fsync_dir(path: Path) -> None:

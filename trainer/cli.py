@@ -1,7 +1,7 @@
 """`python -m trainer`: train (default), `plan --config …` (memory and FLOPs before a run), `export CHECKPOINT OUT_DIR`,
 `evaluate MODEL --data VALID_DIR`, or `compress prune|quantize MODEL … --out DIR` (trainer.compress).
 
-    python -m trainer --config examples/demo.yaml [dotted.key=value …]
+    python -m trainer --config examples/demo.yaml [--resume-from previous] [dotted.key=value …]
     deepspeed --num_gpus 2 -m trainer --config …      torchrun --nproc-per-node 2 -m trainer --config …
     python -m trainer plan --config examples/llama-8b-deepspeed.yaml --nodes 4 --gpus-per-node 8 --vocab-size 128256
     python -m trainer export runs/demo/checkpoints/step_000300 runs/demo/hf
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--config", help="run config YAML (see examples/demo.yaml)")
         parser.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")
+        parser.add_argument("--resume-from", default="latest", metavar="latest|previous|step_N",
+                            help="checkpoint to continue from; `previous` skips a damaged newest one (the newer ones move to "
+                                 "checkpoints/abandoned/)")
         parser.add_argument("overrides", nargs="*", help="dotted.key=value")
         args = parser.parse_args(argv)
         if args.local_rank is not None:
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.config import load_config
         from trainer.loop import train
 
-        return train(load_config(args.config, args.overrides))
+        return train(load_config(args.config, args.overrides), args.resume_from)
     except (DataError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

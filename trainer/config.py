@@ -80,6 +80,8 @@ class DataConfig:
     lanes: int = 8  # fixed for a run: world_size and global_batch must divide by it as DESIGN says
     prefetch: int = 4  # batches read ahead by the background thread
     verify: bool = True  # check each shard's size and sha256 against the manifest before use
+    # a missing, truncated or corrupt shard: stop with its name, or skip it (every rank checks every shard, logged)
+    on_corrupt: Literal["stop", "skip"] = "stop"
 
     def sources(self) -> list[DataSource]:
         return [DataSource(self.train)] if isinstance(self.train, str) else self.train

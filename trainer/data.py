@@ -25,7 +25,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate, count
 from pathlib import Path
 
@@ -155,6 +155,29 @@ def _load_corpus(source: Source, seq_len: int) -> _Corpus:
     if not source.weight > 0:
         raise DataError(f"{path}: weight {source.weight}; a source's weight must be positive")
     return _Corpus(path if path.is_dir() else path.parent, manifest, float(source.weight))
+
+
+def _without_corrupt_shards(corpus: _Corpus, rank: int) -> _Corpus:
+    """The corpus minus its missing, truncated or corrupt shards (`data.on_corrupt: skip`).
+
+    Every rank checks every shard, not only its own, so all ranks deal the same remaining rows to
+    the lanes. The skipped shards leave the fingerprint, so a resume with another set is refused.
+    """
+    kept = []
+    for info in corpus.manifest.shards:
+        try:
+            verify_shard(corpus.directory, info)
+            kept.append(info)
+        except ManifestError as err:
+            if rank == 0:
+                log.warning("data.on_corrupt=skip: skipping %s (%d rows)", err, info.rows)
+    if not kept:
+        raise DataError(f"{corpus.directory}: every shard is missing or corrupt; prepare the data again")
+    if rank == 0 and len(kept) < len(corpus.manifest.shards):
+        skipped = corpus.manifest.total_rows - sum(s.rows for s in kept)
+        log.warning("%s: skipped %d of %d shards (%d of %d rows)", corpus.directory, len(corpus.manifest.shards) - len(kept),
+                    len(corpus.manifest.shards), skipped, corpus.manifest.total_rows)
+    return replace(corpus, manifest=replace(corpus.manifest, shards=kept))
 
 
 def _check_tokenizer(corpora: Sequence[_Corpus], vocab_size: int | None, eos_id: int | None, sha256: str | None) -> None:
@@ -395,11 +418,16 @@ class LanesLoader:
         tokenizer_sha256: str | None = None,
         prefetch: int = 4,
         verify: bool = True,
+        on_corrupt: str = "stop",
     ):
         _check_layout(global_batch, lanes, seed, rank, world_size, prefetch)
         if not sources:
             raise DataError("data.train: no sources; give a manifest from `python -m data_tools prepare`")
+        if on_corrupt not in ("stop", "skip"):
+            raise DataError(f"data.on_corrupt {on_corrupt!r}: use stop or skip")
         self.corpora = [_load_corpus(s, seq_len) for s in sources]
+        if on_corrupt == "skip":
+            self.corpora, verify = [_without_corrupt_shards(c, rank) for c in self.corpora], False  # verified just now
         _check_tokenizer(self.corpora, vocab_size, eos_id, tokenizer_sha256)
         self.seq_len, self.global_batch, self.lanes, self.seed = seq_len, global_batch, lanes, seed
         self.row_shape = row_shape(self.corpora[0].manifest)

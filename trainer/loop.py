@@ -111,7 +111,8 @@ def peak_flops(config: Config) -> float | None:
     return None
 
 
-def train(config: Config) -> int:
+def train(config: Config, resume_from: str = "latest") -> int:
+    """Run (or continue) the training job; `resume_from` is `latest`, `previous` or a step_N tag (trainer.checkpoint)."""
     rank, world, _ = distributed.init(config.train.collective_timeout_s)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
     device = distributed.device()
@@ -131,7 +132,7 @@ def train(config: Config) -> int:
     steps_total = total_steps(config, data.seq_len)
 
     checkpoints = Checkpoints(config.run_dir / "checkpoints")
-    resume = checkpoints.latest()
+    resume = checkpoints.resume_tag(resume_from)
     state = checkpoints.read_state(resume) if resume else None
     model = build_model(config, model_vocab_size(config, tokenizer, tok.vocab_size), data.seq_len, tok.eos_id, data.labels, config.run.seed)
     if state and state.model_shape != model_shape(model):
@@ -148,19 +149,26 @@ def train(config: Config) -> int:
     if state:
         if state.engine != config.engine.type:
             raise ConfigError(f"{checkpoints.root / resume}: written by engine {state.engine}, this run uses {config.engine.type}")
-        engine.load(checkpoints.root, resume)
+        try:
+            engine.load(checkpoints.root, resume)
+        except ConfigError as err:
+            raise ConfigError(f"{err}; `--resume-from previous` continues from the checkpoint before {resume}") from None
         rng_file = checkpoints.root / resume / f"rng_rank{rank}.txt"
         if state.world_size == world and rng_file.exists():
             set_rng_state(rng_file.read_text())
         step, tokens, nan_skips = state.step, state.tokens, state.nan_skips
         best.restore(state.best)
         log.info("resumed from %s (step %d, written by %d processes)", checkpoints.root / resume, step, state.world_size)
+        if resume_from != "latest":
+            distributed.barrier()  # every rank has read the checkpoints before rank 0 moves the newer ones
+            if rank == 0:
+                checkpoints.rewind(resume)
 
     loader = LanesLoader(
         [Source(s.path, s.weight) for s in config.data.sources()],
         seq_len=data.seq_len, global_batch=tcfg.global_batch, lanes=config.data.lanes, seed=config.run.seed,
         rank=rank, world_size=world, vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256,
-        prefetch=config.data.prefetch, verify=config.data.verify,
+        prefetch=config.data.prefetch, verify=config.data.verify, on_corrupt=config.data.on_corrupt,
     )
     if config.task.type == "multitask":
         task.route(loader.row_sources())

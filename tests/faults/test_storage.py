@@ -6,10 +6,12 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from faults import latest_step
+from data_tools.manifest import load_manifest
+from faults import deterministic, latest_step
 from trainer_runs import ENV, losses, metrics, train, train_cmd
 
 pytestmark = pytest.mark.slow
@@ -57,6 +59,16 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(small_disk, config_fil
     assert "checkpoints/step_000004 (step 4" in result.stdout + result.stderr and max(losses(run_dir)) == 8
 
 
+def _with_a_second_shard(split: Path) -> Path:
+    """Give a one-shard split a healthy second shard (a copy of the first), so skipping the first leaves data; return the first."""
+    manifest = load_manifest(split)
+    first = manifest.shards[0]
+    shutil.copyfile(split / first.path, split / "shard-copy.tar")
+    manifest.shards.append(replace(first, path="shard-copy.tar"))
+    manifest.save(split)
+    return split / first.path
+
+
 def _truncate(shard: Path) -> None:
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
@@ -66,28 +78,41 @@ def _truncate(shard: Path) -> None:
     (_truncate, r"size \d+ bytes, manifest says \d+; the shard is truncated or replaced"),
     (Path.unlink, "shard listed in the manifest is missing"),
 ], ids=["truncated", "deleted"])  # flipped bytes (sha256 found vs expected): tests/integration/test_train_errors.py
-def test_a_damaged_shard_stops_the_run_before_any_step(tmp_path, config_file, token_data, damage, message):
+def test_a_damaged_shard_stops_the_run_before_any_step_unless_told_to_skip(tmp_path, config_file, token_data, damage, message):
     data = tmp_path / "data"
     shutil.copytree(token_data, data)
-    shard = next((data / "tokens/train").glob("shard-*.tar"))
+    shard = _with_a_second_shard(data / "tokens/train")
     damage(shard)
-    result = subprocess.run(train_cmd(config_file, 1, tmp_path / "run", f"data.train={data / 'tokens/train'}"), capture_output=True,
-                            text=True, env=ENV, timeout=300)
+    command = train_cmd(config_file, 1, tmp_path / "run", f"data.train={data / 'tokens/train'}", "train.max_steps=2")
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 2
     line = error_line(result)
     assert str(shard) in line
     assert re.search(message, line), line
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not metrics(tmp_path / "run")
 
+    skipping = subprocess.run([*command, "data.on_corrupt=skip"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert skipping.returncode == 0, skipping.stderr[-3000:]
+    assert re.search(f"data.on_corrupt=skip: skipping {re.escape(str(shard))}: {message}", skipping.stderr)
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
 
-def test_a_truncated_engine_file_in_the_newest_checkpoint_is_named(tmp_path, config_file, reference):
+
+def test_a_truncated_engine_file_is_named_and_resume_from_previous_continues_exactly(tmp_path, config_file, reference):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     engine_file = run_dir / "checkpoints" / "step_000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     _truncate(engine_file)
     result = subprocess.run(train_cmd(config_file, 1, run_dir), capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 2
-    assert f"error: {engine_file}: unreadable (" in error_line(result) and "truncated or corrupt" in error_line(result)
+    line = error_line(result)
+    assert line.startswith(f"error: {engine_file}: unreadable (") and "truncated or corrupt" in line
+    assert line.endswith("`--resume-from previous` continues from the checkpoint before step_000008")
+
+    resumed = train(config_file, 2, run_dir, "--resume-from", "previous")
+    assert "checkpoints/step_000004 (step 4" in resumed.stdout + resumed.stderr
+    assert "moved step_000008 to" in resumed.stdout + resumed.stderr
+    assert deterministic(run_dir) == deterministic(reference)
+    assert latest_step(run_dir) == 8 and (run_dir / "checkpoints" / "abandoned" / "step_000008").is_dir()
 
 
 def test_a_skipped_nonfinite_loss_is_counted_in_metrics(tmp_path, config_file):

@@ -8,6 +8,8 @@ contract, not against itself.
 from __future__ import annotations
 
 import io
+import logging
+import re
 import shutil
 import tarfile
 import threading
@@ -327,6 +329,33 @@ def test_a_damaged_shard_is_refused_before_the_first_batch(train, tmp_path, dama
     with pytest.raises(DataError, match=message) as err:
         take(loader, 0, 1)
     assert "\n" not in str(err.value)
+
+
+def test_on_corrupt_skip_reads_the_corpus_without_the_damaged_shards_and_says_so(train, tmp_path, caplog):
+    """`data.on_corrupt: skip`: the batches are those of the same corpus with the shard left out of
+    its manifest (deterministic), the skip is logged once with the checksums, the fingerprint changes."""
+    shutil.copytree(train.directory, tmp_path / "damaged")
+    _flip_byte(tmp_path / "damaged" / "shard-00001.tar")
+    shutil.copytree(train.directory, tmp_path / "without")
+    manifest = load_manifest(tmp_path / "without")
+    del manifest.shards[1]
+    manifest.save(tmp_path / "without")
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        skipping = make_loader(Corpus(tmp_path / "damaged", train.shards), on_corrupt="skip")
+    without = make_loader(Corpus(tmp_path / "without", train.shards))
+    assert all(np.array_equal(a, b) for a, b in zip(take(skipping, 3, 4), take(without, 3, 4), strict=True))
+    assert skipping.fingerprint() == without.fingerprint() != make_loader(train).fingerprint()
+    skipped = [r.getMessage() for r in caplog.records if "shard-00001.tar" in r.getMessage()]
+    assert len(skipped) == 1 and re.search(r"sha256 [0-9a-f]{16}…, manifest says [0-9a-f]{16}…", skipped[0])
+    assert any("skipped 1 of" in r.getMessage() for r in caplog.records)
+
+
+def test_on_corrupt_skip_refuses_a_corpus_with_no_readable_shard(train, tmp_path):
+    shutil.copytree(train.directory, tmp_path / "train")
+    for shard in (tmp_path / "train").glob("shard-*.tar"):
+        shard.unlink()
+    with pytest.raises(DataError, match=r"every shard is missing or corrupt; prepare the data again"):
+        make_loader(Corpus(tmp_path / "train", train.shards), on_corrupt="skip")
 
 
 # --- the prefetch thread --------------------------------------------------------------------------

@@ -102,6 +102,32 @@ def test_latest_naming_an_incomplete_checkpoint_is_refused(tmp_path):
         checkpoints.latest()
 
 
+def test_resume_from_previous_goes_back_one_and_rewind_moves_the_newer_aside(tmp_path):
+    checkpoints = Checkpoints(tmp_path)
+    with pytest.raises(ConfigError, match="--resume-from previous needs a complete checkpoint before `latest` \\(none\\)"):
+        checkpoints.resume_tag("previous")
+    for step in (100, 200, 300):
+        _publish(checkpoints, step, keep_last=3)
+    assert checkpoints.resume_tag("latest") == tag(300)
+    assert checkpoints.resume_tag("previous") == tag(200)
+    assert checkpoints.resume_tag(tag(100)) == tag(100)
+    with pytest.raises(ConfigError, match="step_000150: --resume-from step_000150: not a complete checkpoint here; complete ones: "):
+        checkpoints.resume_tag(tag(150))
+    checkpoints.rewind(tag(200))
+    assert checkpoints.latest() == tag(200) and (tmp_path / "abandoned" / tag(300) / "COMPLETE").exists()
+    _publish(checkpoints, 300, keep_last=1)  # the rerun's own step 300; retention never touches abandoned/
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [tag(300)] and (tmp_path / "abandoned" / tag(300)).exists()
+
+
+def test_a_damaged_trainer_state_is_named_with_the_way_out(tmp_path):
+    checkpoints = Checkpoints(tmp_path)
+    _publish(checkpoints, 100)
+    (tmp_path / tag(100) / "trainer_state.json").write_text('{"step": 1')
+    with pytest.raises(ConfigError, match=r"trainer_state.json: unreadable \(.*\); the checkpoint is truncated or corrupt; "
+                                          r"`--resume-from previous` continues from the checkpoint before step_000100"):
+        checkpoints.read_state(tag(100))
+
+
 def test_activation_checkpointing_on_a_model_without_it_is_refused():
     import torch
 

@@ -9,7 +9,3 @@ directory, or a directory `compress quantize` wrote (`load_quantized`). Pruned m
 `save_pretrained` directories, so a recovery finetune is an ordinary run with `model.pretrained=DIR`.
 """
 
-from trainer.compress.models import load_model
-from trainer.compress.quantize import load_quantized
-
-__all__ = ["load_model", "load_quantized"]

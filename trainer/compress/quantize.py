@@ -12,7 +12,7 @@ with `weights_only=True`. optimum-quanto would also work but sits outside PyTorc
                    need CUDA kernels), so this trades accuracy for nothing on disk there
 
 Output: config.json, quantized.pt (the state dict), quantization.json (the method) and the
-tokenizer; `load_quantized(DIR)` (or `trainer.compress.load_model`) rebuilds the model from them.
+tokenizer; `load_quantized(DIR)` (or `trainer.compress.models.load_model`) rebuilds the model from them.
 """
 
 from __future__ import annotations

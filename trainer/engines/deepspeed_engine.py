@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Config, ConfigError
+from trainer.checkpoint import unreadable
 from trainer.engines import adamw_with_schedule
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -48,13 +49,8 @@ def verify_torch_files(checkpoint: Path) -> None:
         try:
             with safe_globals():
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as err:
-            found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "a disallowed object")
-            raise ConfigError(f"{path}: refused, it is not a plain tensor checkpoint ({found}); "
-                              "only load checkpoints you wrote") from None
-        except (RuntimeError, OSError, EOFError, ValueError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"{path}: unreadable ({first}); the checkpoint is truncated or corrupt") from None
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
+            raise unreadable(path, err) from None
 
 
 def ds_config(config: Config, world_size: int, load_universal: bool = False) -> dict:

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from trainer import models
 from trainer.config import Config, ConfigError
 from trainer.distributed import device
+from trainer.checkpoint import unreadable
 from trainer.engines import adamw_with_schedule
 
 
@@ -70,12 +71,9 @@ def verify_dcp(directory: Path) -> None:
                 with open(path, "rb") as f:
                     f.seek(info.offset)
                     torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "a disallowed object")
-        raise ConfigError(f"{path}: refused, it is not a plain tensor checkpoint ({found}); only load checkpoints you wrote") from None
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"{path}: unreadable ({first}); the checkpoint is truncated or corrupt") from None
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError) as err:
+        raise unreadable(path, err) from None
+
 
 class FSDP2Engine:
     def __init__(self, model: torch.nn.Module, config: Config, world_size: int, total_steps: int) -> None:
