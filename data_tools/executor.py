@@ -2,7 +2,8 @@
 
 Workers report processed documents through a queue; the parent turns that into one tqdm bar per
 stage (docs/s). A task that fails stops the stage with its own error; finished tasks keep their
-markers, so the rerun starts from them.
+markers, so the rerun starts from them. A worker killed from outside (the OOM killer, a SIGKILL)
+ends the stage with one line saying so, not a pool traceback.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import multiprocessing as mp
 import queue
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
+
+from data_tools.errors import DataError
 
 TaskFn = Callable[..., None]  # fn(index, progress)
 _progress_queue: mp.Queue | None = None
@@ -50,10 +54,13 @@ def run_tasks(fn: TaskFn, indices: list[int], workers: int, desc: str) -> None:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
                 _drain(progress_queue, bar)
                 for future in done:
-                    if future.exception() is not None:
+                    if (error := future.exception()) is not None:
                         for other in pending:
                             other.cancel()
-                        raise future.exception()
+                        if isinstance(error, BrokenProcessPool):
+                            raise DataError(f"{desc}: a worker process died (killed by a signal or out of memory); "
+                                            "finished tasks are kept, run the same command to resume") from None
+                        raise error
             _drain(progress_queue, bar)
 
 

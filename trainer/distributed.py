@@ -17,6 +17,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 
 def _free_port() -> int:
@@ -44,7 +45,11 @@ def init(timeout_s: float = 600) -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    # Process groups created later (DeepSpeed's clone of the world group, which carries ZeRO's gradient
+    # reductions) take torch's module default (30 min), not the world group's timeout: set that too.
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
     _explain_collective_failures(dist.get_rank(), timeout_s)
     return dist.get_rank(), dist.get_world_size(), local_rank
 

@@ -123,7 +123,7 @@ def train(config: Config, resume_from: str = "latest") -> int:
             f"= {tcfg.micro_batch} × {world}"
         )
     accum = tcfg.global_batch // (tcfg.micro_batch * world)
-    sources, valid = read_manifests(config)
+    sources, _ = read_manifests(config)
     data, tok = sources[0], sources[0].tokenizer
     train_path = Path(config.data.sources()[0].path)
     data_dir = train_path if train_path.is_dir() else train_path.parent
@@ -303,7 +303,7 @@ class Saver:
         self.data_dir, self.tokenizer_file, self.world, self.rank = data_dir, tokenizer_file, world, rank
 
     def save(self, step: int, tokens: int, nan_skips: int, best: BestMetric) -> None:
-        checkpoints, config = self.checkpoints, self.config
+        checkpoints = self.checkpoints
         if self.rank == 0:
             checkpoints.clear_staging(step)
         distributed.barrier()

@@ -3,14 +3,12 @@ inject the fault, and compare what survives with an uninterrupted run."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from trainer_runs import ENV, metrics, train_cmd
+from trainer_runs import ENV, descendants, metrics, train_cmd
 
 TIMING = {"tokens_per_s", "step_s", "data_wait_frac", "peak_mem_gb", "mfu"}  # wall-clock numbers: never equal twice
 
@@ -38,25 +36,6 @@ def wait_for(proc: subprocess.Popen, moment: Callable[[], bool], timeout: float 
         assert proc.poll() is None, "the run ended before the moment came"
         assert time.monotonic() < deadline, "the moment never came"
         time.sleep(0.005)
-
-
-def kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every process under it, stopped ones included (torchrun starts each
-    rank in a session of its own, so the launcher's process group does not reach them)."""
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
-def descendants(pid: int) -> list[int]:
-    try:
-        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-    except FileNotFoundError:
-        return []
-    return [grandchild for child in children for grandchild in (child, *descendants(child))]
 
 
 def logged(run_dir: Path, step: int) -> bool:

@@ -9,8 +9,8 @@ import signal
 import time
 
 import pytest
-from faults import alive, deterministic, kill, latest_step, logged, published, rank_pids, staging, start, stderr_of, wait_for
-from trainer_runs import losses, train
+from faults import alive, deterministic, latest_step, logged, published, rank_pids, staging, start, stderr_of, wait_for
+from trainer_runs import kill, losses, train
 
 pytestmark = pytest.mark.slow
 

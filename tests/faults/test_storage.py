@@ -10,9 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from data_tools.manifest import load_manifest
 from faults import deterministic, latest_step
 from trainer_runs import ENV, losses, metrics, train, train_cmd
+
+from data_tools.manifest import load_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -115,11 +116,15 @@ def test_a_truncated_engine_file_is_named_and_resume_from_previous_continues_exa
     assert latest_step(run_dir) == 8 and (run_dir / "checkpoints" / "abandoned" / "step_000008").is_dir()
 
 
-def test_a_skipped_nonfinite_loss_is_counted_in_metrics(tmp_path, config_file):
-    """The skip itself (log line, finite losses) is tested in tests/integration/test_train.py; here: it is on record."""
+def test_nonfinite_losses_are_skipped_up_to_the_limit_then_the_run_stops_on_its_last_good_step(tmp_path, config_file):
+    """Skipping one NaN and stopping at the next (max_nan_skips=1); the stop policy alone and the skip's
+    effect on the losses are tested in tests/integration/test_train.py. Here: both on record, in order."""
     run_dir = tmp_path / "nan"
-    train(config_file, 1, run_dir, "train.max_steps=3", "train.eval_every=100", "debug.nan_at_steps=[2]")
-    assert [m["nan_skips"] for m in metrics(run_dir) if "loss" in m] == [0, 1, 1]
+    result = train(config_file, 1, run_dir, "train.eval_every=100", "train.max_nan_skips=1", "debug.nan_at_steps=[2,4]",
+                   expect=65)
+    assert "stopped at step 4: non-finite loss (train.nan_policy=skip); last good state saved" in result.stderr
+    assert [(m["step"], m["nan_skips"]) for m in metrics(run_dir) if "loss" in m] == [(1, 0), (2, 1), (3, 1)]
+    assert latest_step(run_dir) == 3
     tags = {tag for path in (run_dir / "tb").glob("events.*") for tag in _scalar_tags(path)}
     assert "train/nan_skips" in tags
 

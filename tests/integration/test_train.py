@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_runs import ENV, digests, losses, metrics, rewind, train, train_cmd
+from trainer_runs import ENV, digests, kill, losses, metrics, rewind, train, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +61,7 @@ def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path, config_file, engine,
     while not (run_dir / "checkpoints" / "step_000004" / "COMPLETE").exists() and time.monotonic() < deadline:
         assert proc.poll() is None, "training ended before its first checkpoint"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill(proc)  # the launcher and every rank
     result = train(config_file, 2, run_dir, *engine)
     assert "resumed from" in result.stdout + result.stderr
     assert losses(run_dir) == losses(reference)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -61,3 +62,22 @@ def rewind(src: Path, dst: Path, step: int) -> None:
     if best:  # `best` as it was then
         (dst / "checkpoints" / "best").write_text(f"step_{best['step']:06d}\n")
     shutil.rmtree(dst / "export", ignore_errors=True)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it, stopped ones included (torchrun starts each
+    rank in a session of its own, so the launcher's process group does not reach them)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    except FileNotFoundError:
+        return []
+    return [grandchild for child in children for grandchild in (child, *descendants(child))]

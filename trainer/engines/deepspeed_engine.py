@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.config import Config, ConfigError
 from trainer.checkpoint import unreadable
+from trainer.config import Config, ConfigError
 from trainer.engines import adamw_with_schedule
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"

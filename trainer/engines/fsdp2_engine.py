@@ -22,9 +22,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from trainer import models
+from trainer.checkpoint import unreadable
 from trainer.config import Config, ConfigError
 from trainer.distributed import device
-from trainer.checkpoint import unreadable
 from trainer.engines import adamw_with_schedule
 
 
