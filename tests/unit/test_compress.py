@@ -120,8 +120,36 @@ def test_sparsity_outside_the_open_interval_is_refused(teacher, tmp_path, sparsi
         prune(teacher, tmp_path / "p", sparsity)
 
 
-def test_head_pruning_is_refused_with_a_reason(teacher, tmp_path):
-    with pytest.raises(ConfigError, match="prune_heads"):
+def test_head_pruning_removes_whole_kv_groups_of_a_llama_and_keeps_the_kept_heads_outputs(tmp_path):
+    """4 query heads reading 2 KV heads, 50%: one group (2 query heads + 1 KV head) goes; the reloaded
+    model's config says so, and with the dropped group's o_proj columns zeroed in the original, both compute the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=SEQ_LEN, architectures=["LlamaForCausalLM"])
+    original = LlamaForCausalLM(config)
+    with torch.no_grad():  # make group 1 the weaker one in every block, so which group survives is known
+        for layer in original.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight.view(2, -1, 32)[1] *= 0.01
+    original.save_pretrained(tmp_path / "llama")
+    (tmp_path / "llama" / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
+    pruned_dir = prune(tmp_path / "llama", tmp_path / "heads", 0.5, "heads")
+    pruned, _ = load_model(pruned_dir)
+    assert (pruned.config.num_attention_heads, pruned.config.num_key_value_heads, pruned.config.head_dim) == (2, 1, 8)
+    assert pruned.model.layers[0].self_attn.q_proj.weight.shape == (16, 32)
+    assert pruned.model.layers[0].self_attn.k_proj.weight.shape == (8, 32)
+    assert pruned.num_parameters() < original.num_parameters()
+    with torch.no_grad():
+        for layer in original.model.layers:
+            layer.self_attn.o_proj.weight[:, 16:] = 0  # group 1's heads contribute nothing
+        ids = torch.randint(1000, 2000, (2, SEQ_LEN))
+        assert torch.allclose(original.eval()(ids).logits, pruned(ids).logits, atol=1e-5)
+
+
+def test_head_pruning_of_a_bert_is_refused_with_a_reason(teacher, tmp_path):
+    with pytest.raises(ConfigError, match="bert configs derive the head size from hidden_size / heads"):
         prune(teacher, tmp_path / "p", 0.5, "heads")
 
 

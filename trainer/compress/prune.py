@@ -8,8 +8,11 @@
                     removed in every block: intermediate_size shrinks, weights and disk with it
     layers          every other block kept, evenly spaced (DistilBERT's student initialisation):
                     num_hidden_layers shrinks
-    heads           refused: transformers 5 dropped `prune_heads`, and a BERT config cannot state
-                    fewer heads than hidden_size / head size
+    heads           the attention heads with the smallest L1 norm (their q/k/v rows plus o columns)
+                    removed, whole key/value groups at a time under grouped-query attention, the same
+                    count in every block: num_attention_heads and num_key_value_heads shrink, head_dim
+                    stays. Llama-family models only: a BERT config derives the head size from
+                    hidden_size / num_attention_heads, so it cannot describe fewer heads
 
 The result is a `save_pretrained` directory with the tokenizer. Recovery finetuning is an ordinary
 run from it: `python -m trainer --config … model.pretrained=DIR`.
@@ -47,7 +50,7 @@ def prune(source: str | Path, out: str | Path, sparsity: float, structured: str 
     elif structured == "layers":
         drop_layers(model, sparsity)
     elif structured == "heads":
-        raise ConfigError("--structured heads: transformers 5 has no prune_heads and the config cannot state a smaller head count; use ffn or layers")
+        prune_heads(model, sparsity)
     else:
         raise ConfigError(f"--structured {structured}: unknown; use one of {', '.join(STRUCTURES)}")
     out = Path(out)
@@ -97,6 +100,35 @@ def ffn_parts(block: torch.nn.Module) -> tuple[list[torch.nn.Linear], torch.nn.L
         except AttributeError:
             continue
     raise ConfigError(f"--structured ffn: no FFN of a known layout in {type(block).__name__} (BERT and Llama families are supported)")
+
+
+def prune_heads(model: torch.nn.Module, sparsity: float) -> None:
+    """Keep the (1 - sparsity) share of key/value groups (a KV head and the query heads reading it)
+    with the largest L1 norm, the same count in every block."""
+    config = model.config
+    if not hasattr(config, "num_key_value_heads") or not all(hasattr(b, "self_attn") for b in transformer_blocks(model)):
+        raise ConfigError(f"--structured heads: {config.model_type} configs derive the head size from hidden_size / heads, so they "
+                          "cannot describe fewer heads; use a Llama-family model, or --structured ffn|layers")
+    heads, groups = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_group = heads // groups
+    kept = max(1, round((1 - sparsity) * groups))
+    for block in transformer_blocks(model):
+        attention = block.self_attn
+        q, k, v, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
+        norms = (q.weight.abs().view(groups, -1).sum(1) + k.weight.abs().view(groups, -1).sum(1)
+                 + v.weight.abs().view(groups, -1).sum(1) + o.weight.abs().view(-1, groups, per_group * head_dim).sum((0, 2)))
+        keep = norms.topk(kept).indices.sort().values
+        kv_rows = (keep[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        q_rows = (keep[:, None] * per_group * head_dim + torch.arange(per_group * head_dim)).flatten()
+        for layer, rows in ((q, q_rows), (k, kv_rows), (v, kv_rows)):
+            layer.weight = torch.nn.Parameter(layer.weight[rows].clone())
+            if layer.bias is not None:
+                layer.bias = torch.nn.Parameter(layer.bias[rows].clone())
+            layer.out_features = len(rows)
+        o.weight = torch.nn.Parameter(o.weight[:, q_rows].clone())
+        o.in_features = len(q_rows)
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = kept * per_group, kept, head_dim
 
 
 def drop_layers(model: torch.nn.Module, sparsity: float) -> None:
