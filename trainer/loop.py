@@ -143,7 +143,7 @@ def train(config: Config, resume_from: str = "latest") -> int:
     task = build_task(TaskContext(config, data.seq_len, tokenizer, tok.eos_id, model.config.pad_token_id, data.labels,
                                   config.data.valid))
     engine = build_engine(adapt(model, config), config, world, steps_total, state.world_size if state else None)
-    loss_of = objective(config, model, tokenizer_file, device)  # the model's loss, or mixed with a teacher's (distill)
+    loss_of = objective(config, model, tokenizer_file, engine.place_frozen)  # the model's loss, or mixed with a teacher's (distill)
     step, tokens, nan_skips = 0, 0, 0
     best = BestMetric(tcfg.best_metric, tcfg.best_mode, tcfg.early_stop_patience)
     if state:

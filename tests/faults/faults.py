@@ -10,6 +10,7 @@ from pathlib import Path
 
 from trainer_runs import ENV, descendants, metrics, train_cmd
 
+ENGINES = {"deepspeed": (), "fsdp2": ("engine.type=fsdp2",)}  # overrides of the test config (default: DeepSpeed ZeRO)
 TIMING = {"tokens_per_s", "step_s", "data_wait_frac", "peak_mem_gb", "mfu"}  # wall-clock numbers: never equal twice
 
 

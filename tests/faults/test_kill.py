@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from faults import alive, deterministic, latest_step, logged, published, rank_pids, staging, start, stderr_of, wait_for
+from faults import ENGINES, alive, deterministic, latest_step, logged, published, rank_pids, staging, start, stderr_of, wait_for
 from trainer_runs import kill, losses, train
 
 pytestmark = pytest.mark.slow
@@ -25,21 +25,25 @@ MOMENTS = {
 }
 
 
+ENGINE = {moment: "fsdp2" if moment.startswith("after-step") else "deepspeed" for moment in MOMENTS}
+
+
 @pytest.mark.parametrize("moment", sorted(MOMENTS))
-def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_metrics(tmp_path, config_file, reference, moment):
+def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_metrics(tmp_path, config_file, references, moment):
+    engine = ENGINES[ENGINE[moment]]
     run_dir = tmp_path / "killed"
-    proc = start(config_file, 2, run_dir)
+    proc = start(config_file, 2, run_dir, *engine)
     wait_for(proc, lambda: MOMENTS[moment](run_dir))
     kill(proc)
     last = max(losses(run_dir), default=0)
     kept = latest_step(run_dir)  # also: nothing without COMPLETE is published or named by `latest`
-    print(f"{moment}: killed after step {last}, checkpoint {kept}, {last - kept} steps to redo")
-    result = train(config_file, 2, run_dir)
+    print(f"{moment} ({ENGINE[moment]}): killed after step {last}, checkpoint {kept}, {last - kept} steps to redo")
+    result = train(config_file, 2, run_dir, *engine)
     resumed = "resumed from" in result.stdout + result.stderr
     assert resumed == (kept > 0), result.stderr[-2000:]
     if kept:
         assert f"checkpoints/step_{kept:06d} (step {kept}" in result.stdout + result.stderr
-    assert deterministic(run_dir) == deterministic(reference)
+    assert deterministic(run_dir) == deterministic(references(ENGINE[moment]))
 
 
 TIMEOUT_S = 10

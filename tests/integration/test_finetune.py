@@ -204,3 +204,27 @@ def test_mlm_masked_accuracy_rises(tmp_path, token_data, sentence_task):
 def test_task_and_data_must_match(tmp_path, sentiment_config):
     result = train(sentiment_config, 1, tmp_path / "x", "task.type=sft", expect=2)
     assert "made by prepare-finetune --task classification, but task.type sft reads data from prepare-finetune --task sft" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def half_depth_student(tmp_path_factory, sentiment_run) -> Path:
+    """The sentiment model's blocks 0, 2, 4: DistilBERT's student initialisation."""
+    out = tmp_path_factory.mktemp("student") / "init"
+    subprocess.run([sys.executable, "-m", "trainer", "compress", "prune", str(sentiment_run), "--sparsity", "0.5", "--structured", "layers",
+                    "--out", str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("engine, sharded_by", [(["engine.zero_stage=3"], "ZeRO-3"), (["engine.type=fsdp2"], "FSDP2")], ids=["zero3", "fsdp2"])
+def test_distillation_from_a_sharded_teacher_trains_a_half_depth_student(tmp_path, sentiment_config, sentiment_run, half_depth_student,
+                                                                         engine, sharded_by):
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir = tmp_path / "student"
+    distill = [f"model.pretrained={half_depth_student}", f"distill.teacher={sentiment_run}", "distill.alpha=0.7", "distill.temperature=2"]
+    result = train(sentiment_config, 2, run_dir, *engine, *distill)
+    assert f"distillation from {sentiment_run}: 22,713,986 parameters, sharded across 2 ranks by {sharded_by}" in result.stderr
+    assert AutoModelForSequenceClassification.from_pretrained(run_dir / "export").config.num_hidden_layers == 3
+    assert losses(run_dir)[8] < losses(run_dir)[1]
+    if sharded_by == "ZeRO-3":  # the teacher holds no state of its own: a resume is exact
+        assert_resumes_bitwise(sentiment_config, run_dir, 4, *engine, *distill)

@@ -114,6 +114,23 @@ def test_structured_pruning_shrinks_config_and_weights(teacher, valid, tmp_path)
     assert "accuracy" in evaluate(tmp_path / "layers", valid).metrics
 
 
+def test_recovery_finetune_trains_the_pruned_model_and_keeps_the_sparsity(teacher, valid, tmp_path):
+    """`--recover`: a short real run from the pruned model (the valid split stands in for training data),
+    then the same sparsity again, since finetuning lets pruned weights regrow."""
+    import json
+
+    config = tmp_path / "recover.json"
+    config.write_text(json.dumps({"task": {"type": "classification"}, "data": {"train": str(valid), "lanes": 4},
+                                  "train": {"global_batch": 8, "micro_batch": 8, "log_every": 1}, "optim": {"lr": 1e-2},
+                                  "schedule": {"warmup_steps": 0, "decay": "constant"}}))
+    plain = load_model(prune(teacher, tmp_path / "plain", 0.5))[0]
+    recovered = load_model(prune(teacher, tmp_path / "recovered", 0.5, recover=config, recover_steps=2))[0]
+    assert (tmp_path / "recovered.recovery" / "checkpoints" / "step_000002" / "COMPLETE").exists()
+    assert sparsity_of(recovered) == pytest.approx(0.5, abs=0.01)
+    changed = [name for name, weight in recovered.state_dict().items() if not torch.equal(weight, plain.state_dict()[name])]
+    assert "classifier.weight" in changed
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.2, 1.5])
 def test_sparsity_outside_the_open_interval_is_refused(teacher, tmp_path, sparsity):
     with pytest.raises(ConfigError, match="strictly between 0 and 1"):
@@ -159,13 +176,13 @@ def _distill_config(teacher: Path):
 
 def test_distillation_mixes_kl_into_the_task_loss(teacher):
     student = load_model(teacher)[0].train()
-    loss_of = objective(_distill_config(teacher), student, TOKENIZER, torch.device("cpu"))
+    loss_of = objective(_distill_config(teacher), student, TOKENIZER, lambda model: model)
     inputs = {"input_ids": torch.tensor([[101, 1500, 102], [101, 1600, 102]]), "labels": torch.tensor([0, 1])}
     output = student(**inputs)
     loss = loss_of(inputs, output)  # the student is the teacher in train mode: the KL comes from dropout only
     assert loss.requires_grad and 0 < loss.item() < output.loss.item() * 0.5 + 1.0
     loss.backward()
-    assert objective(load_config(None, ["data.train=x"]), student, TOKENIZER, torch.device("cpu")) is task_loss
+    assert objective(load_config(None, ["data.train=x"]), student, TOKENIZER, lambda model: model) is task_loss
 
 
 def test_distillation_refuses_a_teacher_with_another_tokenizer(teacher, tmp_path):
@@ -173,7 +190,7 @@ def test_distillation_refuses_a_teacher_with_another_tokenizer(teacher, tmp_path
     load_model(teacher)[0].save_pretrained(other)
     _other_tokenizer(other)
     with pytest.raises(ConfigError, match="distill.teacher .*differs from the data's"):
-        objective(_distill_config(other), load_model(teacher)[0], TOKENIZER, torch.device("cpu"))
+        objective(_distill_config(other), load_model(teacher)[0], TOKENIZER, lambda model: model)
 
 
 def test_kl_loss_is_zero_for_equal_logits_and_counts_only_labelled_next_tokens():

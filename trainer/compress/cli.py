@@ -25,6 +25,8 @@ def compress_main(argv: list[str]) -> int:
     pruning.add_argument("model")
     pruning.add_argument("--sparsity", type=float, required=True, help="share of weights (or channels, blocks) removed, in (0, 1)")
     pruning.add_argument("--structured", choices=STRUCTURES, help="remove whole units; unset: unstructured magnitude pruning")
+    pruning.add_argument("--recover", metavar="RUN_CONFIG", help="finetune the pruned model briefly with this run config (its task data)")
+    pruning.add_argument("--recover-steps", type=int, default=100, help="steps of the recovery finetune (default 100)")
     quantizing = commands.add_parser("quantize", help="torchao weight quantization")
     quantizing.add_argument("model")
     quantizing.add_argument("--method", choices=METHODS, required=True)
@@ -33,7 +35,7 @@ def compress_main(argv: list[str]) -> int:
         sub.add_argument("--data", help="a valid split: adds task metrics and latency to the before/after table")
     args = parser.parse_args(argv)
     if args.command == "prune":
-        out = prune(args.model, args.out, args.sparsity, args.structured)
+        out = prune(args.model, args.out, args.sparsity, args.structured, args.recover, args.recover_steps)
     else:
         out = quantize(args.model, args.out, args.method)
     print(table({"before": evaluate(args.model, args.data), "after": evaluate(out, args.data)}))

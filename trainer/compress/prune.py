@@ -14,12 +14,19 @@
                     stays. Llama-family models only: a BERT config derives the head size from
                     hidden_size / num_attention_heads, so it cannot describe fewer heads
 
-The result is a `save_pretrained` directory with the tokenizer. Recovery finetuning is an ordinary
-run from it: `python -m trainer --config … model.pretrained=DIR`.
+The result is a `save_pretrained` directory with the tokenizer. `--recover CONFIG --recover-steps N`
+then finetunes it briefly with a run config of the task (one process, the run in OUT.recovery/, its
+export replacing OUT); after unstructured pruning the finetune lets zeros regrow, so the recovered
+weights are pruned to the same sparsity again (prune, recover, re-prune: the usual gradual scheme
+in one round).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -37,7 +44,8 @@ FFN_LAYOUTS = (  # (input projections, output projection) attribute paths inside
 )
 
 
-def prune(source: str | Path, out: str | Path, sparsity: float, structured: str | None = None) -> Path:
+def prune(source: str | Path, out: str | Path, sparsity: float, structured: str | None = None,
+          recover: str | Path | None = None, recover_steps: int = 100) -> Path:
     if not 0 < sparsity < 1:
         raise ConfigError(f"--sparsity {sparsity}: must lie strictly between 0 and 1")
     if is_quantized(source):
@@ -56,7 +64,28 @@ def prune(source: str | Path, out: str | Path, sparsity: float, structured: str 
     out = Path(out)
     model.save_pretrained(out)
     copy_tokenizer(tokenizer, out)
+    if recover:
+        recovered = recovery_finetune(out, Path(recover), recover_steps)
+        shutil.rmtree(out)
+        if structured is None:
+            return prune(recovered, out, sparsity)
+        shutil.copytree(recovered, out)
     return out
+
+
+def recovery_finetune(pruned: Path, config: Path, steps: int) -> Path:
+    """Train the pruned model `steps` steps with run config `config` in one process; its export."""
+    if steps < 1:
+        raise ConfigError(f"--recover-steps {steps}: must be at least 1")
+    run_dir = pruned.with_name(pruned.name + ".recovery")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = [sys.executable, "-m", "trainer", "--config", str(config), f"model.pretrained={pruned.resolve()}",
+               f"run.out_dir={run_dir.parent.resolve()}", f"run.name={run_dir.name}", f"train.max_steps={steps}",
+               f"train.eval_every={steps}", f"train.ckpt_every={steps}"]
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    if subprocess.run(command, env=env).returncode:
+        raise ConfigError(f"--recover {config}: the recovery finetune failed (its log is above; the run is in {run_dir})")
+    return run_dir / "export"
 
 
 def magnitude(model: torch.nn.Module, sparsity: float) -> None:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from trainer.checkpoint import unreadable
 from trainer.config import Config, ConfigError
+from trainer.distributed import device
 from trainer.engines import adamw_with_schedule
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -118,13 +119,29 @@ class DeepSpeedEngine:
             model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
         optimizer, scheduler = adamw_with_schedule(model, config, total_steps)
         self.universal = resume_world not in (None, world_size) and config.engine.zero_stage > 0
+        self.ds_config = ds_config(config, world_size, self.universal)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=ds_config(config, world_size, self.universal),
+            config=self.ds_config,
             dist_init_required=False,
         )
+
+    def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A model that only runs forwards (a distillation teacher), placed as the student is: under
+        ZeRO-3 partitioned across ranks (its parameters on the CPU with `offload_param`), gathered
+        layer by layer for each forward; under ZeRO 0-2 a replica on this rank's device."""
+        model = model.requires_grad_(False).eval()
+        if self.ds_config["zero_optimization"]["stage"] < 3:
+            return model.to(device())
+        import deepspeed
+
+        zero = {k: v for k, v in self.ds_config["zero_optimization"].items() if k != "offload_optimizer"}
+        frozen = {**{k: v for k, v in self.ds_config.items() if k != "checkpoint"}, "zero_optimization": zero}
+        engine, *_ = deepspeed.initialize(model=model, config=frozen, dist_init_required=False)
+        engine.eval()
+        return engine
 
     @property
     def module(self) -> torch.nn.Module:

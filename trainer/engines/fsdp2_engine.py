@@ -88,12 +88,13 @@ class FSDP2Engine:
             reduce_dtype=torch.bfloat16 if bf16 and engine.reduce_dtype == "bf16" else torch.float32 if bf16 else None,
         )
         offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if engine.offload == "cpu" else OffloadPolicy()
-        mesh = init_device_mesh(device().type, (world_size,))
+        self.mesh = init_device_mesh(device().type, (world_size,))
+        self.sharding = {"mesh": self.mesh, "mp_policy": mixed, "offload_policy": offload}
         for block in transformer_blocks(model):
             if engine.compile:
                 block.compile()
-            fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
-        fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+            fully_shard(block, **self.sharding)
+        fully_shard(model, **self.sharding)
         self.model = model
         self.optimizer, self.scheduler = adamw_with_schedule(model, config, total_steps)
         self.accum = config.train.global_batch // (config.train.micro_batch * world_size)
@@ -104,6 +105,16 @@ class FSDP2Engine:
     @property
     def module(self) -> torch.nn.Module:
         return self.model
+
+    def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A model that only runs forwards (a distillation teacher), sharded as the student is: each
+        block's parameters split across ranks (on the CPU with `engine.offload: cpu`), gathered for
+        its forward and freed after."""
+        model = model.requires_grad_(False).eval()
+        for block in transformer_blocks(model):
+            fully_shard(block, **self.sharding)
+        fully_shard(model, **self.sharding)
+        return model
 
     def forward(self, **inputs: torch.Tensor):
         return self.model(**inputs)
