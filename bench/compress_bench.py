@@ -4,7 +4,8 @@
 2. student     half the depth: the teacher's blocks 0, 2, 4 (`compress prune --structured layers`),
                finetuned with distillation from the teacher (`distill.teacher`), one process
 3. pruned      the teacher with 50% of its block weights zeroed by magnitude, no recovery finetune
-4. int8        the teacher through `compress quantize --method int8-dynamic`
+4. recovered   the same, then a short recovery finetune (`--recover`, --recover-steps) and re-pruned
+5. int8        the teacher through `compress quantize --method int8-dynamic`
 
 Targets: int8 within 1 accuracy point of the teacher at <= 0.35x its size; the student >= 95% of
 the teacher's accuracy. Latency is single-example forwards with one thread (the machine is shared;
@@ -26,11 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "runs/finetune/sentiment-minilm"
 DATA = ROOT / "runs/finetune/data/sentiment"
 OUT = ROOT / "bench/out/compress"
+RECIPE = ROOT / "examples/finetune/sentiment-minilm.yaml"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=140, help="student training steps (global batch 32)")
+    parser.add_argument("--recover-steps", type=int, default=70, help="recovery finetune steps of the pruned teacher")
     args = parser.parse_args()
     if not (TEACHER / "export" / "config.json").exists():
         sys.exit(f"no teacher at {TEACHER}/export; run examples/finetune/run.sh sentiment first")
@@ -48,6 +51,7 @@ def main() -> int:
         "teacher": TEACHER,
         "student": OUT / "student" / "export",
         "pruned-50%": prune(TEACHER, OUT / "pruned", 0.5),
+        "pruned-50%+recovery": prune(TEACHER, OUT / "recovered", 0.5, recover=RECIPE, recover_steps=args.recover_steps),
         "int8": quantize(TEACHER, OUT / "int8", "int8-dynamic"),
     }
     reports = {name: evaluate(path, DATA / "valid") for name, path in models.items()}
@@ -61,7 +65,8 @@ def main() -> int:
     for name, passed in checks.items():
         print(f"{'PASS' if passed else 'FAIL'}  {name}")
     results = {name: {**report.row(), "size_ratio": report.size_bytes / teacher.size_bytes} for name, report in reports.items()}
-    (OUT / "results.json").write_text(json.dumps({"models": results, "checks": checks, "student_steps": args.steps}, indent=1) + "\n")
+    settings = {"student_steps": args.steps, "recover_steps": args.recover_steps}
+    (OUT / "results.json").write_text(json.dumps({"models": results, "checks": checks, **settings}, indent=1) + "\n")
     return 0 if all(checks.values()) else 1
 
 
@@ -73,8 +78,7 @@ def train_student(steps: int) -> None:
         f"train.max_steps={steps}", f"train.eval_every={steps}", f"train.ckpt_every={steps}", "schedule.warmup_steps=14",
     ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    subprocess.run([sys.executable, "-m", "trainer", "--config", str(ROOT / "examples/finetune/sentiment-minilm.yaml"), *overrides],
-                   cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "trainer", "--config", str(RECIPE), *overrides], cwd=ROOT, env=env, check=True)
 
 
 if __name__ == "__main__":
