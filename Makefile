@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test finetune bench clean
+.PHONY: demo test finetune bench bench-compress clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(INSTALLED) $(BENCH_DATATROVE)
 	$(BIN)/python bench/loader_bench.py
 	$(BIN)/python bench/trainer_bench.py
 	$(BIN)/python bench/engine_bench.py
+
+# the compression table of the README: the sentiment recipe's run is the teacher
+bench-compress: $(INSTALLED)
+	test -f runs/finetune/sentiment-minilm/export/config.json || PYTHON=$(BIN)/python examples/finetune/run.sh sentiment
+	OMP_NUM_THREADS=2 $(BIN)/python bench/compress_bench.py
 
 clean:
 	rm -rf runs bench/out

@@ -11,7 +11,7 @@ Targets: int8 within 1 accuracy point of the teacher at <= 0.35x its size; the s
 the teacher's accuracy. Latency is single-example forwards with one thread (the machine is shared;
 one thread keeps the numbers comparable). Results: bench/out/compress/results.json.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/compress_bench.py [--steps 140]
+    make bench-compress        (or: OMP_NUM_THREADS=2 .venv/bin/python bench/compress_bench.py [--steps 140] [--recover-steps 70])
 """
 
 from __future__ import annotations

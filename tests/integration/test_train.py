@@ -136,6 +136,15 @@ def test_export_gives_the_same_logits(tmp_path, reference):
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 512
 
 
+def test_a_causal_lm_distils_from_a_teacher_placed_by_its_engine(tmp_path, config_file, engine, reference):
+    """The reference's export teaches a student of half its width: under FSDP2 the teacher is sharded, under ZeRO-2 replicated."""
+    run_dir = tmp_path / "student"
+    result = train(config_file, 2, run_dir, *engine, f"distill.teacher={reference}", "model.hidden_size=16", "train.max_steps=4")
+    placed = "sharded across 2 ranks by FSDP2" if "engine.type=fsdp2" in engine else "replicated on cpu"
+    assert f"distillation from {reference}: " in result.stderr and placed in result.stderr
+    assert all(math.isfinite(loss) for loss in losses(run_dir).values()) and losses(run_dir)[4] < losses(run_dir)[1]
+
+
 def test_same_seed_same_losses_under_the_deepspeed_launcher(tmp_path, config_file, engine, reference):
     """A second run from scratch, started by `deepspeed` instead of torchrun, logs the reference's losses bit for bit."""
     train(config_file, 2, tmp_path / "ds", *engine, launcher="deepspeed")
