@@ -23,7 +23,6 @@ in one round).
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -82,8 +81,7 @@ def recovery_finetune(pruned: Path, config: Path, steps: int) -> Path:
     command = [sys.executable, "-m", "trainer", "--config", str(config), f"model.pretrained={pruned.resolve()}",
                f"run.out_dir={run_dir.parent.resolve()}", f"run.name={run_dir.name}", f"train.max_steps={steps}",
                f"train.eval_every={steps}", f"train.ckpt_every={steps}"]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    if subprocess.run(command, env=env).returncode:
+    if subprocess.run(command).returncode:  # the trainer picks the accelerator (CPU without CUDA)
         raise ConfigError(f"--recover {config}: the recovery finetune failed (its log is above; the run is in {run_dir})")
     return run_dir / "export"
 
