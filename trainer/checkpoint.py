@@ -110,7 +110,8 @@ class Checkpoints:
         try:
             return TrainerState(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError) as err:
-            raise ConfigError(f"{unreadable(path, err)}; `--resume-from previous` continues from the checkpoint before {name}") from None
+            raise ConfigError(f"{unreadable(path, err)}; `--resume-from previous` continues from the checkpoint "
+                              f"before {name}") from None
 
     def staging(self, step: int) -> str:
         """Tag of the temporary directory engines write into."""

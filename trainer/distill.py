@@ -44,7 +44,8 @@ def objective(config: Config, student: torch.nn.Module, tokenizer_file: Path,
     check_tokenizer(teacher_tokenizer, tokenizer_file, f"distill.teacher {config.distill.teacher}")
     student_classes = getattr(student.config, "num_labels", None) if config.task.type == "classification" else None
     if student_classes is not None and teacher.config.num_labels != student_classes:
-        raise ConfigError(f"distill.teacher {config.distill.teacher}: {teacher.config.num_labels} labels, the data has {student_classes}")
+        raise ConfigError(f"distill.teacher {config.distill.teacher}: {teacher.config.num_labels} labels, "
+                          f"the data has {student_classes}")
     parameters = teacher.num_parameters()
     teacher = place(teacher)
     log.info("distillation from %s: %s parameters, %s; temperature %g, alpha %g", config.distill.teacher, f"{parameters:,}",

@@ -21,8 +21,10 @@ pytestmark = pytest.mark.slow
 ARGS = ("--workers", "2", "--task-mb", "0.25", "--valid-fraction", "0.05")  # 15 extract and 15 tokenize tasks
 _rng = random.Random(3)
 KILLS = [  # (stage, tasks to finish first, then a delay in s, whole job or one worker)
-    ("extract", _rng.randint(1, 5), _rng.uniform(0, 0.3), "worker"), ("extract", _rng.randint(1, 4), _rng.uniform(0, 0.3), "job"),
-    ("tokenize", _rng.randint(1, 5), _rng.uniform(0, 0.3), "worker"), ("tokenize", _rng.randint(1, 4), _rng.uniform(0, 0.3), "job"),
+    ("extract", _rng.randint(1, 5), _rng.uniform(0, 0.3), "worker"),
+    ("extract", _rng.randint(1, 4), _rng.uniform(0, 0.3), "job"),
+    ("tokenize", _rng.randint(1, 5), _rng.uniform(0, 0.3), "worker"),
+    ("tokenize", _rng.randint(1, 4), _rng.uniform(0, 0.3), "job"),
 ]
 
 

@@ -14,14 +14,19 @@ from trainer_runs import kill, losses, train
 
 pytestmark = pytest.mark.slow
 
+
+def _after(run_dir, k: int, delay: float) -> bool:
+    """Step k's train record is logged; then wait `delay` s more."""
+    return logged(run_dir, k) and not time.sleep(delay)
+
+
 _rng = random.Random(8)  # the random moments: after the train record of step k, plus a delay
 RANDOM = [(_rng.randint(1, 7), round(_rng.uniform(0.0, 0.4), 3)) for _ in range(2)]
 MOMENTS = {
     "writing-checkpoint-4": functools.partial(staging, step=4),
     "writing-checkpoint-8": functools.partial(staging, step=8),
     "evaluating-at-step-4": functools.partial(logged, step=4),  # eval runs right after step 4's record, before its checkpoint
-    **{f"after-step-{k}+{delay}s": functools.partial(lambda run_dir, k, delay: logged(run_dir, k) and not time.sleep(delay), k=k, delay=delay)
-       for k, delay in RANDOM},
+    **{f"after-step-{k}+{delay}s": functools.partial(_after, k=k, delay=delay) for k, delay in RANDOM},
 }
 
 

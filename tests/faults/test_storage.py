@@ -52,7 +52,8 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(small_disk, config_fil
     filler = fill(small_disk, leave=96 * 1024)  # room for logs, not for a checkpoint (~400 KiB at 1 process)
     result = train(config_file, 1, run_dir, expect=2)
     line = error_line(result)
-    assert line.startswith(f"error: {run_dir / 'checkpoints' / 'step_000008.tmp'}: writing the checkpoint failed") and "MiB free" in line
+    assert line.startswith(f"error: {run_dir / 'checkpoints' / 'step_000008.tmp'}: writing the checkpoint failed")
+    assert "MiB free" in line
     assert "`latest` still names step_000004" in line
     assert latest_step(run_dir) == 4
     filler.unlink()
@@ -61,7 +62,8 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(small_disk, config_fil
 
 
 def _with_a_second_shard(split: Path) -> Path:
-    """Give a one-shard split a healthy second shard (a copy of the first), so skipping the first leaves data; return the first."""
+    """Give a one-shard split a healthy second shard (a copy of the first), so that skipping the first
+    leaves data; return the first."""
     manifest = load_manifest(split)
     first = manifest.shards[0]
     shutil.copyfile(split / first.path, split / "shard-copy.tar")

@@ -10,7 +10,8 @@ from trainer.compress.quantize import METHODS, quantize
 
 
 def evaluate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer evaluate", description="task metrics, size, parameters and CPU latency")
+    parser = argparse.ArgumentParser(prog="python -m trainer evaluate",
+                                     description="task metrics, size, parameters and CPU latency")
     parser.add_argument("model", help="run directory, checkpoint, save_pretrained or quantized directory")
     parser.add_argument("--data", required=True, help="a valid split's manifest directory")
     args = parser.parse_args(argv)
@@ -23,9 +24,11 @@ def compress_main(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     pruning = commands.add_parser("prune", help="magnitude or structured pruning")
     pruning.add_argument("model")
-    pruning.add_argument("--sparsity", type=float, required=True, help="share of weights (or channels, blocks) removed, in (0, 1)")
+    pruning.add_argument("--sparsity", type=float, required=True,
+                         help="share of weights (or channels, heads, blocks) removed, in (0, 1)")
     pruning.add_argument("--structured", choices=STRUCTURES, help="remove whole units; unset: unstructured magnitude pruning")
-    pruning.add_argument("--recover", metavar="RUN_CONFIG", help="finetune the pruned model briefly with this run config (its task data)")
+    pruning.add_argument("--recover", metavar="RUN_CONFIG",
+                         help="finetune the pruned model briefly with this run config (its task data)")
     pruning.add_argument("--recover-steps", type=int, default=100, help="steps of the recovery finetune (default 100)")
     quantizing = commands.add_parser("quantize", help="torchao weight quantization")
     quantizing.add_argument("model")

@@ -36,7 +36,8 @@ class Report:
     def row(self) -> dict[str, str]:
         latency = "-" if self.latency_ms is None else f"{self.latency_ms:.2f}"
         metrics = {name: f"{value:.4f}" for name, value in self.metrics.items()}
-        return {**metrics, "size_MB": f"{self.size_bytes / 1e6:.1f}", "params_M": f"{self.parameters / 1e6:.2f}", "latency_ms": latency}
+        sizes = {"size_MB": f"{self.size_bytes / 1e6:.1f}", "params_M": f"{self.parameters / 1e6:.2f}"}
+        return {**metrics, **sizes, "latency_ms": latency}
 
 
 def evaluate(path: str | Path, data: str | Path | None, batch_size: int = 32, latency_samples: int = 32) -> Report:
@@ -114,5 +115,6 @@ def table(reports: dict[str, Report]) -> str:
     widths = {c: max(len(c), *(len(row.get(c, "-")) for row in rows.values())) for c in columns}
     name_width = max(len("model"), *(len(n) for n in rows))
     lines = ["  ".join(["model".ljust(name_width), *(c.rjust(widths[c]) for c in columns)])]
-    lines += ["  ".join([name.ljust(name_width), *(row.get(c, "-").rjust(widths[c]) for c in columns)]) for name, row in rows.items()]
+    for name, row in rows.items():
+        lines.append("  ".join([name.ljust(name_width), *(row.get(c, "-").rjust(widths[c]) for c in columns)]))
     return "\n".join(lines)

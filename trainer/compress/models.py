@@ -39,7 +39,8 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Path]:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
         name = (config.architectures or [""])[0]
         if not hasattr(transformers, name):
-            raise ConfigError(f"{directory}: config.json names no transformers class ({name!r}); export it with `python -m trainer export`")
+            raise ConfigError(f"{directory}: config.json names no transformers class ({name!r}); "
+                              "export it with `python -m trainer export`")
         model = getattr(transformers, name).from_pretrained(directory, local_files_only=True)
     else:
         raise ConfigError(f"{path}: not a run directory, checkpoint or save_pretrained directory (no config.json)")
@@ -61,7 +62,8 @@ def check_tokenizer(model_tokenizer: Path, data_tokenizer: Path, what: str) -> N
         return tokenizer.get_vocab(with_added_tokens=True), json.loads(tokenizer.to_str())["model"]["type"]
 
     if identity(model_tokenizer) != identity(data_tokenizer):
-        raise ConfigError(f"{what}: tokenizer {model_tokenizer} differs from the data's {data_tokenizer}; use a model trained with the same tokenizer")
+        raise ConfigError(f"{what}: tokenizer {model_tokenizer} differs from the data's {data_tokenizer}; "
+                          "use a model trained with the same tokenizer")
 
 
 def copy_tokenizer(source: Path, out: Path) -> None:

@@ -126,7 +126,8 @@ def ffn_parts(block: torch.nn.Module) -> tuple[list[torch.nn.Linear], torch.nn.L
             return [block.get_submodule(name) for name in inputs], block.get_submodule(output)
         except AttributeError:
             continue
-    raise ConfigError(f"--structured ffn: no FFN of a known layout in {type(block).__name__} (BERT and Llama families are supported)")
+    raise ConfigError(f"--structured ffn: no FFN of a known layout in {type(block).__name__} "
+                      "(BERT and Llama families are supported)")
 
 
 def prune_heads(model: torch.nn.Module, sparsity: float) -> None:
@@ -134,8 +135,8 @@ def prune_heads(model: torch.nn.Module, sparsity: float) -> None:
     with the largest L1 norm, the same count in every block."""
     config = model.config
     if not hasattr(config, "num_key_value_heads") or not all(hasattr(b, "self_attn") for b in transformer_blocks(model)):
-        raise ConfigError(f"--structured heads: {config.model_type} configs derive the head size from hidden_size / heads, so they "
-                          "cannot describe fewer heads; use a Llama-family model, or --structured ffn|layers")
+        raise ConfigError(f"--structured heads: {config.model_type} configs derive the head size from hidden_size / heads, "
+                          "so they cannot describe fewer heads; use a Llama-family model, or --structured ffn|layers")
     heads, groups = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     per_group = heads // groups
