@@ -144,7 +144,7 @@ def train(config: Config, resume_from: str = "latest") -> int:
                                   config.data.valid))
     engine = build_engine(adapt(model, config), config, world, steps_total, state.world_size if state else None)
     loss_of = objective(config, model, tokenizer_file, engine.place_frozen)  # the model's loss, or mixed with a teacher's (distill)
-    step, tokens, nan_skips = 0, 0, 0
+    step, tokens, nan_skips = 0, TokenCount(0), 0
     best = BestMetric(tcfg.best_metric, tcfg.best_mode, tcfg.early_stop_patience)
     if state:
         if state.engine != config.engine.type:
@@ -156,7 +156,7 @@ def train(config: Config, resume_from: str = "latest") -> int:
         rng_file = checkpoints.root / resume / f"rng_rank{rank}.txt"
         if state.world_size == world and rng_file.exists():
             set_rng_state(rng_file.read_text())
-        step, tokens, nan_skips = state.step, state.tokens, state.nan_skips
+        step, tokens, nan_skips = state.step, TokenCount(state.tokens), state.nan_skips
         best.restore(state.best)
         log.info("resumed from %s (step %d, written by %d processes)", checkpoints.root / resume, step, state.world_size)
         if resume_from != "latest":
@@ -218,13 +218,13 @@ def train(config: Config, resume_from: str = "latest") -> int:
             engine.backward(loss)
             engine.step()
         if stopping:  # the parameters are still those after the last completed step
-            saver.save(step, tokens, nan_skips, best)
+            saver.save(step, tokens.sum(), nan_skips, best)
             log.error("stopped at step %d: non-finite loss (train.nan_policy=%s); last good state saved", step + 1, tcfg.nan_policy)
             exit_code = EXIT_NONFINITE
             break
         step += 1
-        step_tokens = int(distributed.all_reduce([task.tokens(rows)]).item())
-        tokens += step_tokens
+        step_tokens = task.tokens(rows)  # this rank's; summed over ranks when logged or saved, not every step
+        tokens.add(step_tokens)
         window["loss"] += step_loss
         window["steps"] += 1
         window["wait"] += waited
@@ -233,11 +233,12 @@ def train(config: Config, resume_from: str = "latest") -> int:
 
         if step % tcfg.log_every == 0 or step == steps_total:
             lane_digests = distributed.all_reduce(torch.from_numpy(loader.local_lane_digests(rows)), distributed.dist.ReduceOp.SUM)
-            loss_mean = distributed.all_reduce([window["loss"] / window["steps"]]).item() / world
+            loss_sum, window_tokens = distributed.all_reduce([window["loss"] / window["steps"], window["tokens"]]).tolist()
+            loss_mean = loss_sum / world
             step_s = window["time"] / window["steps"]
             record = {
-                "loss": loss_mean, "lr": engine.lr, "grad_norm": engine.grad_norm, "tokens": tokens,
-                "tokens_per_s": window["tokens"] / window["time"], "step_s": step_s,
+                "loss": loss_mean, "lr": engine.lr, "grad_norm": engine.grad_norm, "tokens": tokens.sum(),
+                "tokens_per_s": window_tokens / window["time"], "step_s": step_s,
                 "data_wait_frac": window["wait"] / window["time"],
                 "batch_digest": batch_digest(lane_digests.numpy()), "peak_mem_gb": peak_memory_gb(), "nan_skips": nan_skips,
             }
@@ -271,7 +272,7 @@ def train(config: Config, resume_from: str = "latest") -> int:
 
         signalled = distributed.all_reduce([float(stop.received is not None)], distributed.dist.ReduceOp.MAX).item() > 0
         if step % tcfg.ckpt_every == 0 or step == steps_total or signalled or improved or early_stop:
-            saver.save(step, tokens, nan_skips, best)
+            saver.save(step, tokens.sum(), nan_skips, best)
         if signalled:
             log.info("stopping at step %d on a signal; checkpoint saved, run the same command to resume", step)
             exit_code = EXIT_REQUEUE
@@ -292,6 +293,23 @@ def train(config: Config, resume_from: str = "latest") -> int:
         log.info("exported %s from %s; TensorBoard: tensorboard --logdir %s", out, final, config.run_dir / "tb")
     distributed.barrier()
     return exit_code
+
+
+class TokenCount:
+    """Real (non-padding) tokens trained on, all ranks together. Each rank counts its own rows; the sum
+    over ranks is taken when a step is logged or checkpointed, so a step has no collective for it."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.pending = total, 0
+
+    def add(self, local: int) -> None:
+        self.pending += local
+
+    def sum(self) -> int:
+        """The total over all ranks: a collective, called by every rank at the same step."""
+        self.total += int(distributed.all_reduce([self.pending]).item())
+        self.pending = 0
+        return self.total
 
 
 class Saver:
