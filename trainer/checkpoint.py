@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from data_tools.errors import first_line
 from trainer.config import ConfigError
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -78,7 +79,7 @@ class Checkpoints:
         newest, when the newest is damaged) or a `step_N` tag; None for a fresh run."""
         if choice == "latest":
             return self.latest()
-        complete = sorted(p.name for p in self.root.glob("step_*") if STEP_DIR.match(p.name) and (p / "COMPLETE").exists())
+        complete = sorted(p.name for p in self._step_dirs() if (p / "COMPLETE").exists())
         if choice == "previous":
             pointer = self.root / "latest"
             newest = pointer.read_text().strip() if pointer.exists() else None
@@ -95,7 +96,7 @@ class Checkpoints:
     def rewind(self, name: str) -> None:
         """Rank 0, after resuming from `name` rather than `latest`: move the newer checkpoints into
         `abandoned/` (kept for inspection, out of retention's way) and point `latest` at `name`."""
-        newer = [p for p in self.root.glob("step_*") if STEP_DIR.match(p.name) and p.name > name]
+        newer = [p for p in self._step_dirs() if p.name > name]
         for path in newer:
             (self.root / ABANDONED).mkdir(exist_ok=True)
             os.replace(path, self.root / ABANDONED / path.name)
@@ -142,8 +143,12 @@ class Checkpoints:
         os.replace(pointer_tmp, self.root / pointer)
         _fsync_dir(self.root)
 
+    def _step_dirs(self) -> list[Path]:
+        """The published step_N directories (not step_N.tmp, not abandoned/)."""
+        return [p for p in self.root.iterdir() if STEP_DIR.match(p.name)]
+
     def _prune(self, newest: int, keep_last: int, keep_every: int | None) -> None:
-        steps = sorted(int(m.group(1)) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
+        steps = sorted(int(STEP_DIR.match(p.name).group(1)) for p in self._step_dirs())
         keep = set(steps[-keep_last:]) | {newest}
         if (best := self.best()) is not None:
             keep.add(int(STEP_DIR.match(best).group(1)))
@@ -160,8 +165,7 @@ def unreadable(path: Path, err: Exception) -> ConfigError:
     if isinstance(err, pickle.UnpicklingError):
         found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "a disallowed object")
         return ConfigError(f"{path}: refused, it is not a plain tensor checkpoint ({found}); only load checkpoints you wrote")
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return ConfigError(f"{path}: unreadable ({first}); the checkpoint is truncated or corrupt")
+    return ConfigError(f"{path}: unreadable ({first_line(err)}); the checkpoint is truncated or corrupt")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from data_tools.errors import first_line
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -61,9 +63,9 @@ def _explain_collective_failures(rank: int, timeout_s: float) -> None:
     def hook(kind, error, trace) -> None:
         previous(kind, error, trace)
         if isinstance(error, dist.DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower():
-            first = (str(error).strip().splitlines() or [kind.__name__])[0][:200]
-            print(f"error: rank {rank}: a collective failed or waited over {timeout_s:g} s ({first}); another rank died or "
-                  "stalled (train.collective_timeout_s bounds the wait); run the same command to resume from the last checkpoint",
+            print(f"error: rank {rank}: a collective failed or waited over {timeout_s:g} s ({first_line(error, 200)}); "
+                  "another rank died or stalled (train.collective_timeout_s bounds the wait); "
+                  "run the same command to resume from the last checkpoint",
                   file=sys.stderr)
 
     sys.excepthook = hook

@@ -18,6 +18,7 @@ import torch
 import yaml
 from tokenizers import Tokenizer
 
+from data_tools.errors import first_line
 from data_tools.manifest import Manifest, load_manifest
 from trainer import distributed
 from trainer.adapt import adapt
@@ -358,8 +359,7 @@ def _writing(staging: Path, checkpoints: Checkpoints) -> Iterator[None]:
         if isinstance(err, distributed.dist.DistError):
             raise
         free = shutil.disk_usage(checkpoints.root).free / 2**20
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ConfigError(f"{staging}: writing the checkpoint failed ({first}; {free:.1f} MiB free there); "
+        raise ConfigError(f"{staging}: writing the checkpoint failed ({first_line(err, 200)}; {free:.1f} MiB free there); "
                           f"`latest` still names {checkpoints.latest() or 'no checkpoint'}") from None
 
 

@@ -88,8 +88,7 @@ class FSDP2Engine:
             reduce_dtype=torch.bfloat16 if bf16 and engine.reduce_dtype == "bf16" else torch.float32 if bf16 else None,
         )
         offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if engine.offload == "cpu" else OffloadPolicy()
-        self.mesh = init_device_mesh(device().type, (world_size,))
-        self.sharding = {"mesh": self.mesh, "mp_policy": mixed, "offload_policy": offload}
+        self.sharding = {"mesh": init_device_mesh(device().type, (world_size,)), "mp_policy": mixed, "offload_policy": offload}
         for block in transformer_blocks(model):
             if engine.compile:
                 block.compile()
