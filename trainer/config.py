@@ -169,6 +169,22 @@ ENGINE_ONLY_KEYS = {"deepspeed": ("zero_stage", "ds_config"), "fsdp2": ("activat
 
 
 @dataclass
+class ParallelConfig:
+    """How the ranks split the model (engine fsdp2): one device mesh of named dimensions,
+    world size = dp_replicate × dp_shard × cp × tp × pp. The lanes loader sees only the data-parallel
+    rank (dp_replicate × dp_shard); tensor, context and pipeline peers read the same rows."""
+
+    dp_replicate: int = 1  # replicas (HSDP when > 1: replicate across groups, shard within)
+    dp_shard: int = -1  # FSDP sharding degree; -1: whatever the other dimensions leave of the world
+    cp: int = 1  # context parallel (ring attention over the sequence)
+    tp: int = 1  # tensor parallel with sequence-parallel norms
+    pp: int = 1  # pipeline stages over ranks
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_microbatches: int | None = None  # micro-batches per step through the pipeline; unset: the accumulation steps
+    pp_stages_per_rank: int = 1  # > 1 for interleaved schedules (virtual stages)
+
+
+@dataclass
 class MetricsConfig:
     peak_tflops: float | None = None  # per device; None: bf16 dense peak of known GPUs, none on CPU
     tensorboard: bool = True
@@ -200,6 +216,7 @@ class Config:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
