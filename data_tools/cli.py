@@ -10,8 +10,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from data_tools.errors import DataError
-from data_tools.manifest import ManifestError
+from data_tools.common import DataError, DstrainError
 
 log = logging.getLogger("data_tools")
 
@@ -199,6 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)
-    except (DataError, ManifestError) as err:
+    except DstrainError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,14 +7,10 @@ its shards. Defaults follow the published rules (Gopher, C4) and datatrove's def
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from data_tools.errors import DataError
+from data_tools.common import from_dict, read_yaml
 
 
 @dataclass
@@ -121,77 +117,3 @@ class PipelineConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping read with the safe loader; unreadable or invalid files fail in one line."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a mapping of sections at the top level")
-    return data
-
-
-def from_dict(cls: type, data: Any, where: str, prefix: str = "") -> Any:
-    """Build dataclass `cls` from plain data, naming the dotted key of any unknown or mistyped field."""
-    if not isinstance(data, dict):
-        raise DataError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in data.items():
-        if key not in fields:
-            near = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
-            raise DataError(f"{where}: unknown key '{prefix}{key}'{hint}")
-        values[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where, key + ".")
-    origin = typing.get_origin(hint) or hint
-    if origin is typing.Literal:
-        choices = typing.get_args(hint)
-        if value in choices:
-            return value
-        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint_text = f"; did you mean '{near[0]}'?" if near else ""
-        raise DataError(f"{where}: '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}{hint_text}")
-    if origin in (typing.Union, types.UnionType):
-        arms = typing.get_args(hint)
-        if value is None and type(None) in arms:
-            return None
-        for arm in arms:
-            if arm is not type(None):
-                try:
-                    return _coerce(arm, value, where, key)
-                except DataError:
-                    continue
-        names = " or ".join(getattr(typing.get_origin(a) or a, "__name__", str(a)) for a in arms)
-        raise DataError(f"{where}: '{key}' must be {names}, got {value!r}")
-    if origin is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if origin is dict and isinstance(value, dict):
-        key_type, value_type = typing.get_args(hint)
-        # JSON (plan.json) turns integer keys into strings; take them back.
-        numeric = {int(k) if key_type is int and isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
-        return {_coerce(key_type, k, where, key): _coerce(value_type, v, where, key) for k, v in numeric.items()}
-    if origin is list and isinstance(value, list):
-        (item_type,) = typing.get_args(hint)
-        return [_coerce(item_type, item, where, key) for item in value]
-    if isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
-        return value
-    raise DataError(f"{where}: '{key}' must be {getattr(origin, '__name__', origin)}, got {value!r}")

@@ -1,10 +1,5 @@
-"""The error users see: one line naming the file or field and what to do."""
+"""The error classes, for the pipeline's modules; they live in the shared leaf `data_tools.common`."""
 
+from data_tools.common import ConfigError, DataError, DstrainError, StorageError, first_line
 
-class DataError(Exception):
-    """Bad input or configuration; the CLI prints the message alone and exits non-zero."""
-
-
-def first_line(err: BaseException, limit: int | None = None) -> str:
-    """The first line of an exception's message (its type name when it has none), to quote inside a one-line error."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+__all__ = ["ConfigError", "DataError", "DstrainError", "StorageError", "first_line"]

@@ -5,7 +5,9 @@ block of packed rows (`<key>.npy`, shape [rows, seq_len], uint16 or uint32) and 
 (document-start offsets per row and the tokens each source contributed). Finetuning splits
 (`task` set) hold int32 blocks [examples, channels, seq_len] instead, `channels` naming each one,
 and `<key>.json` holds the examples' records. This module imports only the standard library and
-numpy so the trainer can use it without the pipeline's dependencies.
+numpy (and the shared leaf `data_tools.common`) so the trainer can use it without the pipeline's
+dependencies. It is the one place that knows the shard format: writers, verifiers and the trainer's
+loader all go through it (ARCHITECTURE.md, "Contracts").
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.common import DataError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
-class ManifestError(Exception):
+class ManifestError(DataError):
     """A manifest or shard that does not match the contract; the message is one line."""
 
 

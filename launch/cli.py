@@ -121,7 +121,7 @@ def slurm_data(args: argparse.Namespace, prepare_args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_tools.errors import DataError
+    from data_tools.common import DstrainError
 
     parser = build_parser()
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -139,6 +139,6 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(status(args.directory)))
             return 0
         return slurm_data(args, rest) if is_data else slurm_train(args)
-    except (sbatch.LaunchError, DataError) as err:
+    except (sbatch.LaunchError, DstrainError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from data_tools.errors import first_line
-from trainer.config import ConfigError
+from data_tools.common import CheckpointError, first_line
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 ABANDONED = "abandoned"  # checkpoints newer than the one a `--resume-from` run went back to
@@ -69,7 +68,7 @@ class Checkpoints:
     def _complete(self, pointer: Path) -> str:
         name = pointer.read_text().strip()
         if not (self.root / name / "COMPLETE").exists():
-            raise ConfigError(
+            raise CheckpointError(
                 f"{pointer}: names {name}, which is missing or incomplete; point it at a complete step_N directory or delete it"
             )
         return name
@@ -85,11 +84,11 @@ class Checkpoints:
             newest = pointer.read_text().strip() if pointer.exists() else None
             earlier = [name for name in complete if newest and name < newest]
             if not earlier:
-                raise ConfigError(f"{self.root}: --resume-from previous needs a complete checkpoint before `latest` "
+                raise CheckpointError(f"{self.root}: --resume-from previous needs a complete checkpoint before `latest` "
                                   f"({newest or 'none'}); there is none, start a new run.name")
             return earlier[-1]
         if choice not in complete:
-            raise ConfigError(f"{self.root / choice}: --resume-from {choice}: not a complete checkpoint here; "
+            raise CheckpointError(f"{self.root / choice}: --resume-from {choice}: not a complete checkpoint here; "
                               f"complete ones: {', '.join(complete) or 'none'}")
         return choice
 
@@ -111,7 +110,7 @@ class Checkpoints:
         try:
             return TrainerState(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError) as err:
-            raise ConfigError(f"{unreadable(path, err)}; `--resume-from previous` continues from the checkpoint "
+            raise CheckpointError(f"{unreadable(path, err)}; `--resume-from previous` continues from the checkpoint "
                               f"before {name}") from None
 
     def staging(self, step: int) -> str:
@@ -159,13 +158,13 @@ class Checkpoints:
                 shutil.rmtree(self.root / tag(step))
 
 
-def unreadable(path: Path, err: Exception) -> ConfigError:
+def unreadable(path: Path, err: Exception) -> CheckpointError:
     """The one-line error for a checkpoint file that cannot be loaded safely: a pickle that would
     construct more than tensors and plain records (a pickle can run code), or a damaged file."""
     if isinstance(err, pickle.UnpicklingError):
         found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "a disallowed object")
-        return ConfigError(f"{path}: refused, it is not a plain tensor checkpoint ({found}); only load checkpoints you wrote")
-    return ConfigError(f"{path}: unreadable ({first_line(err)}); the checkpoint is truncated or corrupt")
+        return CheckpointError(f"{path}: refused, it is not a plain tensor checkpoint ({found}); only load checkpoints you wrote")
+    return CheckpointError(f"{path}: unreadable ({first_line(err)}); the checkpoint is truncated or corrupt")
 
 
 def _fsync_dir(path: Path) -> None:

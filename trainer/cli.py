@@ -14,8 +14,7 @@ import argparse
 import os
 import sys
 
-from data_tools.errors import DataError
-from data_tools.manifest import ManifestError
+from data_tools.common import DstrainError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.loop import train
 
         return train(load_config(args.config, args.overrides), args.resume_from)
-    except (DataError, ManifestError) as err:
+    except DstrainError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

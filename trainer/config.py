@@ -18,8 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from data_tools.config import from_dict, read_yaml
-from data_tools.errors import DataError as ConfigError
+from data_tools.common import ConfigError, from_dict, read_yaml
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from data_tools.errors import DataError
+from data_tools.common import DataError
 from data_tools.manifest import Manifest, ManifestError, load_manifest, verify_shard
 
 __all__ = ["DataError", "Lane", "LanesLoader", "RowRange", "Source", "batch_digest", "deal_rows", "lane_shares"]

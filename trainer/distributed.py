@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from data_tools.errors import first_line
+from data_tools.common import first_line
 
 
 def _free_port() -> int:

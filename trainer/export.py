@@ -32,11 +32,11 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from data_tools.config import from_dict
+from data_tools.common import CheckpointError, from_dict
 from trainer.adapt import apply_peft
 from trainer.adapters import is_adapter_parameter, save_adapters
 from trainer.checkpoint import Checkpoints
-from trainer.config import Config, ConfigError
+from trainer.config import Config
 from trainer.models import base_model, model_class
 from trainer.multitask import MultiTaskModel, standalone
 
@@ -79,7 +79,7 @@ def _module_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The module state a DeepSpeed checkpoint keeps beside the shards (complete below ZeRO-3)."""
     files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
     if not files:
-        raise ConfigError(f"{checkpoint}: no mp_rank_*_model_states.pt; the checkpoint is incomplete")
+        raise CheckpointError(f"{checkpoint}: no mp_rank_*_model_states.pt; the checkpoint is incomplete")
     from trainer.engines.deepspeed_engine import safe_globals
 
     with safe_globals():
@@ -116,7 +116,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
     base_model(model).tie_weights()
     missing = [k for k, v in model.state_dict().items() if v.is_meta]
     if missing or unexpected:
-        raise ConfigError(f"{where}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(f"{where}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
@@ -125,7 +125,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         root = checkpoint.parent if checkpoint.name == "latest" else checkpoint
         checkpoint = root / Checkpoints(root).latest()
     if not (checkpoint / "COMPLETE").exists():
-        raise ConfigError(f"{checkpoint}: not a complete checkpoint (no COMPLETE marker)")
+        raise CheckpointError(f"{checkpoint}: not a complete checkpoint (no COMPLETE marker)")
     hf_config, config = read_configs(checkpoint)
     model = rebuild(hf_config, config)
     load_weights(model, consolidated_state_dict(checkpoint, model), checkpoint)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from tokenizers import Tokenizer
 
-from data_tools.errors import first_line
+from data_tools.common import first_line
 from data_tools.manifest import Manifest, load_manifest
 from trainer import distributed
 from trainer.adapt import adapt

@@ -40,7 +40,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from data_tools.resources import resolve
+from data_tools.common import resolve
 from trainer.config import Config, ConfigError, ModelConfig
 
 log = logging.getLogger("trainer")

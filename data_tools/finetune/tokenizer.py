@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from data_tools.errors import DataError
 from data_tools.manifest import TokenizerInfo, file_sha256
-from data_tools.resources import PREFIX, resolve
+from data_tools.common import PACKAGE_PREFIX, resolve
 from data_tools.tokenize import load_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -76,7 +76,7 @@ def locate(spec: str) -> Path:
 def load(spec: str) -> FinetuneTokenizer:
     """Load `--tokenizer spec`; a package spec is named after its package path."""
     path = locate(spec)
-    name = spec[len(PREFIX) :] if spec.startswith(PREFIX) else None
+    name = spec[len(PACKAGE_PREFIX) :] if spec.startswith(PACKAGE_PREFIX) else None
     if path.suffix == ".gguf" or (path.is_dir() and _has_chat_template(path)):
         tok = _from_transformers(path, spec, name or (path.stem if path.is_file() else path.name))
     else:

