@@ -109,6 +109,18 @@ class TrainConfig:
     max_nan_skips: int = 10  # skips allowed in a run before stopping anyway
     collective_timeout_s: float = 600  # a rank waits this long for the others (dead or stalled) before failing
 
+    def accumulation(self, data_world: int) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank: global_batch = micro_batch × data_world × this.
+
+        The one place this arithmetic lives: the loop, the engines and the loader must agree on it.
+        """
+        if self.global_batch % (self.micro_batch * data_world):
+            raise ConfigError(
+                f"train.global_batch {self.global_batch} must be a multiple of train.micro_batch × world size "
+                f"= {self.micro_batch} × {data_world}"
+            )
+        return self.global_batch // (self.micro_batch * data_world)
+
 
 @dataclass
 class PeftConfig:

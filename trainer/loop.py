@@ -11,14 +11,16 @@ import resource
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from tokenizers import Tokenizer
 
-from data_tools.common import first_line
+from data_tools.common import CheckpointError, StorageError, first_line
 from data_tools.manifest import Manifest, load_manifest
 from trainer import distributed
 from trainer.adapt import adapt
@@ -27,10 +29,10 @@ from trainer.config import Config, ConfigError
 from trainer.data import LanesLoader, Source, batch_digest, row_shape
 from trainer.distill import objective
 from trainer.early_stop import BestMetric
-from trainer.engines import build_engine
-from trainer.metrics import Metrics
+from trainer.engines import Engine, build_engine
+from trainer.metrics import TRAIN_TAGS, Metrics
 from trainer.models import base_model, build_model, flops_per_token
-from trainer.tasks import DATA_TASK, TaskContext, build_task, model_vocab_size
+from trainer.tasks import DATA_TASK, Task, TaskContext, build_task, model_vocab_size
 
 log = logging.getLogger("trainer")
 
@@ -113,17 +115,89 @@ def peak_flops(config: Config) -> float | None:
 
 
 def train(config: Config, resume_from: str = "latest") -> int:
-    """Run (or continue) the training job; `resume_from` is `latest`, `previous` or a step_N tag (trainer.checkpoint)."""
+    """Run (or continue) the training job; `resume_from` is `latest`, `previous` or a step_N tag (trainer.checkpoint).
+
+    One optimizer step per iteration; every phase is a named function below (ARCHITECTURE.md, "The loop").
+    """
+    run = set_up(config, resume_from)
+    window, exit_code = Window(), 0
+    batches = run.loader.batches(run.progress.step)
+    run.engine.train()  # from_pretrained returns a model in eval mode: dropout would stay off until the first eval
+    while run.progress.step < run.steps_total:
+        started = time.perf_counter()
+        rows = next(batches)
+        waited = time.perf_counter() - started
+        loss = train_step(run, rows)
+        if loss is None:
+            exit_code = stop_on_nonfinite(run)
+            break
+        run.progress.step += 1
+        step_tokens = run.task.tokens(rows)  # this rank's; summed over ranks when logged or saved, not every step
+        run.progress.tokens.add(step_tokens)
+        window.add(loss, step_tokens, waited, time.perf_counter() - started)
+        if run.due(config.train.log_every):
+            log_window(run, window, rows)
+            window = Window()
+        improved, early_stop = maybe_evaluate(run)
+        signalled = distributed.all_reduce([float(run.stop.received is not None)], distributed.dist.ReduceOp.MAX).item() > 0
+        if run.due(config.train.ckpt_every) or signalled or improved or early_stop:
+            run.save()
+        if signalled:
+            log.info("stopping at step %d on a signal; checkpoint saved, run the same command to resume", run.progress.step)
+            exit_code = EXIT_REQUEUE
+            break
+        if early_stop:
+            best = run.best
+            log.info("early stop at step %d: %s has not improved for %d evals (best %.4f at step %d)",
+                     run.progress.step, best.metric, best.patience, best.value, best.step)
+            break
+    finish(run, exit_code)
+    return exit_code
+
+
+@dataclass
+class Progress:
+    """What a checkpoint restores besides the engine's state: the step, the real tokens, the NaN skips."""
+
+    step: int
+    tokens: TokenCount
+    nan_skips: int
+
+
+@dataclass
+class Run:
+    """Everything `set_up` builds and the loop's phases share."""
+
+    config: Config
+    rank: int
+    world: int
+    engine: Engine
+    loader: LanesLoader
+    task: Task
+    loss_of: Callable
+    checkpoints: Checkpoints
+    saver: Saver
+    metrics: Metrics
+    stop: StopSignal
+    best: BestMetric
+    progress: Progress
+    steps_total: int
+    accum: int
+    flops_per_token: float
+    peak_flops: float | None
+
+    def due(self, every: int) -> bool:
+        """A periodic event falls on this step: every `every` steps, and always on the last one."""
+        return self.progress.step % every == 0 or self.progress.step == self.steps_total
+
+    def save(self) -> None:
+        self.saver.save(self.progress.step, self.progress.tokens.sum(), self.progress.nan_skips, self.best)
+
+
+def set_up(config: Config, resume_from: str) -> Run:
+    """Process group, data, model, engine and loader, restored from the checkpoint `resume_from` names."""
     rank, world, _ = distributed.init(config.train.collective_timeout_s)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
-    device = distributed.device()
-    tcfg = config.train
-    if tcfg.global_batch % (tcfg.micro_batch * world):
-        raise ConfigError(
-            f"train.global_batch {tcfg.global_batch} must be a multiple of train.micro_batch × world size "
-            f"= {tcfg.micro_batch} × {world}"
-        )
-    accum = tcfg.global_batch // (tcfg.micro_batch * world)
     sources, _ = read_manifests(config)
     data, tok = sources[0], sources[0].tokenizer
     train_path = Path(config.data.sources()[0].path)
@@ -135,31 +209,22 @@ def train(config: Config, resume_from: str = "latest") -> int:
     checkpoints = Checkpoints(config.run_dir / "checkpoints")
     resume = checkpoints.resume_tag(resume_from)
     state = checkpoints.read_state(resume) if resume else None
-    model = build_model(config, model_vocab_size(config, tokenizer, tok.vocab_size), data.seq_len, tok.eos_id, data.labels, config.run.seed)
+    model = build_model(config, model_vocab_size(config, tokenizer, tok.vocab_size), data.seq_len, tok.eos_id, data.labels,
+                        config.run.seed)
     if state and state.model_shape != model_shape(model):
-        raise ConfigError(
+        raise CheckpointError(
             f"{checkpoints.root / resume}: checkpoint of model {state.model_shape}, this run builds {model_shape(model)}; "
             "use a new run.name or the old model settings"
         )
     task = build_task(TaskContext(config, data.seq_len, tokenizer, tok.eos_id, model.config.pad_token_id, data.labels,
                                   config.data.valid))
     engine = build_engine(adapt(model, config), config, world, steps_total, state.world_size if state else None)
+    accum = config.train.accumulation(engine.data_world)
     loss_of = objective(config, model, tokenizer_file, engine.place_frozen)  # the model's loss, or mixed with a teacher's (distill)
-    step, tokens, nan_skips = 0, TokenCount(0), 0
-    best = BestMetric(tcfg.best_metric, tcfg.best_mode, tcfg.early_stop_patience)
+    progress = Progress(0, TokenCount(0), 0)
+    best = BestMetric(config.train.best_metric, config.train.best_mode, config.train.early_stop_patience)
     if state:
-        if state.engine != config.engine.type:
-            raise ConfigError(f"{checkpoints.root / resume}: written by engine {state.engine}, this run uses {config.engine.type}")
-        try:
-            engine.load(checkpoints.root, resume)
-        except ConfigError as err:
-            raise ConfigError(f"{err}; `--resume-from previous` continues from the checkpoint before {resume}") from None
-        rng_file = checkpoints.root / resume / f"rng_rank{rank}.txt"
-        if state.world_size == world and rng_file.exists():
-            set_rng_state(rng_file.read_text())
-        step, tokens, nan_skips = state.step, TokenCount(state.tokens), state.nan_skips
-        best.restore(state.best)
-        log.info("resumed from %s (step %d, written by %d processes)", checkpoints.root / resume, step, state.world_size)
+        progress = resume_engine(config, checkpoints, resume, state, engine, best, rank, world)
         if resume_from != "latest":
             distributed.barrier()  # every rank has read the checkpoints before rank 0 moves the newer ones
             if rank == 0:
@@ -167,14 +232,14 @@ def train(config: Config, resume_from: str = "latest") -> int:
 
     loader = LanesLoader(
         [Source(s.path, s.weight) for s in config.data.sources()],
-        seq_len=data.seq_len, global_batch=tcfg.global_batch, lanes=config.data.lanes, seed=config.run.seed,
-        rank=rank, world_size=world, vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256,
-        prefetch=config.data.prefetch, verify=config.data.verify, on_corrupt=config.data.on_corrupt,
+        seq_len=data.seq_len, global_batch=config.train.global_batch, lanes=config.data.lanes, seed=config.run.seed,
+        rank=engine.data_rank, world_size=engine.data_world, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+        tokenizer_sha256=tok.sha256, prefetch=config.data.prefetch, verify=config.data.verify, on_corrupt=config.data.on_corrupt,
     )
     if config.task.type == "multitask":
         task.route(loader.row_sources())
     if state and state.data_fingerprint != loader.fingerprint():
-        raise ConfigError(
+        raise CheckpointError(
             f"{checkpoints.root / resume}: written for other data, seed, global batch or lanes (fingerprint "
             f"{state.data_fingerprint[:12]}…, now {loader.fingerprint()[:12]}…); use a new run.name"
         )
@@ -182,118 +247,132 @@ def train(config: Config, resume_from: str = "latest") -> int:
     if rank == 0:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         (config.run_dir / "config.yaml").write_text(config_text)
-    metrics = Metrics(config.run_dir, rank == 0, step, config_text, config.metrics.tensorboard)
-    stop = StopSignal()
-    flops, peak = flops_per_token(engine.module, data.seq_len), peak_flops(config)
+    metrics = Metrics(config.run_dir, rank == 0, progress.step, config_text, config.metrics.tensorboard)
     saver = Saver(engine, checkpoints, config, loader, data_dir, tokenizer_file, world, rank)
-    window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "tokens": 0}
     if rank == 0:
         engine_name = f"ZeRO-{config.engine.zero_stage}" if config.engine.type == "deepspeed" else "FSDP2"
         log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s", config.task.type,
-                 steps_total, world, accum, tcfg.micro_batch, data.seq_len, engine_name, config.precision)
+                 steps_total, world, accum, config.train.micro_batch, data.seq_len, engine_name, config.precision)
+    return Run(config, rank, world, engine, loader, task, loss_of, checkpoints, saver, metrics, StopSignal(), best, progress,
+               steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config))
 
-    batches = loader.batches(step)
-    engine.train()  # from_pretrained returns a model in eval mode: dropout would stay off until the first eval
-    exit_code = 0
-    while step < steps_total:
-        started = time.perf_counter()
-        rows = next(batches)
-        waited = time.perf_counter() - started
-        batch = torch.from_numpy(rows).to(device)
-        step_loss, stopping = 0.0, False
-        for micro in range(accum):
-            inputs = task.inputs(batch[micro * tcfg.micro_batch : (micro + 1) * tcfg.micro_batch], step, micro, train=True)
-            output = engine.forward(**inputs)
-            loss = loss_of(inputs, output)
-            if step + 1 in config.debug.nan_at_steps and micro == 0:
-                loss = loss * float("nan")
-            if distributed.all_reduce([float(torch.isfinite(loss))], distributed.dist.ReduceOp.MIN).item() < 1:
-                nan_skips += 1
-                log.warning("step %d: non-finite loss in micro-batch %d (%d so far)", step + 1, micro, nan_skips)
-                if tcfg.nan_policy == "stop" or nan_skips > tcfg.max_nan_skips:
-                    stopping = True
-                    break
-                loss = output.logits.float().sum() * 0.0  # a zero gradient keeps every rank's engine in step
-            else:
-                step_loss += loss.item() / accum
-            engine.backward(loss)
-            engine.step()
-        if stopping:  # the parameters are still those after the last completed step
-            saver.save(step, tokens.sum(), nan_skips, best)
-            log.error("stopped at step %d: non-finite loss (train.nan_policy=%s); last good state saved", step + 1, tcfg.nan_policy)
-            exit_code = EXIT_NONFINITE
-            break
-        step += 1
-        step_tokens = task.tokens(rows)  # this rank's; summed over ranks when logged or saved, not every step
-        tokens.add(step_tokens)
-        window["loss"] += step_loss
-        window["steps"] += 1
-        window["wait"] += waited
-        window["time"] += time.perf_counter() - started
-        window["tokens"] += step_tokens
 
-        if step % tcfg.log_every == 0 or step == steps_total:
-            lane_digests = distributed.all_reduce(torch.from_numpy(loader.local_lane_digests(rows)), distributed.dist.ReduceOp.SUM)
-            loss_sum, window_tokens = distributed.all_reduce([window["loss"] / window["steps"], window["tokens"]]).tolist()
-            loss_mean = loss_sum / world
-            step_s = window["time"] / window["steps"]
-            record = {
-                "loss": loss_mean, "lr": engine.lr, "grad_norm": engine.grad_norm, "tokens": tokens.sum(),
-                "tokens_per_s": window_tokens / window["time"], "step_s": step_s,
-                "data_wait_frac": window["wait"] / window["time"],
-                "batch_digest": batch_digest(lane_digests.numpy()), "peak_mem_gb": peak_memory_gb(), "nan_skips": nan_skips,
-            }
-            scalars = {
-                "train/loss": loss_mean, "train/lr": engine.lr, "perf/tokens_per_s": record["tokens_per_s"],
-                "perf/step_s": step_s, "perf/data_wait_frac": record["data_wait_frac"], "mem/peak_gb": record["peak_mem_gb"],
-                "train/nan_skips": nan_skips,
-            }
-            if record["grad_norm"] is not None:
-                scalars["train/grad_norm"] = record["grad_norm"]
-            if peak:
-                scalars["perf/mfu"] = record["mfu"] = flops * record["tokens_per_s"] / (peak * world)
-            metrics.log(step, scalars, record)
-            log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %s | %.0f tok/s | %.2f s/step | data wait %.1f%%",
-                     step, steps_total, loss_mean, engine.lr,
-                     "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}",
-                     record["tokens_per_s"], step_s, 100 * record["data_wait_frac"])
-            window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "tokens": 0}
+def resume_engine(config: Config, checkpoints: Checkpoints, resume: str, state: TrainerState, engine: Engine,
+                  best: BestMetric, rank: int, world: int) -> Progress:
+    """Load the engine's shards and this rank's RNG streams from checkpoint `resume`; the progress it recorded."""
+    if state.engine != config.engine.type:
+        raise CheckpointError(f"{checkpoints.root / resume}: written by engine {state.engine}, this run uses {config.engine.type}")
+    try:
+        engine.load(checkpoints.root, resume)
+    except (CheckpointError, ConfigError) as err:
+        raise CheckpointError(f"{err}; `--resume-from previous` continues from the checkpoint before {resume}") from None
+    rng_file = checkpoints.root / resume / f"rng_rank{rank}.txt"
+    if state.world_size == world and rng_file.exists():
+        set_rng_state(rng_file.read_text())
+    best.restore(state.best)
+    log.info("resumed from %s (step %d, written by %d processes)", checkpoints.root / resume, state.step, state.world_size)
+    return Progress(state.step, TokenCount(state.tokens), state.nan_skips)
 
-        improved = early_stop = False
-        if config.data.has_valid() and (step % tcfg.eval_every == 0 or step == steps_total):
-            engine.eval()
-            evaluation = task.evaluate(engine)
-            engine.train()
-            metrics.log(step, {f"eval/{k}": v for k, v in evaluation.scalars.items()}, {f"eval_{k}": v for k, v in evaluation.scalars.items()})
-            for name, text in evaluation.texts.items():
-                metrics.text(step, f"eval/{name}", text)
-            log.info("step %d | eval %s", step, " | ".join(f"{k} {v:.4f}" for k, v in evaluation.scalars.items()))
-            improved = best.update(evaluation.scalars, step)
-            early_stop = best.exhausted()
 
-        signalled = distributed.all_reduce([float(stop.received is not None)], distributed.dist.ReduceOp.MAX).item() > 0
-        if step % tcfg.ckpt_every == 0 or step == steps_total or signalled or improved or early_stop:
-            saver.save(step, tokens.sum(), nan_skips, best)
-        if signalled:
-            log.info("stopping at step %d on a signal; checkpoint saved, run the same command to resume", step)
-            exit_code = EXIT_REQUEUE
-            break
-        if early_stop:
-            log.info("early stop at step %d: %s has not improved for %d evals (best %.4f at step %d)",
-                     step, best.metric, best.patience, best.value, best.step)
-            break
+def train_step(run: Run, rows: np.ndarray) -> float | None:
+    """One optimizer step: forward, backward and step over this rank's micro-batches of `rows`.
 
-    loader.close()
-    task.close()
-    metrics.close()
-    if exit_code == 0 and rank == 0:
+    Returns the step's mean loss on this rank, or None when `train.nan_policy` says stop on a non-finite
+    loss (the parameters are then those after the last completed step). A non-finite micro-batch that
+    is skipped still runs a backward of zeros, so every rank's engine stays in step. The whole step is
+    this one function so that an engine that owns the micro-batch schedule (pipeline parallel) can
+    replace it.
+    """
+    config, engine, progress = run.config, run.engine, run.progress
+    micro_batch = config.train.micro_batch
+    batch = torch.from_numpy(rows).to(distributed.device())
+    step_loss = 0.0
+    for micro in range(run.accum):
+        inputs = run.task.inputs(batch[micro * micro_batch : (micro + 1) * micro_batch], progress.step, micro, train=True)
+        output = engine.forward(**inputs)
+        loss = run.loss_of(inputs, output)
+        if progress.step + 1 in config.debug.nan_at_steps and micro == 0:
+            loss = loss * float("nan")
+        if distributed.all_reduce([float(torch.isfinite(loss))], distributed.dist.ReduceOp.MIN).item() < 1:
+            progress.nan_skips += 1
+            log.warning("step %d: non-finite loss in micro-batch %d (%d so far)", progress.step + 1, micro, progress.nan_skips)
+            if config.train.nan_policy == "stop" or progress.nan_skips > config.train.max_nan_skips:
+                return None
+            loss = output.logits.float().sum() * 0.0  # a zero gradient keeps every rank's engine in step
+        else:
+            step_loss += loss.item() / run.accum
+        engine.backward(loss)
+        engine.step()
+    return step_loss
+
+
+def stop_on_nonfinite(run: Run) -> int:
+    """Save the last good state and give the exit code that says why the run stopped."""
+    run.save()
+    log.error("stopped at step %d: non-finite loss (train.nan_policy=%s); last good state saved", run.progress.step + 1,
+              run.config.train.nan_policy)
+    return EXIT_NONFINITE
+
+
+class Window:
+    """Sums over the steps since the last log line: loss, real tokens, data wait and step time."""
+
+    def __init__(self) -> None:
+        self.loss, self.steps, self.tokens, self.wait, self.time = 0.0, 0, 0, 0.0, 0.0
+
+    def add(self, loss: float, tokens: int, wait: float, elapsed: float) -> None:
+        self.loss, self.steps, self.tokens = self.loss + loss, self.steps + 1, self.tokens + tokens
+        self.wait, self.time = self.wait + wait, self.time + elapsed
+
+
+def log_window(run: Run, window: Window, rows: np.ndarray) -> None:
+    """Log the window's record (collective: loss, tokens and the batch digest are summed over ranks)."""
+    engine, world = run.engine, run.world
+    lane_digests = distributed.all_reduce(torch.from_numpy(run.loader.local_lane_digests(rows)), distributed.dist.ReduceOp.SUM)
+    loss_sum, window_tokens = distributed.all_reduce([window.loss / window.steps, window.tokens]).tolist()
+    record = {
+        "loss": loss_sum / world, "lr": engine.lr, "grad_norm": engine.grad_norm, "tokens": run.progress.tokens.sum(),
+        "tokens_per_s": window_tokens / window.time, "step_s": window.time / window.steps,
+        "data_wait_frac": window.wait / window.time, "batch_digest": batch_digest(lane_digests.numpy()),
+        "peak_mem_gb": peak_memory_gb(), "nan_skips": run.progress.nan_skips,
+    }
+    if run.peak_flops:
+        record["mfu"] = run.flops_per_token * record["tokens_per_s"] / (run.peak_flops * world)
+    run.metrics.log(run.progress.step, record, TRAIN_TAGS)
+    log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %s | %.0f tok/s | %.2f s/step | data wait %.1f%%",
+             run.progress.step, run.steps_total, record["loss"], record["lr"],
+             "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}",
+             record["tokens_per_s"], record["step_s"], 100 * record["data_wait_frac"])
+
+
+def maybe_evaluate(run: Run) -> tuple[bool, bool]:
+    """Evaluate when it is due and the run has a valid split: (the best metric improved, early stop is due)."""
+    if not (run.config.data.has_valid() and run.due(run.config.train.eval_every)):
+        return False, False
+    step = run.progress.step
+    run.engine.eval()
+    evaluation = run.task.evaluate(run.engine)
+    run.engine.train()
+    run.metrics.log(step, {f"eval_{k}": v for k, v in evaluation.scalars.items()}, {f"eval_{k}": f"eval/{k}" for k in evaluation.scalars})
+    for name, text in evaluation.texts.items():
+        run.metrics.text(step, f"eval/{name}", text)
+    log.info("step %d | eval %s", step, " | ".join(f"{k} {v:.4f}" for k, v in evaluation.scalars.items()))
+    improved = run.best.update(evaluation.scalars, step)
+    return improved, run.best.exhausted()
+
+
+def finish(run: Run, exit_code: int) -> None:
+    """Stop the reader threads and writers; after a completed run, rank 0 exports the best (or last) checkpoint."""
+    run.loader.close()
+    run.task.close()
+    run.metrics.close()
+    if exit_code == 0 and run.rank == 0:
         from trainer.export import export
 
-        final = checkpoints.best() or tag(step)
-        out = export(checkpoints.root / final, config.run_dir / "export")
-        log.info("exported %s from %s; TensorBoard: tensorboard --logdir %s", out, final, config.run_dir / "tb")
+        final = run.checkpoints.best() or tag(run.progress.step)
+        out = export(run.checkpoints.root / final, run.config.run_dir / "export")
+        log.info("exported %s from %s; TensorBoard: tensorboard --logdir %s", out, final, run.config.run_dir / "tb")
     distributed.barrier()
-    return exit_code
 
 
 class TokenCount:
@@ -359,7 +438,7 @@ def _writing(staging: Path, checkpoints: Checkpoints) -> Iterator[None]:
         if isinstance(err, distributed.dist.DistError):
             raise
         free = shutil.disk_usage(checkpoints.root).free / 2**20
-        raise ConfigError(f"{staging}: writing the checkpoint failed ({first_line(err, 200)}; {free:.1f} MiB free there); "
+        raise StorageError(f"{staging}: writing the checkpoint failed ({first_line(err, 200)}; {free:.1f} MiB free there); "
                           f"`latest` still names {checkpoints.latest() or 'no checkpoint'}") from None
 
 

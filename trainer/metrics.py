@@ -9,9 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger("trainer")
+
+# metrics.jsonl key → TensorBoard tag of a logged training step (the record's other keys are jsonl only)
+TRAIN_TAGS = {
+    "loss": "train/loss", "lr": "train/lr", "tokens_per_s": "perf/tokens_per_s", "step_s": "perf/step_s",
+    "data_wait_frac": "perf/data_wait_frac", "peak_mem_gb": "mem/peak_gb", "nan_skips": "train/nan_skips",
+    "grad_norm": "train/grad_norm", "mfu": "perf/mfu",
+}
 
 
 class Metrics:
@@ -38,13 +46,15 @@ class Metrics:
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
 
-    def log(self, step: int, scalars: dict[str, float], record: dict) -> None:
-        """TensorBoard gets `scalars` (tag → value); metrics.jsonl gets `record` with the step."""
+    def log(self, step: int, record: dict, tags: Mapping[str, str]) -> None:
+        """metrics.jsonl gets `record` with the step; TensorBoard gets each value `tags` names a tag for
+        (record key → tag), skipping None. One dict per event, so a value is written in one place."""
         if not self.enabled:
             return
         if self.writer is not None:
-            for name, value in scalars.items():
-                self.writer.add_scalar(name, value, step)
+            for key, tag in tags.items():
+                if record.get(key) is not None:
+                    self.writer.add_scalar(tag, record[key], step)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
 

@@ -1,21 +1,54 @@
-"""Training engines behind one interface, so the loop does not know which one runs:
-
-    forward(**inputs) -> model output        one micro-batch through the wrapped model; the task makes the loss
-    backward(loss); step()                   after every micro-batch; the update happens at the boundary
-    grad_norm, lr                            of the last update
-    save(root, tag) / load(root, tag)        collective: every rank writes/reads its shards in root/tag
-    module; train() / eval()
-"""
+"""Training engines behind one interface (`Engine`), so the loop does not know which one runs."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from trainer.config import Config, ConfigError
 from trainer.models import layer_indices, task_head
 from trainer.schedule import lr_factor_fn
+
+
+class Engine(Protocol):
+    """What the loop needs from an engine (DeepSpeed ZeRO, FSDP2); see ARCHITECTURE.md, "Engines".
+
+    `data_rank` / `data_world` are this process's coordinate among the data-parallel replicas: the
+    loader deals lanes by them and the accumulation arithmetic divides by `data_world`. For ZeRO and
+    plain FSDP they are the process rank and world size; a mesh with tensor or pipeline dimensions
+    makes them smaller than the world.
+    """
+
+    data_rank: int
+    data_world: int
+
+    @property
+    def module(self) -> torch.nn.Module: ...  # the wrapped model
+
+    @property
+    def lr(self) -> float: ...  # of the last update
+
+    @property
+    def grad_norm(self) -> float | None: ...  # of the last update; None when the engine does not compute it
+
+    def forward(self, **inputs: torch.Tensor): ...  # one micro-batch through the wrapped model; the task makes the loss
+
+    def backward(self, loss: torch.Tensor) -> None: ...  # after every micro-batch
+
+    def step(self) -> None: ...  # after every micro-batch; the update happens at the accumulation boundary
+
+    def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module: ...  # a forward-only model placed like the student
+
+    def save(self, root: Path, tag: str) -> None: ...  # collective: every rank writes its shards into root/tag
+
+    def load(self, root: Path, tag: str) -> None: ...  # collective: every rank reads its shards from root/tag
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
 
 
 def adamw_with_schedule(model: torch.nn.Module, config: Config, total_steps: int):
@@ -88,7 +121,7 @@ def _gated(factor: Callable[[int], float], thaw: int) -> Callable[[int], float]:
     return lambda step: factor(step) if step >= thaw else 0.0
 
 
-def build_engine(model: torch.nn.Module, config: Config, world_size: int, total_steps: int, resume_world: int | None):
+def build_engine(model: torch.nn.Module, config: Config, world_size: int, total_steps: int, resume_world: int | None) -> Engine:
     """The engine `engine.type` names, ready to `load` a checkpoint written at `resume_world` processes."""
     if config.engine.type == "fsdp2":
         from trainer.engines.fsdp2_engine import FSDP2Engine

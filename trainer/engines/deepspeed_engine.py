@@ -66,7 +66,7 @@ def ds_config(config: Config, world_size: int, load_universal: bool = False) -> 
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"engine.ds_config {path}: cannot read a JSON DeepSpeed config ({err})") from None
-    grad_accum = config.train.global_batch // (config.train.micro_batch * world_size)
+    grad_accum = config.train.accumulation(world_size)
     wanted = {
         ("train_batch_size",): config.train.global_batch,
         ("train_micro_batch_size_per_gpu",): config.train.micro_batch,
@@ -120,6 +120,7 @@ class DeepSpeedEngine:
             model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
         optimizer, scheduler = adamw_with_schedule(model, config, total_steps)
         self.universal = resume_world not in (None, world_size) and config.engine.zero_stage > 0
+        self.data_rank, self.data_world = dist.get_rank(), world_size  # ZeRO: every rank is a data-parallel rank
         self.ds_config = ds_config(config, world_size, self.universal)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from data_tools.common import CheckpointError, first_line
 from trainer import models
 from trainer.checkpoint import unreadable
 from trainer.config import Config, ConfigError
@@ -96,7 +97,8 @@ class FSDP2Engine:
         fully_shard(model, **self.sharding)
         self.model = model
         self.optimizer, self.scheduler = adamw_with_schedule(model, config, total_steps)
-        self.accum = config.train.global_batch // (config.train.micro_batch * world_size)
+        self.accum = config.train.accumulation(world_size)
+        self.data_rank, self.data_world = dist.get_rank(), world_size  # this rank's coordinate in the data-parallel group
         self.clip = config.optim.grad_clip
         self.micro = 0
         self._grad_norm: float | None = None
@@ -155,7 +157,7 @@ class FSDP2Engine:
         try:
             dcp.load(state, checkpoint_id=str(root / tag / "dcp"))
         except Exception as err:  # DCP wraps shape and key mismatches in CheckpointException
-            raise ConfigError(f"{root / tag}: cannot load into this model ({str(err).splitlines()[0][:200]})") from None
+            raise CheckpointError(f"{root / tag}: cannot load into this model ({first_line(err, 200)})") from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(json.loads((root / tag / "scheduler.json").read_text()))
 

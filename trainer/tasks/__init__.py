@@ -1,19 +1,32 @@
 """Tasks: what a run learns. Each turns lane rows into model inputs and evaluates on the valid split.
 
-    tokens(rows) -> int                        real input tokens in a batch (throughput, token budget)
-    inputs(rows, step, micro, train) -> dict   model kwargs incl. `labels`: the model computes the loss
-    evaluate(engine) -> Evaluation             scalars (eval/<name>) and texts, identical on every rank
-    close()
-
 `task.type` picks one; the row layout it expects is checked against the manifest's `task`.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
+import numpy as np
+import torch
+
 from trainer.config import ConfigError
 from trainer.tasks.base import Evaluation, TaskContext
 
-__all__ = ["DATA_TASK", "Evaluation", "TaskContext", "build_task", "model_vocab_size"]
+__all__ = ["DATA_TASK", "Evaluation", "Task", "TaskContext", "build_task", "model_vocab_size"]
+
+
+class Task(Protocol):
+    """What the loop needs from a task."""
+
+    def tokens(self, rows: np.ndarray) -> int: ...  # real input tokens in a batch (throughput, token budget)
+
+    def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
+        ...  # model kwargs incl. `labels`: the model computes the loss
+
+    def evaluate(self, engine) -> Evaluation: ...  # scalars (eval/<name>) and texts, identical on every rank
+
+    def close(self) -> None: ...
 
 # the manifest `task` values each task reads: None = packed token rows from `data_tools prepare`
 DATA_TASK = {
@@ -23,7 +36,7 @@ DATA_TASK = {
 }
 
 
-def build_task(ctx: TaskContext):
+def build_task(ctx: TaskContext) -> Task:
     kind = ctx.config.task.type
     if kind == "causal_lm":
         from trainer.tasks.causal_lm import CausalLM as cls
