@@ -15,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -66,6 +68,16 @@ class Manifest:
     labels: list[str] = field(default_factory=list)  # label vocabulary (id = index): classification, NER
     channels: list[str] = field(default_factory=list)  # finetuning rows are [channels, seq_len]; empty: [seq_len]
     format_version: int = FORMAT_VERSION
+    directory: Path | None = field(default=None, compare=False)  # where it was loaded from (not saved): shard paths are relative to it
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """The shape of one row: packed tokens are [seq_len]; finetuning examples [channels, seq_len]."""
+        return (len(self.channels), self.seq_len) if self.channels else (self.seq_len,)
+
+    def shard_path(self, shard: ShardInfo) -> Path:
+        """Where a shard of this (loaded) manifest lies."""
+        return Path(self.directory or ".") / shard.path
 
     @property
     def total_rows(self) -> int:
@@ -77,6 +89,7 @@ class Manifest:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        del data["directory"]
         data["total_rows"] = self.total_rows
         data["total_tokens"] = self.total_tokens
         return data
@@ -91,7 +104,10 @@ class Manifest:
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    """Read a manifest file (or the `manifest.json` in a directory), checking version and keys."""
+    """Read a manifest file (or the `manifest.json` in a directory), checking version and keys.
+
+    Both spellings name the same split everywhere: the Manifest remembers its directory.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
@@ -117,6 +133,7 @@ def load_manifest(path: str | Path) -> Manifest:
             task=data.get("task"),
             labels=data.get("labels", []),
             channels=data.get("channels", []),
+            directory=path.parent,
         )
     except (KeyError, TypeError) as err:
         raise ManifestError(f"{path}: missing or malformed field {err}") from None
@@ -144,18 +161,27 @@ def verify_shard(directory: str | Path, shard: ShardInfo) -> None:
         raise ManifestError(f"{path}: sha256 {found[:16]}…, manifest says {shard.sha256[:16]}…; the shard is corrupt")
 
 
+def open_shard(path: str | Path) -> BinaryIO:
+    """The one place a shard is opened for reading, so another storage backend plugs in here."""
+    return open(path, "rb")
+
+
+def _check_member(path: str | Path, member: tarfile.TarInfo) -> None:
+    """Shards hold plain files with relative names; anything else (links, devices, `..`) is refused."""
+    if not member.isfile() or member.name.startswith("/") or ".." in Path(member.name).parts:
+        raise ManifestError(f"{path}: unsafe tar member {member.name!r}; shards hold plain relative files only")
+
+
 def iter_blocks(path: str | Path) -> Iterator[tuple[np.ndarray, dict]]:
     """Yield (rows, metadata) for each sample of a token shard, in file order.
 
     Members must be plain files with relative names; `.npy` is read with `allow_pickle=False`.
     """
     pending: dict[str, dict] = {}
-    with tarfile.open(path, "r:") as tar:
+    with open_shard(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
-            name = member.name
-            if not member.isfile() or name.startswith("/") or ".." in Path(name).parts:
-                raise ManifestError(f"{path}: unsafe tar member {name!r}; shards hold plain relative files only")
-            key, _, ext = name.partition(".")
+            _check_member(path, member)
+            key, _, ext = member.name.partition(".")
             payload = tar.extractfile(member).read()
             sample = pending.setdefault(key, {})
             sample[ext] = payload
@@ -165,3 +191,68 @@ def iter_blocks(path: str | Path) -> Iterator[tuple[np.ndarray, dict]]:
                 yield rows, json.loads(sample["json"])
     if pending:
         raise ManifestError(f"{path}: incomplete samples {sorted(pending)}; the shard is truncated")
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where each `.npy` block of a token shard lies in the file, so a read touches only its block."""
+
+    path: Path
+    dtype: np.dtype
+    row_shape: tuple[int, ...]  # (seq_len,) for packed tokens, (channels, seq_len) for finetuning examples
+    block_first_rows: tuple[int, ...]
+    block_spans: tuple[tuple[int, int], ...]  # (offset, bytes) of each block's array data
+
+
+def index_shard(manifest: Manifest, shard: ShardInfo) -> ShardIndex:
+    """Read a shard's tar headers and `.npy` headers once; check every block against the manifest.
+
+    Why: the trainer then reads a block with one positioned read, without tarfile or numpy's loader.
+    """
+    path = manifest.shard_path(shard)
+    dtype, row_shape = np.dtype(manifest.dtype), manifest.row_shape
+    firsts, spans, total = [], [], 0
+    with open_shard(path) as f:
+        for member in _tar_members(f, path):
+            if not member.name.endswith(".npy"):
+                continue
+            f.seek(member.offset_data)
+            shape, found = _npy_header(f, path, member.name)
+            data_offset = f.tell()
+            size = member.offset_data + member.size - data_offset
+            if found != dtype or tuple(shape[1:]) != row_shape or size != math.prod(shape) * dtype.itemsize:
+                raise ManifestError(
+                    f"{path}: member {member.name!r} is {found} {shape} in {size} bytes, "
+                    f"manifest says {dtype} [rows, {', '.join(map(str, row_shape))}]; the shard is corrupt"
+                )
+            firsts.append(total)
+            spans.append((data_offset, size))
+            total += shape[0]
+    if total != shard.rows:
+        raise ManifestError(f"{path}: {total} rows in its blocks, manifest says {shard.rows}; the shard is truncated or replaced")
+    return ShardIndex(path, dtype, row_shape, tuple(firsts), tuple(spans))
+
+
+def _tar_members(f: BinaryIO, path: Path) -> list[tarfile.TarInfo]:
+    """A shard's tar members, each checked by `_check_member`."""
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            members = tar.getmembers()
+    except tarfile.TarError as err:
+        raise ManifestError(f"{path}: not a readable tar ({err}); the shard is corrupt") from None
+    for member in members:
+        _check_member(path, member)
+    return members
+
+
+def _npy_header(f: BinaryIO, path: Path, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the `.npy` header at the file's position; leaves it at the array data."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = readers[version](f)
+    except (ValueError, KeyError) as err:
+        raise ManifestError(f"{path}: member {name!r} is not a .npy array ({err}); the shard is corrupt") from None
+    if fortran:
+        raise ManifestError(f"{path}: member {name!r} is Fortran-ordered; token shards hold C-ordered rows")
+    return shape, dtype

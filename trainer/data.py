@@ -1,4 +1,4 @@
-"""Token batches for training, dealt by the lanes contract (DESIGN.md, "Data order and resume").
+"""Token batches for training, dealt by the lanes contract (ARCHITECTURE.md, "Contracts: lanes").
 
 Why lanes: the sequence of global batches must be a pure function of (corpora, seed, global batch,
 lanes) so that a run resumes from the step number alone, at any world size, without repeating or
@@ -18,13 +18,12 @@ import hashlib
 import json
 import logging
 import math
-import os
 import queue
-import tarfile
 import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import BinaryIO
 from dataclasses import dataclass, replace
 from itertools import accumulate, count
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 import xxhash
 
 from data_tools.common import DataError
-from data_tools.manifest import Manifest, ManifestError, load_manifest, verify_shard
+from data_tools.manifest import Manifest, ManifestError, ShardIndex, index_shard, load_manifest, open_shard, verify_shard
 
 __all__ = ["DataError", "Lane", "LanesLoader", "RowRange", "Source", "batch_digest", "deal_rows", "lane_shares"]
 
@@ -44,7 +43,7 @@ log = logging.getLogger("trainer.data")
 class Source:
     """One corpus of a run: a token split from `python -m data_tools prepare`, and its mixture weight."""
 
-    manifest: str  # a manifest.json or its directory
+    manifest: str | Path | Manifest  # a manifest.json or its directory, or the Manifest the caller loaded and checked
     weight: float = 1.0
 
 
@@ -128,15 +127,6 @@ def batch_digest(all_lane_digests: np.ndarray) -> str:
     return xxhash.xxh3_64_hexdigest(digests.astype("<i8").tobytes())
 
 
-@contextlib.contextmanager
-def _as_data_error() -> Iterator[None]:
-    """Report manifest and shard problems as the trainer's one error type, keeping their one-line message."""
-    try:
-        yield
-    except ManifestError as err:
-        raise DataError(str(err)) from None
-
-
 @dataclass(frozen=True)
 class _Corpus:
     directory: Path
@@ -145,16 +135,16 @@ class _Corpus:
 
 
 def _load_corpus(source: Source, seq_len: int) -> _Corpus:
-    path = Path(source.manifest)
-    with _as_data_error():
-        manifest = load_manifest(path)
+    manifest = source.manifest if isinstance(source.manifest, Manifest) else load_manifest(source.manifest)
+    path = manifest.directory
     if manifest.seq_len != seq_len:
         raise DataError(
-            f"{path}: seq_len {manifest.seq_len}, the run's model.seq_len is {seq_len}; prepare the data again or change seq_len"
+            f"{path}: seq_len {manifest.seq_len}, the run reads rows of seq_len {seq_len} (data.train's first manifest); "
+            "prepare every split with one --seq-len"
         )
     if not source.weight > 0:
         raise DataError(f"{path}: weight {source.weight}; a source's weight must be positive")
-    return _Corpus(path if path.is_dir() else path.parent, manifest, float(source.weight))
+    return _Corpus(path, manifest, float(source.weight))
 
 
 def _without_corrupt_shards(corpus: _Corpus, rank: int) -> _Corpus:
@@ -211,73 +201,6 @@ def _plan_lanes(corpora: Sequence[_Corpus], lanes: int) -> list[Lane]:
     return plan
 
 
-@dataclass(frozen=True)
-class _Shard:
-    """Where each `.npy` block of a token shard lies in the file, so a read touches only its block."""
-
-    path: Path
-    dtype: np.dtype
-    row_shape: tuple[int, ...]  # (seq_len,) for packed tokens, (channels, seq_len) for finetuning examples
-    block_first_rows: tuple[int, ...]
-    block_spans: tuple[tuple[int, int], ...]  # (offset, bytes) of each block's array data
-
-
-def _npy_header(f, path: Path, name: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from the `.npy` header at the file's position; leaves it at the array data."""
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    try:
-        version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = readers[version](f)
-    except (ValueError, KeyError) as err:
-        raise DataError(f"{path}: member {name!r} is not a .npy array ({err}); the shard is corrupt") from None
-    if fortran:
-        raise DataError(f"{path}: member {name!r} is Fortran-ordered; token shards hold C-ordered rows")
-    return shape, dtype
-
-
-def _safe_members(f, path: Path) -> list[tarfile.TarInfo]:
-    """A shard's tar members, refusing what `iter_blocks` refuses: anything but plain relative files."""
-    try:
-        with tarfile.open(fileobj=f, mode="r:") as tar:
-            members = tar.getmembers()
-    except tarfile.TarError as err:
-        raise DataError(f"{path}: not a readable tar ({err}); the shard is corrupt") from None
-    for member in members:
-        if not member.isfile() or member.name.startswith("/") or ".." in Path(member.name).parts:
-            raise DataError(f"{path}: unsafe tar member {member.name!r}; shards hold plain relative files only")
-    return members
-
-
-def row_shape(manifest: Manifest) -> tuple[int, ...]:
-    """The shape of one row: packed tokens are [seq_len]; finetuning examples [channels, seq_len]."""
-    return (len(manifest.channels), manifest.seq_len) if manifest.channels else (manifest.seq_len,)
-
-
-def _index_shard(path: Path, manifest: Manifest, rows: int) -> _Shard:
-    """Read a shard's tar headers and `.npy` headers once; check every block against the manifest."""
-    dtype, shape_of_row = np.dtype(manifest.dtype), row_shape(manifest)
-    firsts, spans, total = [], [], 0
-    with open(path, "rb") as f:
-        for member in _safe_members(f, path):
-            if not member.name.endswith(".npy"):
-                continue
-            f.seek(member.offset_data)
-            shape, found = _npy_header(f, path, member.name)
-            data_offset = f.tell()
-            size = member.offset_data + member.size - data_offset
-            if found != dtype or tuple(shape[1:]) != shape_of_row or size != math.prod(shape) * dtype.itemsize:
-                raise DataError(
-                    f"{path}: member {member.name!r} is {found} {shape} in {size} bytes, "
-                    f"manifest says {dtype} [rows, {', '.join(map(str, shape_of_row))}]; the shard is corrupt"
-                )
-            firsts.append(total)
-            spans.append((data_offset, size))
-            total += shape[0]
-    if total != rows:
-        raise DataError(f"{path}: {total} rows in its blocks, manifest says {rows}; the shard is truncated or replaced")
-    return _Shard(path, dtype, shape_of_row, tuple(firsts), tuple(spans))
-
-
 class _LaneReader:
     """Reads one lane's stream at any position; keeps the lane's open shard and its current block.
 
@@ -285,10 +208,10 @@ class _LaneReader:
     in the current block are kept as a view and a step's read is one slice and one copy.
     """
 
-    def __init__(self, lane: Lane, seed: int, shards: Mapping[tuple[int, int], _Shard]):
+    def __init__(self, lane: Lane, seed: int, shards: Mapping[tuple[int, int], ShardIndex]):
         self.lane, self._seed, self._shards = lane, seed, shards
         self._epoch, self._ranges, self._starts = -1, (), [0]
-        self._file: tuple[Path, int] | None = None  # (path, fd)
+        self._file: tuple[Path, BinaryIO] | None = None
         self._block: tuple[Path, int, np.ndarray] | None = None
         self._next, self._ahead = -1, np.empty((0, 0))  # stream position of the rows in _ahead
 
@@ -317,11 +240,13 @@ class _LaneReader:
         first = shard.block_first_rows[block]
         return self._load(shard, block)[row - first : rng.stop - first]
 
-    def _load(self, shard: _Shard, block: int) -> np.ndarray:
+    def _load(self, shard: ShardIndex, block: int) -> np.ndarray:
         if self._block is not None and self._block[:2] == (shard.path, block):
             return self._block[2]
         offset, size = shard.block_spans[block]
-        data = os.pread(self._fd(shard.path), size, offset)
+        f = self._open(shard.path)
+        f.seek(offset)
+        data = f.read(size)
         if len(data) != size:
             raise DataError(
                 f"{shard.path}: block {block} ends after {len(data)} of {size} bytes; the shard was truncated while in use"
@@ -330,15 +255,15 @@ class _LaneReader:
         self._block = (shard.path, block, rows)
         return rows
 
-    def _fd(self, path: Path) -> int:
+    def _open(self, path: Path) -> BinaryIO:
         if self._file is None or self._file[0] != path:
             self.close()
-            self._file = (path, os.open(path, os.O_RDONLY))
+            self._file = (path, open_shard(path))
         return self._file[1]
 
     def close(self) -> None:
         if self._file is not None:
-            os.close(self._file[1])
+            self._file[1].close()
             self._file = None
 
 
@@ -350,7 +275,7 @@ class _Failure:
 class _Prefetch(Iterator[np.ndarray]):
     """Runs a batch generator in a background thread, at most `depth` batches ahead of the consumer.
 
-    Why a thread: reading and casting rows overlaps the step, and numpy and os.pread release the GIL.
+    Why a thread: reading and casting rows overlaps the step, and numpy and file reads release the GIL.
     A reader error is handed over through the queue and raised by the consumer's next().
     """
 
@@ -430,13 +355,13 @@ class LanesLoader:
             self.corpora, verify = [_without_corrupt_shards(c, rank) for c in self.corpora], False  # verified just now
         _check_tokenizer(self.corpora, vocab_size, eos_id, tokenizer_sha256)
         self.seq_len, self.global_batch, self.lanes, self.seed = seq_len, global_batch, lanes, seed
-        self.row_shape = row_shape(self.corpora[0].manifest)
+        self.row_shape = self.corpora[0].manifest.row_shape
         self.rank, self.world_size, self.prefetch, self.verify = rank, world_size, prefetch, verify
         self.rows_per_lane = global_batch // lanes  # k: rows each lane gives every step
         self.rows_per_rank = global_batch // world_size
         self.plan = _plan_lanes(self.corpora, lanes)
         self.local_lanes = self.plan[rank::world_size]
-        self._shards: dict[tuple[int, int], _Shard] | None = None
+        self._shards: dict[tuple[int, int], ShardIndex] | None = None
         self._stream: _Prefetch | None = None
 
     def fingerprint(self) -> str:
@@ -448,10 +373,6 @@ class LanesLoader:
             "lanes": self.lanes,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-    def local_shards(self) -> list[Path]:
-        """The shard files this rank reads: those of its lanes' ranges, and no others."""
-        return [self._shard_path(*key) for key in self._local_keys()]
 
     def batches(self, start_step: int) -> Iterator[np.ndarray]:
         """This rank's rows for steps start_step, start_step + 1, …: int64 [rows_per_rank, *row_shape].
@@ -494,10 +415,6 @@ class LanesLoader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _shard_path(self, source: int, shard: int) -> Path:
-        corpus = self.corpora[source]
-        return corpus.directory / corpus.manifest.shards[shard].path
-
     def _produce(self, start_step: int) -> Iterator[np.ndarray]:
         """Runs in the prefetch thread: the batches from `start_step` on, every lane at row step * k."""
         shards = self._local_index()
@@ -513,16 +430,15 @@ class LanesLoader:
             for reader in readers:
                 reader.close()
 
-    def _local_index(self) -> dict[tuple[int, int], _Shard]:
+    def _local_index(self) -> dict[tuple[int, int], ShardIndex]:
         """Verify (when asked) and index this rank's shards, once per loader, before its first batch."""
         if self._shards is None:
             began, shards = time.perf_counter(), {}
             for source, shard in self._local_keys():
                 corpus, info = self.corpora[source], self.corpora[source].manifest.shards[shard]
                 if self.verify:
-                    with _as_data_error():
-                        verify_shard(corpus.directory, info)
-                shards[source, shard] = _index_shard(self._shard_path(source, shard), corpus.manifest, info.rows)
+                    verify_shard(corpus.directory, info)
+                shards[source, shard] = index_shard(corpus.manifest, info)
             done = "verified and indexed" if self.verify else "indexed"
             log.info("rank %d: %s %d shards in %.1fs", self.rank, done, len(shards), time.perf_counter() - began)
             self._shards = shards

@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from trainer import distributed
 from trainer.adapt import adapt
 from trainer.checkpoint import Checkpoints, TrainerState, rng_state, set_rng_state, tag
 from trainer.config import Config, ConfigError
-from trainer.data import LanesLoader, Source, batch_digest, row_shape
+from trainer.data import LanesLoader, Source, batch_digest
 from trainer.distill import objective
 from trainer.early_stop import BestMetric
 from trainer.engines import Engine, build_engine
@@ -53,10 +54,19 @@ class StopSignal:
         self.received = signum
 
 
-def read_manifests(config: Config) -> tuple[list[Manifest], Manifest | None]:
+class RunManifests(NamedTuple):
+    """Every manifest a run reads, loaded once and checked here; the loader and the tasks take them as they are."""
+
+    train: list[Manifest]  # data.train's sources, in order
+    valid: Manifest | None  # data.valid
+    source_valid: list[Manifest | None]  # each source's own `valid:` (task.type multitask)
+
+
+def read_manifests(config: Config) -> RunManifests:
     """The run's manifests, checked to agree with each other and with `task.type`. A multi-task run's
     sources may differ in task and labels (a head each); each is checked against its own valid split."""
     sources = [load_manifest(s.path) for s in config.data.sources()]
+    source_valid: list[Manifest | None] = []
     first, accepted = sources[0], DATA_TASK[config.task.type]
     multitask = config.task.type == "multitask"
     for i, (source, manifest) in enumerate(zip(config.data.sources(), sources)):
@@ -64,19 +74,20 @@ def read_manifests(config: Config) -> tuple[list[Manifest], Manifest | None]:
             made_by = f"prepare-finetune --task {manifest.task}" if manifest.task else "data_tools prepare (packed tokens)"
             needs = " or ".join(f"prepare-finetune --task {wanted}" if wanted else "data_tools prepare" for wanted in accepted)
             raise ConfigError(f"data.train {source.path}: made by {made_by}, but task.type {config.task.type} reads data from {needs}")
-        if (manifest.seq_len, manifest.tokenizer.sha256, row_shape(manifest)) != (first.seq_len, first.tokenizer.sha256, row_shape(first)):
+        if (manifest.seq_len, manifest.tokenizer.sha256, manifest.row_shape) != (first.seq_len, first.tokenizer.sha256, first.row_shape):
             raise ConfigError(
                 f"data.train {source.path}: seq_len {manifest.seq_len} / tokenizer {manifest.tokenizer.name} differ from "
                 f"the first source's {first.seq_len} / {first.tokenizer.name}; a mixture needs one tokenizer and seq_len"
             )
         if not multitask and manifest.labels != first.labels:
             raise ConfigError(f"data.train {source.path}: labels {manifest.labels} differ from the first source's {first.labels}")
-        if source.valid:
-            check_valid(f"data.train[{i}].valid {source.valid}", load_manifest(source.valid), manifest)
+        source_valid.append(load_manifest(source.valid) if source.valid else None)
+        if source_valid[-1]:
+            check_valid(f"data.train[{i}].valid {source.valid}", source_valid[-1], manifest)
     valid = load_manifest(config.data.valid) if config.data.valid else None
     if valid:
         check_valid(f"data.valid {config.data.valid}", valid, first)
-    return sources, valid
+    return RunManifests(sources, valid, source_valid)
 
 
 def check_valid(where: str, valid: Manifest, train: Manifest) -> None:
@@ -198,10 +209,9 @@ def set_up(config: Config, resume_from: str) -> Run:
     """Process group, data, model, engine and loader, restored from the checkpoint `resume_from` names."""
     rank, world, _ = distributed.init(config.train.collective_timeout_s)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
-    sources, _ = read_manifests(config)
-    data, tok = sources[0], sources[0].tokenizer
-    train_path = Path(config.data.sources()[0].path)
-    data_dir = train_path if train_path.is_dir() else train_path.parent
+    manifests = read_manifests(config)
+    data, tok = manifests.train[0], manifests.train[0].tokenizer
+    data_dir = data.directory
     tokenizer_file = data_dir / tok.path  # copied into each checkpoint
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     steps_total = total_steps(config, data.seq_len)
@@ -210,14 +220,14 @@ def set_up(config: Config, resume_from: str) -> Run:
     resume = checkpoints.resume_tag(resume_from)
     state = checkpoints.read_state(resume) if resume else None
     model = build_model(config, model_vocab_size(config, tokenizer, tok.vocab_size), data.seq_len, tok.eos_id, data.labels,
-                        config.run.seed)
+                        config.run.seed, sources=manifests.train)
     if state and state.model_shape != model_shape(model):
         raise CheckpointError(
             f"{checkpoints.root / resume}: checkpoint of model {state.model_shape}, this run builds {model_shape(model)}; "
             "use a new run.name or the old model settings"
         )
     task = build_task(TaskContext(config, data.seq_len, tokenizer, tok.eos_id, model.config.pad_token_id, data.labels,
-                                  config.data.valid))
+                                  manifests.valid, manifests.train, manifests.source_valid))
     engine = build_engine(adapt(model, config), config, world, steps_total, state.world_size if state else None)
     accum = config.train.accumulation(engine.data_world)
     loss_of = objective(config, model, tokenizer_file, engine.place_frozen)  # the model's loss, or mixed with a teacher's (distill)
@@ -231,7 +241,7 @@ def set_up(config: Config, resume_from: str) -> Run:
                 checkpoints.rewind(resume)
 
     loader = LanesLoader(
-        [Source(s.path, s.weight) for s in config.data.sources()],
+        [Source(manifest, s.weight) for manifest, s in zip(manifests.train, config.data.sources())],
         seq_len=data.seq_len, global_batch=config.train.global_batch, lanes=config.data.lanes, seed=config.run.seed,
         rank=engine.data_rank, world_size=engine.data_world, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
         tokenizer_sha256=tok.sha256, prefetch=config.data.prefetch, verify=config.data.verify, on_corrupt=config.data.on_corrupt,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from data_tools.common import resolve
+from data_tools.manifest import Manifest
 from trainer.config import Config, ConfigError, ModelConfig
 
 log = logging.getLogger("trainer")
@@ -69,10 +71,11 @@ BLOCK_LISTS = ("layers", "layer", "h", "block", "blocks")  # attribute names of 
 LEARNED_POSITIONS = ("bert", "distilbert", "electra", "gpt2", "bart")  # a fixed table of positions: seq_len must fit
 
 
-def build_model(config: Config, vocab_size: int, seq_len: int, eos_id: int, labels: list[str], seed: int) -> PreTrainedModel:
+def build_model(config: Config, vocab_size: int, seq_len: int, eos_id: int, labels: list[str], seed: int,
+                sources: Sequence[Manifest] = ()) -> PreTrainedModel:
     """The model `task.type` trains, with `architectures` naming its class so a checkpoint's
     hf_config.json says what to rebuild, and a pad id set (decoder-only classifiers pool the last
-    non-pad token)."""
+    non-pad token). `sources`: data.train's manifests, which give a multi-task model its heads."""
     task = config.task.type
     if task in LABELLED and not labels:
         raise ConfigError(f"task.type {task}: the data has no label vocabulary; prepare labelled data (a manifest with labels)")
@@ -91,7 +94,7 @@ def build_model(config: Config, vocab_size: int, seq_len: int, eos_id: int, labe
     if task == "multitask":
         from trainer.multitask import MultiTaskModel, heads
 
-        model = MultiTaskModel(model, heads(config))
+        model = MultiTaskModel(model, heads(config, sources))
     model.config.architectures = [type(model).__name__]
     return model.float()
 

@@ -17,12 +17,13 @@ is enough to rebuild the model.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification, PretrainedConfig, PreTrainedModel
 
-from data_tools.manifest import load_manifest
+from data_tools.manifest import Manifest
 from trainer.config import Config, ConfigError
 from trainer.tasks.base import IGNORE
 
@@ -37,9 +38,9 @@ class Head:
     labels: list[str]
 
 
-def heads(config: Config) -> list[Head]:
+def heads(config: Config, sources: Sequence[Manifest]) -> list[Head]:
     """One head per data.train source, in source order (a row's source index is its head's index)."""
-    return [Head(s.name, (m := load_manifest(s.path)).task, list(m.labels)) for s in config.data.sources()]
+    return [Head(s.name, manifest.task, list(manifest.labels)) for s, manifest in zip(config.data.sources(), sources, strict=True)]
 
 
 def head_targets(task: str, labels: torch.Tensor) -> torch.Tensor:

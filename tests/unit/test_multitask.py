@@ -69,7 +69,7 @@ def datasets(tmp_path_factory, corpora) -> Path:
 
 def test_manifests_may_mix_labelled_tasks_but_nothing_else(datasets):
     sources = [{"path": str(datasets / name / "train"), "valid": str(datasets / name / "valid")} for name in ("sentiment", "ner")]
-    manifests, _ = read_manifests(multitask_config(train=sources))
+    manifests = read_manifests(multitask_config(train=sources)).train
     assert [m.task for m in manifests] == ["classification", "token_classification"]
     with pytest.raises(ConfigError, match="made by prepare-finetune --task sft, but task.type multitask reads data from "
                                           "prepare-finetune --task classification or prepare-finetune --task token_classification"):

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_tools.manifest import iter_blocks, load_manifest
+from data_tools.manifest import Manifest, iter_blocks, verify_shard
 from trainer import distributed
 
 PAD = -1  # input padding in finetuning rows
@@ -33,7 +32,9 @@ class TaskContext:
     eos_id: int
     pad_id: int  # the model's pad token id (padding is masked out; any valid id works)
     labels: list[str]  # label vocabulary from the manifest (classification, NER)
-    valid: str | None  # the valid split's manifest directory
+    valid: Manifest | None  # data.valid
+    sources: list[Manifest] = field(default_factory=list)  # data.train's, in order
+    source_valid: list[Manifest | None] = field(default_factory=list)  # each source's own valid split (multitask)
 
     def token_id(self, *candidates: str) -> int | None:
         """The id of the first of these special tokens that the tokenizer has."""
@@ -79,7 +80,7 @@ class FinetuneTask:
 
     def __init__(self, ctx: TaskContext) -> None:
         self.ctx, self.config = ctx, ctx.config
-        self.valid = ValidSplit(Path(ctx.valid)) if ctx.valid else None
+        self.valid = ValidSplit(ctx.valid, self.config.data.verify) if ctx.valid else None
 
     def tokens(self, rows: np.ndarray) -> int:
         """Real (non-padding) input tokens in a batch, for throughput."""
@@ -101,9 +102,12 @@ class ValidSplit:
     multiple of the world size with copies of example 0 whose results are discarded.
     """
 
-    def __init__(self, directory: Path) -> None:
-        manifest = load_manifest(directory)
-        blocks = [rows for shard in manifest.shards for rows, _ in iter_blocks(directory / shard.path)]
+    def __init__(self, manifest: Manifest, verify: bool) -> None:
+        """`verify` (data.verify): check each shard's size and checksum against the manifest first, as training data is."""
+        if verify:
+            for shard in manifest.shards:
+                verify_shard(manifest.directory, shard)
+        blocks = [rows for shard in manifest.shards for rows, _ in iter_blocks(manifest.shard_path(shard))]
         self.rows = np.concatenate(blocks).astype(np.int64)
 
     def __len__(self) -> int:

@@ -11,8 +11,6 @@ eval/<name>/accuracy, eval/<name>/macro_f1 (classification), eval/<name>/precisi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -27,8 +25,8 @@ METERS = {"classification": ClassificationMeter, "token_classification": EntityM
 class MultiTask(FinetuneTask):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        self.heads = heads(self.config)
-        self.splits = [ValidSplit(Path(s.valid)) if s.valid else None for s in self.config.data.sources()]
+        self.heads = heads(self.config, ctx.sources)
+        self.splits = [ValidSplit(valid, self.config.data.verify) if valid else None for valid in ctx.source_valid]
         self.sources: torch.Tensor | None = None
 
     def route(self, row_sources: np.ndarray) -> None:
