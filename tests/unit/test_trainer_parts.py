@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,17 @@ def test_bad_config_names_the_key(overrides, message):
         load_config(DEMO, overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_switching_engines_on_the_command_line_drops_the_recipes_other_engine_keys_with_one_warning(caplog):
+    """demo.yaml is a DeepSpeed recipe (engine.zero_stage: 2); a command line cannot delete that key."""
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        config = load_config(DEMO, ["engine.type=fsdp2"])
+    assert (config.engine.type, config.engine.zero_stage, config.engine.ds_config) == ("fsdp2", None, None)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{DEMO}: engine.type=fsdp2 given on the command line; ignoring engine.zero_stage from the file"]
+    caplog.clear()
+    assert load_config(DEMO, ["engine.zero_stage=3"]).engine.zero_stage == 3 and not caplog.records
 
 
 def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
