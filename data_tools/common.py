@@ -76,7 +76,10 @@ def from_dict(cls: type, data: Any, where: str, prefix: str = "") -> Any:
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
         values[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except DstrainError as err:  # a value out of range, refused by the dataclass's __post_init__
+        raise type(err)(f"{where}: {err}") from None
 
 
 def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_tools.errors import DataError
+from data_tools.common import DataError, first_line
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
 TRAINED_EOS = "<|endoftext|>"
@@ -60,7 +60,7 @@ def load_tokenizer(path: str | Path) -> LoadedTokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception for bad JSON
-        raise DataError(f"--tokenizer {path}: not a tokenizers JSON file ({str(err).splitlines()[0]})") from None
+        raise DataError(f"--tokenizer {path}: not a tokenizers JSON file ({first_line(err)})") from None
     return LoadedTokenizer(tokenizer, name, _find_eos(tokenizer, str(path)))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer.compress.models import check_tokenizer, load_model
+from trainer.model_files import check_tokenizer, load_model
 from trainer.config import Config, ConfigError
 from trainer.tasks.base import IGNORE
 

@@ -15,7 +15,7 @@ match. What is written then depends on `peft.method`:
                                                (`trainer.adapters.load_adapters(base, out)`); they
                                                cannot merge, a nonlinearity sits between
 
-A multi-task run (trainer.multitask) exports one standalone model per task, out/<name>/, each with
+A multi-task run (trainer.multitask_model) exports one standalone model per task, out/<name>/, each with
 the shared encoder, its own head and labels, and the tokenizer.
 """
 
@@ -38,7 +38,7 @@ from trainer.adapters import is_adapter_parameter, save_adapters
 from trainer.checkpoint import Checkpoints
 from trainer.config import Config
 from trainer.models import base_model, model_class
-from trainer.multitask import MultiTaskModel, standalone
+from trainer.multitask_model import MultiTaskModel, standalone
 
 log = logging.getLogger("trainer")
 

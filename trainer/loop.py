@@ -1,5 +1,5 @@
-"""The training loop. Read it top to bottom and you know what a step does: get a batch, forward,
-backward, step, log, maybe evaluate, maybe checkpoint. Everything else is a component.
+"""The training loop. Read `train` top to bottom and you know what a step does: get a batch, forward,
+backward, step, log, maybe evaluate, maybe checkpoint. Everything else is a component (ARCHITECTURE.md, "The loop").
 """
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import resource
 import shutil
 import signal
 import time
@@ -31,7 +30,7 @@ from trainer.data import LanesLoader, Source, batch_digest
 from trainer.distill import objective
 from trainer.early_stop import BestMetric
 from trainer.engines import Engine, build_engine
-from trainer.metrics import TRAIN_TAGS, Metrics
+from trainer.metrics import TRAIN_TAGS, Metrics, peak_flops, peak_memory_gb
 from trainer.models import base_model, build_model, flops_per_token
 from trainer.tasks import DATA_TASK, Task, TaskContext, build_task, model_vocab_size
 
@@ -39,7 +38,6 @@ log = logging.getLogger("trainer")
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on SIGTERM/SIGUSR1/SIGUSR2; run the same command again
 EXIT_NONFINITE = 65  # EX_DATAERR: stopped on a non-finite loss after checkpointing the last good state
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per device
 
 
 class StopSignal:
@@ -114,15 +112,6 @@ def model_shape(model: torch.nn.Module) -> dict:
     keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
             "num_key_value_heads", "intermediate_size", "n_inner", "multitask_heads")
     return {k: cfg[k] for k in keys if k in cfg}
-
-
-def peak_flops(config: Config) -> float | None:
-    if config.metrics.peak_tflops:
-        return config.metrics.peak_tflops * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return next((tf * 1e12 for gpu, tf in PEAK_TFLOPS.items() if gpu in name), None)
-    return None
 
 
 def train(config: Config, resume_from: str = "latest") -> int:
@@ -264,7 +253,7 @@ def set_up(config: Config, resume_from: str) -> Run:
         log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s", config.task.type,
                  steps_total, world, accum, config.train.micro_batch, data.seq_len, engine_name, config.precision)
     return Run(config, rank, world, engine, loader, task, loss_of, checkpoints, saver, metrics, StopSignal(), best, progress,
-               steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config))
+               steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
 
 
 def resume_engine(config: Config, checkpoints: Checkpoints, resume: str, state: TrainerState, engine: Engine,
@@ -450,10 +439,3 @@ def _writing(staging: Path, checkpoints: Checkpoints) -> Iterator[None]:
         free = shutil.disk_usage(checkpoints.root).free / 2**20
         raise StorageError(f"{staging}: writing the checkpoint failed ({first_line(err, 200)}; {free:.1f} MiB free there); "
                           f"`latest` still names {checkpoints.latest() or 'no checkpoint'}") from None
-
-
-def peak_memory_gb() -> float:
-    """Peak GPU memory allocated, or on CPU the process's peak resident set."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

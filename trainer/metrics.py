@@ -9,10 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("trainer")
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per device, for MFU
 
 # metrics.jsonl key → TensorBoard tag of a logged training step (the record's other keys are jsonl only)
 TRAIN_TAGS = {
@@ -66,3 +71,20 @@ class Metrics:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def peak_flops(peak_tflops: float | None) -> float | None:
+    """A device's peak FLOP/s for MFU: `metrics.peak_tflops` when set, else the known GPU's, else None (no MFU)."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((tf * 1e12 for gpu, tf in PEAK_TFLOPS.items() if gpu in name), None)
+    return None
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated, or on CPU the process's peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,7 +1,7 @@
 """Hugging Face models for each task, built from the run config or loaded from local weights.
 
 The model class follows `task.type` (causal LM, masked LM, sequence or token classification,
-encoder-decoder; multitask: a shared encoder with a head per data source, trainer.multitask).
+encoder-decoder; multitask: a shared encoder with a head per data source, trainer.multitask_model).
 Weights come from the config's sizes, a `save_pretrained` directory, a `.gguf` file or
 `package:<module>/<path>` inside an installed package; nothing is fetched from a hub, and
 `trust_remote_code` stays off unless the config turns it on. Models are built under the run seed
@@ -41,7 +41,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from data_tools.common import resolve
+from data_tools.common import first_line, resolve
 from data_tools.manifest import Manifest
 from trainer.config import Config, ConfigError, ModelConfig
 
@@ -54,7 +54,7 @@ TASK_CLASSES = {
     "classification": AutoModelForSequenceClassification,
     "token_classification": AutoModelForTokenClassification,
     "seq2seq": AutoModelForSeq2SeqLM,
-    "multitask": AutoModel,  # the shared encoder; trainer.multitask adds the heads
+    "multitask": AutoModel,  # the shared encoder; trainer.multitask_model adds the heads
 }
 ARCHS = {  # model.arch values a model built from sizes may take, per task
     "causal_lm": ("llama", "gpt2"),
@@ -92,7 +92,7 @@ def build_model(config: Config, vocab_size: int, seq_len: int, eos_id: int, labe
     if model.config.pad_token_id is None:
         model.config.pad_token_id = eos_id
     if task == "multitask":
-        from trainer.multitask import MultiTaskModel, heads
+        from trainer.multitask_model import MultiTaskModel, heads
 
         model = MultiTaskModel(model, heads(config, sources))
     model.config.architectures = [type(model).__name__]
@@ -141,7 +141,7 @@ def _gguf_model_type(path: Path, where: str) -> str:
     try:
         architecture = read_field(GGUFReader(path), "general.architecture")[0]
     except (OSError, ValueError, KeyError, IndexError) as err:  # not a GGUF file, a truncated one, one without an architecture
-        raise ConfigError(f"{where}: not a readable GGUF file ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+        raise ConfigError(f"{where}: not a readable GGUF file ({type(err).__name__}: {first_line(err, 120)})") from None
     try:
         model_type = load_gguf_checkpoint(str(path), return_tensors=False)["config"].get("model_type")
     except ValueError:  # an architecture transformers does not read from GGUF

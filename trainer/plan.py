@@ -350,7 +350,7 @@ def _throughput(plan: Plan, config: Config, peak_tflops: float, device: str, tok
 
 
 def main(argv: list[str]) -> int:
-    from trainer.loop import PEAK_TFLOPS  # here, not at the top: the loop may import check_fits from this module
+    from trainer.metrics import PEAK_TFLOPS
 
     parser = argparse.ArgumentParser(prog="python -m trainer plan", description="FLOPs, tokens and memory per GPU of a run")
     parser.add_argument("--config", required=True, help="run config YAML (see examples/)")

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from data_tools.errors import DataError
+from data_tools.common import PACKAGE_PREFIX, DataError, first_line, resolve
 from data_tools.manifest import TokenizerInfo, file_sha256
-from data_tools.common import PACKAGE_PREFIX, resolve
 from data_tools.tokenize import load_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -59,7 +58,7 @@ def _from_transformers(path: Path, spec: str, name: str) -> FinetuneTokenizer:
         else:
             hf = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
-        raise DataError(f"--tokenizer {spec}: transformers cannot load it ({str(err).splitlines()[0]})") from None
+        raise DataError(f"--tokenizer {spec}: transformers cannot load it ({first_line(err)})") from None
     if hf.eos_token_id is None:
         raise DataError(f"--tokenizer {spec}: the tokenizer defines no eos_token; add one to its tokenizer_config.json")
     return FinetuneTokenizer(hf.backend_tokenizer, name, hf.eos_token_id, hf if hf.chat_template else None)

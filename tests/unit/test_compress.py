@@ -16,9 +16,10 @@ from transformers import BertConfig, BertForSequenceClassification
 from data_tools.manifest import Manifest, ShardInfo, TokenizerInfo, file_sha256
 from data_tools.common import resolve
 from trainer.compress.evaluate import evaluate, table
-from trainer.compress.models import load_model
-from trainer.compress.prune import prune, sparsity_of
-from trainer.compress.quantize import load_quantized, quantize
+from trainer.model_files import load_model, load_quantized
+from trainer.models import transformer_blocks
+from trainer.compress.prune import prune
+from trainer.compress.quantize import quantize
 from trainer.config import ConfigError, load_config
 from trainer.distill import kl_loss, objective, task_loss
 
@@ -58,6 +59,12 @@ def valid(tmp_path_factory) -> Path:
              tokenizer=TokenizerInfo("minilm", 30522, 102, file_sha256(TOKENIZER), "tokenizer.json"),
              shards=[ShardInfo(shard.name, 24, 192, shard.stat().st_size, file_sha256(shard))]).save(out)
     return out
+
+
+def sparsity_of(model: torch.nn.Module) -> float:
+    """Share of zero weights inside the transformer blocks' matrices."""
+    weights = [p for block in transformer_blocks(model) for p in block.parameters() if p.dim() == 2]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
 def _npy(array: np.ndarray) -> bytes:

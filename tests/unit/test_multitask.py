@@ -18,7 +18,7 @@ from data_tools.common import DataError
 from trainer.config import ConfigError, load_config
 from trainer.data import LanesLoader, Source
 from trainer.loop import read_manifests
-from trainer.multitask import Head, MultiTaskModel, standalone
+from trainer.multitask_model import Head, MultiTaskModel, standalone
 from trainer.tasks import TaskContext, build_task
 from trainer.tasks.base import IGNORE
 

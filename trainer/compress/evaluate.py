@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from data_tools.manifest import Manifest, iter_blocks, load_manifest
-from trainer.compress.models import check_tokenizer, load_model, model_dir
+from trainer.model_files import check_tokenizer, load_model, model_dir
 from trainer.tasks.base import LossMeter, encoder_inputs
 from trainer.tasks.classification import ClassificationMeter, scores
 

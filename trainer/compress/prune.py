@@ -32,7 +32,7 @@ import torch
 from torch.nn.utils import prune as torch_prune
 from transformers.pytorch_utils import Conv1D
 
-from trainer.compress.models import copy_tokenizer, is_quantized, load_model
+from trainer.model_files import copy_tokenizer, is_quantized, load_model
 from trainer.config import ConfigError
 from trainer.models import BLOCK_LISTS, transformer_blocks
 
@@ -92,12 +92,6 @@ def magnitude(model: torch.nn.Module, sparsity: float) -> None:
             if isinstance(module, (torch.nn.Linear, Conv1D)):
                 torch_prune.l1_unstructured(module, "weight", amount=sparsity)
                 torch_prune.remove(module, "weight")
-
-
-def sparsity_of(model: torch.nn.Module) -> float:
-    """Share of zero weights inside the transformer blocks' matrices."""
-    weights = [p for block in transformer_blocks(model) for p in block.parameters() if p.dim() == 2]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
 def prune_ffn(model: torch.nn.Module, sparsity: float) -> None:

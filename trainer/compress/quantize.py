@@ -12,7 +12,7 @@ with `weights_only=True`. optimum-quanto would also work but sits outside PyTorc
                    need CUDA kernels), so this trades accuracy for nothing on disk there
 
 Output: config.json, quantized.pt (the state dict), quantization.json (the method) and the
-tokenizer; `load_quantized(DIR)` (or `trainer.compress.models.load_model`) rebuilds the model from them.
+tokenizer; `trainer.model_files.load_model(DIR)` rebuilds the model from them.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from trainer.compress.models import QUANTIZED_MARKER, copy_tokenizer, is_quantized, load_model
+from trainer.model_files import QUANTIZED_MARKER, STATE_FILE, copy_tokenizer, is_quantized, load_model
 from trainer.config import ConfigError
 
 METHODS = ("int8-dynamic", "int4-weight")
-STATE_FILE = "quantized.pt"
 INT4_GROUP = 32  # divides every hidden size of the supported architectures; smaller groups, smaller error
 
 
@@ -58,16 +57,3 @@ def apply(model: torch.nn.Module, method: str) -> None:
         quantize_(model, Int8DynamicActivationInt8WeightConfig())
     else:
         quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP)))
-
-
-def load_quantized(directory: str | Path) -> torch.nn.Module:
-    """The model `quantize` wrote to `directory`, in eval mode: rebuilt from config.json, its weights
-    replaced by the saved quantized tensors."""
-    directory = Path(directory)
-    import torchao  # noqa: F401  registers its tensor classes as safe for weights_only loading
-
-    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-    model = getattr(transformers, config.architectures[0])._from_config(config)
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, assign=True)
-    return model.eval()

@@ -1,4 +1,4 @@
-"""Multi-task finetuning on a mixture of classification and token-classification sources (trainer.multitask).
+"""Multi-task finetuning on a mixture of classification and token-classification sources (trainer.multitask_model).
 
 Training rows carry no task of their own: a row's source is fixed by its position in the batch
 (lane i of this rank fills rows i*k .. (i+1)*k - 1, `LanesLoader.row_sources`), so the loop hands
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainer.multitask import head_targets, heads
+from trainer.multitask_model import head_targets, heads
 from trainer.tasks.base import Evaluation, FinetuneTask, ValidSplit
 from trainer.tasks.classification import ClassificationMeter
 from trainer.tasks.token_classification import EntityMeter

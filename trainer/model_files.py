@@ -1,4 +1,5 @@
-"""Loading what the compress commands and distillation read, whatever form it was saved in."""
+"""A trained model from disk, whatever form it was saved in: what distillation (a teacher), `evaluate` and the
+compress commands read. Training builds its models in `trainer.models`; this module reads finished ones."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
+from trainer.adapters import FILES as ADAPTER_FILES
+from trainer.adapters import load_adapters
 from trainer.config import ConfigError
 
 QUANTIZED_MARKER = "quantization.json"  # written by `compress quantize` beside its state dict
+STATE_FILE = "quantized.pt"  # the quantized state dict
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -27,8 +31,6 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Path]:
     a `save_pretrained` directory or a quantized directory."""
     directory = model_dir(path)
     if (directory / QUANTIZED_MARKER).exists():
-        from trainer.compress.quantize import load_quantized
-
         model = load_quantized(directory)
     elif (directory / "COMPLETE").exists():
         from trainer.export import consolidated_state_dict, load_weights, read_configs, rebuild
@@ -42,6 +44,8 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Path]:
             raise ConfigError(f"{directory}: config.json names no transformers class ({name!r}); "
                               "export it with `python -m trainer export`")
         model = getattr(transformers, name).from_pretrained(directory, local_files_only=True)
+        if (directory / ADAPTER_FILES[0]).exists():  # an export of a run with bottleneck adapters
+            model = load_adapters(model, directory)
     else:
         raise ConfigError(f"{path}: not a run directory, checkpoint or save_pretrained directory (no config.json)")
     tokenizer = directory / "tokenizer.json"
@@ -71,3 +75,16 @@ def copy_tokenizer(source: Path, out: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source.parent / name).exists():
             shutil.copyfile(source.parent / name, out / name)
+
+
+def load_quantized(directory: str | Path) -> torch.nn.Module:
+    """The model `quantize` wrote to `directory`, in eval mode: rebuilt from config.json, its weights
+    replaced by the saved quantized tensors."""
+    directory = Path(directory)
+    import torchao  # noqa: F401  registers its tensor classes as safe for weights_only loading
+
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    model = getattr(transformers, config.architectures[0])._from_config(config)
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
