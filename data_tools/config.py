@@ -91,9 +91,13 @@ class DedupConfig:
     exact: bool = True
     near: bool = True
     ngram: int = 5  # word shingles
-    bands: int = 14
-    rows_per_band: int = 8  # 14 × 8 = 112 permutations: pairs with Jaccard ≥ ~0.75 collide
+    # 28 bands × 4 rows = 112 permutations: a pair with Jaccard 0.7 shares a band with probability 0.9995
+    # (14 × 8: 0.64); the candidate check below then removes the pairs that collided by chance.
+    bands: int = 28
+    rows_per_band: int = 4
     seed: int = 1
+    threshold: float = 0.6  # a candidate pair is a duplicate if its estimated Jaccard similarity is at least this
+    buckets_per_band: int = 4  # hash ranges per band: bucket tasks = (bands + 1) × this; memory per task ∝ docs / this
 
 
 @dataclass
@@ -102,6 +106,7 @@ class PackConfig:
     shuffle_window: int = 8192  # rows shuffled together; larger mixes more and costs memory
     rows_per_shard: int = 8192
     rows_per_sample: int = 256  # rows per `.npy` block inside a shard
+    shuffle_chunk: int = 1024  # rows kept together by the first, corpus-wide shuffle level (then windows mix chunks)
 
 
 @dataclass
