@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -202,4 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (DataError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = getattr(args, "output", None) or err.filename
+        print(f"error: {where}: no space left on the device; finished tasks are kept, free space and run the same command "
+              "to resume", file=sys.stderr)
         return 2

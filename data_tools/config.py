@@ -92,7 +92,7 @@ class DedupConfig:
     near: bool = True
     ngram: int = 5  # word shingles
     # 28 bands × 4 rows = 112 permutations: a pair with Jaccard 0.7 shares a band with probability 0.9995
-    # (14 × 8: 0.64); the candidate check below then removes the pairs that collided by chance.
+    # (14 × 8: 0.56); the candidate check below then removes the pairs that collided by chance.
     bands: int = 28
     rows_per_band: int = 4
     seed: int = 1

@@ -18,10 +18,14 @@ MAX_OPEN = 256  # each memory map holds a file descriptor
 def save_npy(path: Path, array: np.ndarray) -> None:
     """np.save under a temporary name, then rename: a killed or failed write leaves no file under `path`."""
     tmp = path.with_name(path.name + ".tmp.npy")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half file (and gets its space back)
+        raise
     os.replace(tmp, path)
 
 
