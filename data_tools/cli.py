@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ def run_job(out: Path, workers: int) -> None:
         if stage in PER_TASK_STAGES:
             pending = job.pending(stage)
             if pending:
-                log.info("%s: %d of %d tasks to run", stage, len(pending), len(job.plan.tasks))
+                log.info("%s: %d of %d tasks to run", stage, len(pending), job.task_count(stage))
                 run_tasks(partial(run_stage_task, str(out), stage), pending, workers, stage)
         elif not job.is_done(stage):
             log.info("%s", stage)
@@ -64,7 +65,7 @@ def prepare(args: argparse.Namespace) -> int:
     if args.task_mb <= 0:
         raise DataError(f"--task-mb {args.task_mb}: must be positive")
     tasks = plan_tasks(expand_inputs(args.input), int(args.task_mb * 2**20))
-    plan = Plan(tasks, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config)
+    plan = Plan(tasks, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config, args.task_mb)
     job = Job(args.output)
     job.create(plan)
     if args.plan_only:
@@ -89,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
         if index is None:
             raise DataError(f"--stage {args.stage} runs one task: give --task N (or run inside a SLURM array)")
         index = int(index)
-        if not 0 <= index < len(job.plan.tasks):
-            raise DataError(f"--task {index}: the plan has tasks 0..{len(job.plan.tasks) - 1}")
+        if not 0 <= index < job.task_count(args.stage):
+            raise DataError(f"--task {index}: stage {args.stage} has tasks 0..{job.task_count(args.stage) - 1}")
         if not job.is_done(args.stage, index):
             run_stage_task(str(job.out), args.stage, index)
     elif not job.is_done(args.stage):
@@ -140,6 +141,7 @@ def prepare_finetune(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from data_tools.finetune.records import FIELD_KEYS, TASK_KEYS, TOO_LONG
+    from data_tools.pipeline import STAGES
 
     parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one stage (one task of it for per-task stages) of a planned job")
     p.add_argument("output", type=Path)
-    p.add_argument("--stage", required=True, choices=("extract", "dedup", "tokenizer", "tokenize", "pack"))
+    p.add_argument("--stage", required=True, choices=STAGES)
     p.add_argument("--task", type=int, help="task index (default: $SLURM_ARRAY_TASK_ID)")
     p.set_defaults(func=run)
 
@@ -200,4 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except DstrainError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = getattr(args, "output", None) or err.filename
+        print(f"error: {where}: no space left on the device; finished tasks are kept, free space and run the same command "
+              "to resume", file=sys.stderr)
         return 2

@@ -1,11 +1,12 @@
 """data_tools stages as SLURM jobs: `python -m launch slurm data <prepare options>`.
 
 The plan is written on the login node (`data_tools prepare --plan-only`). Then each stage that
-still has work is one job: a per-task stage (extract, tokenize) is a job array over the tasks
-without a completion marker, at most `--array-parallelism` running at once; consecutive single
-steps (dedup + tokenizer, pack) share one job. Each job depends on the one before with `afterok`
-(SLURM starts it when the previous one succeeded, and cancels it if that failed), so nothing waits
-on the login node. Running the same command again submits only what has no marker yet: after a
+still has work is one job: a per-task stage (extract, bucket, tokenize, pack; `pipeline.STAGES`
+and `Job.task_count` say which and how many) is a job array over the tasks without a completion
+marker, at most `--array-parallelism` running at once; consecutive single steps (cluster +
+tokenizer, manifest) share one job. Each job depends on the one before with `afterok` (SLURM
+starts it when the previous one succeeded, and cancels it if that failed), so nothing waits on
+the login node. Running the same command again submits only what has no marker yet: after a
 failed or cancelled array element, that task and the steps after it.
 """
 

@@ -131,23 +131,26 @@ def test_time_limit_shorter_than_the_run_is_crossed_by_requeues(slurm_cluster, t
 
 
 def test_data_arrays_rerun_only_the_missing_task(slurm_cluster, tmp_path, corpora):
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("dedup: {bands: 4, rows_per_band: 28, buckets_per_band: 1}\n")  # 5 bucket tasks, not 116
     prepare = ["--input", corpora / "handbook-multilingual.warc.gz", "--input", corpora / "iana.warc.gz",
                "--input", corpora / "enwiki-sample.xml.bz2", "--train-tokenizer", "512", "--seq-len", "64",
-               "--valid-fraction", "0.1", "--task-mb", "1"]
+               "--valid-fraction", "0.1", "--task-mb", "1", "--config", config]
     local = subprocess.Popen([sys.executable, "-m", "data_tools", "-q", "prepare", *map(str, prepare), "--workers", "1",
                               "--output", str(tmp_path / "local")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out_dir = tmp_path / "slurm"
     submit = ["slurm", "data", "--time", "10", "--array-parallelism", "2", *prepare, "--output", out_dir]
     first = launch(slurm_cluster, *submit).stdout
-    extract, *_, pack = re.findall(r"job (\d+)", first)
-    assert "extract: array of 4 (plan tasks 0-3)" in first
+    extract, *_, manifest = re.findall(r"job (\d+)", first)
+    assert "extract: array of 4 (plan tasks 0-3)" in first and "bucket: array of 5 (plan tasks 0-4)" in first
     slurm_cluster.run("scancel", f"{extract}_3")  # still pending: at most 2 elements run at once
-    assert slurm_cluster.wait_for(pack) == "CANCELLED"  # afterok can no longer be met: the chain is cancelled
+    assert slurm_cluster.wait_for(manifest) == "CANCELLED"  # afterok can no longer be met: the chain is cancelled
 
     second = launch(slurm_cluster, *submit).stdout
     assert "submitted extract: array of 1 (plan tasks 3)" in second and "tokenize: array of 4 (plan tasks 0-3)" in second
-    pack = re.findall(r"job (\d+)", second)[-1]
-    assert slurm_cluster.wait_for(pack) == "COMPLETED", launch(slurm_cluster, "status", out_dir).stdout
+    assert "pack: array of 4 (plan tasks 0-3)" in second
+    manifest = re.findall(r"job (\d+)", second)[-1]
+    assert slurm_cluster.wait_for(manifest) == "COMPLETED", launch(slurm_cluster, "status", out_dir).stdout
     assert local.wait(timeout=300) == 0, local.stderr.read()
     for split in ("train", "valid"):
         shards = [json.loads((d / "tokens" / split / "manifest.json").read_text())["shards"]
