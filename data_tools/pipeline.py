@@ -51,6 +51,7 @@ class Plan:
     train_tokenizer: int | None = None
     valid_fraction: float = 0.005
     config: PipelineConfig = field(default_factory=PipelineConfig)
+    estimate: dict = field(default_factory=dict)  # data_tools.estimate: expected cost per stage, for people and schedulers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,13 +100,15 @@ class Job:
         except OSError as err:
             raise DataError(f"--output {self.out}: not writable ({err.strerror}); choose another directory") from None
         path = self.out / "plan.json"
+        new = json.loads(json.dumps(plan.to_dict()))
         if path.exists():
-            if json.loads(path.read_text()) != json.loads(json.dumps(plan.to_dict())):
+            old = json.loads(path.read_text())
+            if {**old, "estimate": None} != {**new, "estimate": None}:  # the estimate (and its SLURM layout) may change
                 raise DataError(
                     f"--output {self.out}: holds a job with other inputs or settings (plan.json); use a new directory or delete it"
                 )
             log.info("resuming the job in %s", self.out)
-        else:
+        if not path.exists() or old != new:
             _write_json(path, plan.to_dict())
         self._plan = plan
 
