@@ -33,7 +33,7 @@ def run_job(out: Path, workers: int) -> None:
         if stage in PER_TASK_STAGES:
             pending = job.pending(stage)
             if pending:
-                log.info("%s: %d of %d tasks to run", stage, len(pending), len(job.plan.tasks))
+                log.info("%s: %d of %d tasks to run", stage, len(pending), job.task_count(stage))
                 run_tasks(partial(run_stage_task, str(out), stage), pending, workers, stage)
         elif not job.is_done(stage):
             log.info("%s", stage)
@@ -73,10 +73,11 @@ def prepare(args: argparse.Namespace) -> int:
         listed = listed_inputs(args.input_list, args.input_prefix, args.assume_file_mb)
         tasks = listed_tasks(listed)
         sizes = [(item.format, item.docs, item.mib) for item in listed]
+        task_mb = max(item.mib for item in listed)  # a listed file is one task, whole
     else:
         tasks = plan_tasks(expand_inputs(args.input), int(args.task_mb * 2**20))
-        sizes = task_sizes(tasks)
-    plan = Plan(tasks, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config)
+        sizes, task_mb = task_sizes(tasks), args.task_mb
+    plan = Plan(tasks, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config, task_mb)
     plan.estimate = estimate(plan, sizes, vocab_size, args.array_parallelism, args.max_array_size)
     job = Job(args.output)
     job.create(plan)
@@ -117,7 +118,7 @@ def estimate(plan, sizes: list[tuple[str, int, float]], vocab_size: int, paralle
     from collections import Counter
 
     from data_tools.estimate import plan_estimate
-    from data_tools.pipeline import PER_TASK_STAGES, STAGES
+    from data_tools.pipeline import STAGES, task_count
 
     if parallelism < 1:
         raise DataError(f"--array-parallelism {parallelism}: must be at least 1")
@@ -126,8 +127,8 @@ def estimate(plan, sizes: list[tuple[str, int, float]], vocab_size: int, paralle
     docs: Counter = Counter()
     for fmt, n, _ in sizes:
         docs[fmt] += n
-    stages = [(stage, len(plan.tasks) if stage in PER_TASK_STAGES else 1) for stage in STAGES]
-    return plan_estimate(stages, dict(docs), sum(mib for _, _, mib in sizes), plan.config, plan.seq_len,
+    stages = [(stage, task_count(plan, stage), plan.peak_mb[stage]) for stage in STAGES]
+    return plan_estimate(stages, dict(docs), sum(mib for _, _, mib in sizes), plan.config,
                          2 if vocab_size <= 2**16 else 4, plan.train_tokenizer is not None, parallelism, max_array_size)
 
 
@@ -146,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
         if index is None:
             raise DataError(f"--stage {args.stage} runs one task: give --task N (or run inside a SLURM array)")
         index = int(index)
-        if not 0 <= index < len(job.plan.tasks):
-            raise DataError(f"--task {index}: the plan has tasks 0..{len(job.plan.tasks) - 1}")
+        if not 0 <= index < job.task_count(args.stage):
+            raise DataError(f"--task {index}: stage {args.stage} has tasks 0..{job.task_count(args.stage) - 1}")
         if not job.is_done(args.stage, index):
             run_stage_task(str(job.out), args.stage, index)
     elif not job.is_done(args.stage):
@@ -197,6 +198,7 @@ def prepare_finetune(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from data_tools.finetune.records import FIELD_KEYS, TASK_KEYS, TOO_LONG
+    from data_tools.pipeline import STAGES
 
     parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one stage (one task of it for per-task stages) of a planned job")
     p.add_argument("output", type=Path)
-    p.add_argument("--stage", required=True, choices=("extract", "dedup", "tokenizer", "tokenize", "pack"))
+    p.add_argument("--stage", required=True, choices=STAGES)
     p.add_argument("--task", type=int, help="task index (default: $SLURM_ARRAY_TASK_ID)")
     p.set_defaults(func=run)
 

@@ -91,9 +91,19 @@ class DedupConfig:
     exact: bool = True
     near: bool = True
     ngram: int = 5  # word shingles
-    bands: int = 14
-    rows_per_band: int = 8  # 14 × 8 = 112 permutations: pairs with Jaccard ≥ ~0.75 collide
+    # 28 bands × 4 rows = 112 permutations: a pair with Jaccard 0.7 shares a band with probability 0.9995
+    # (14 × 8: 0.64); the candidate check below then removes the pairs that collided by chance.
+    bands: int = 28
+    rows_per_band: int = 4
     seed: int = 1
+    threshold: float = 0.6  # a candidate pair is a duplicate if its estimated Jaccard similarity is at least this
+    buckets_per_band: int = 4  # hash ranges per band: bucket tasks = (bands + 1) × this; memory per task ∝ docs / this
+
+    def __post_init__(self) -> None:
+        for key in ("bands", "rows_per_band", "ngram", "buckets_per_band"):
+            _at_least_one("dedup", key, getattr(self, key))
+        if not 0 < self.threshold <= 1:
+            raise DataError(f"dedup.threshold {self.threshold}: must be in (0, 1], the least estimated Jaccard of a duplicate")
 
 
 @dataclass
@@ -102,6 +112,16 @@ class PackConfig:
     shuffle_window: int = 8192  # rows shuffled together; larger mixes more and costs memory
     rows_per_shard: int = 8192
     rows_per_sample: int = 256  # rows per `.npy` block inside a shard
+    shuffle_chunk: int = 1024  # rows kept together by the first, corpus-wide shuffle level (then windows mix chunks)
+
+    def __post_init__(self) -> None:
+        for key in ("shuffle_window", "rows_per_shard", "rows_per_sample", "shuffle_chunk"):
+            _at_least_one("pack", key, getattr(self, key))
+
+
+def _at_least_one(section: str, key: str, value: int) -> None:
+    if isinstance(value, int) and value < 1:
+        raise DataError(f"{section}.{key} {value}: must be at least 1")
 
 
 @dataclass
@@ -151,7 +171,10 @@ def from_dict(cls: type, data: Any, where: str, prefix: str = "") -> Any:
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
             raise DataError(f"{where}: unknown key '{prefix}{key}'{hint}")
         values[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except DataError as err:  # a value out of range (__post_init__)
+        raise DataError(f"{where}: {err}") from None
 
 
 def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:

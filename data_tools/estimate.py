@@ -1,12 +1,12 @@
 """What a planned job will cost, before it runs: core-hours, disk and peak memory per task, per stage.
 
 A plan of 90,000 files is written without reading them, so the estimate is a model, not a
-measurement: the input volume (documents, MiB) times per-document costs measured with this
-pipeline on the sample corpora on one core (`COSTS`), and the fractions that survive the filters
-and dedup, taken as typical web-crawl values. Every assumption is written into `plan.json` next to
-the numbers, so a reader can redo the arithmetic with their own. The point is the order of
-magnitude (is it 1e3 or 1e5 core-hours, does a task fit in 4 GiB, how much scratch disk), and which
-stage dominates, not a bill.
+measurement: the input volume (documents, MiB) times per-document costs of this pipeline on one
+core (`COSTS`), and the fractions that survive the filters and dedup, taken as typical web-crawl
+values. The peak memory of a task is the plan's own (`Plan.peak_mb`, from the memory knobs).
+Every assumption is written into `plan.json` next to the numbers, so a reader can redo the
+arithmetic with their own. The point is the order of magnitude (is it 1e3 or 1e5 core-hours, does
+a task fit in 4 GiB, how much scratch disk), and which stage dominates, not a bill.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ class Costs:
     bytes_per_token: float  # of cleaned text, for a byte-level BPE of ~50k on English
     tokenize_mb_per_s: float  # text encoded per core
     pack_mb_per_s: float  # token rows shuffled and written per core
-    dedup_us_per_doc: float  # one in-memory LSH query + insert (the single dedup step)
-    dedup_index_kb_per_doc: float  # its memory per indexed document
-    process_mib: float  # a task's interpreter, libraries and lid.176 model
-    train_tokenizer_mib: float  # BPE training's word counts
+    bucket_us_per_hash: float  # one band hash read, sorted and compared in a bucket task
+    cluster_us_per_pair: float  # one confirmed pair through connected components
+    manifest_ms_per_task: float  # one input task's markers, shard list and histograms in the report
 
 
 COSTS = Costs(
@@ -43,10 +42,9 @@ COSTS = Costs(
     bytes_per_token=4.2,
     tokenize_mb_per_s=1.0,
     pack_mb_per_s=200.0,
-    dedup_us_per_doc=60.0,
-    dedup_index_kb_per_doc=4.5,
-    process_mib=400.0,
-    train_tokenizer_mib=4096.0,
+    bucket_us_per_hash=0.5,
+    cluster_us_per_pair=2.0,
+    manifest_ms_per_task=20.0,
 )
 DEFAULT_KEPT = 0.9  # formats not in kept_after_filters: text that was cleaned already
 
@@ -82,51 +80,31 @@ class StageEstimate:
 
 
 def estimate_stages(
-    stages: list[tuple[str, int]], volume: Volume, extract_ms_per_doc: float, config: PipelineConfig, seq_len: int,
+    stages: list[tuple[str, int, float]], volume: Volume, extract_ms_per_doc: float, config: PipelineConfig,
     token_bytes: int, train_tokenizer: bool, costs: Costs = COSTS,
 ) -> list[StageEstimate]:
-    """One estimate per (stage name, task count), in order; a stage the model does not know costs nothing."""
-    gib = 1 / 1024
-    n_perm = config.dedup.bands * config.dedup.rows_per_band
-    signature_bytes = 16 + 4 * n_perm
-    text_kept_mib = volume.docs_kept * costs.text_kb_per_doc * 1024 / MIB
+    """One estimate per (stage name, task count, expected peak MiB of a task), in order. The peak comes from
+    the plan (pipeline.expected_peak_mb, the memory knobs); a stage the model does not know costs no time."""
+    gib, hour = 1 / 1024, 3600
+    signature_bytes = 16 + 4 * config.dedup.bands * config.dedup.rows_per_band + 8 * (config.dedup.bands + 1)
+    kept_text_mib = volume.docs_kept * costs.text_kb_per_doc * 1024 / MIB
+    pairs = volume.docs_kept - volume.docs_unique
+    tokens_mib = volume.tokens * token_bytes / MIB
+    model = {  # stage: (core-hours, scratch GiB under _work/, final GiB)
+        "extract": (volume.docs_in * extract_ms_per_doc / 1000 / hour,
+                    (kept_text_mib + volume.docs_kept * signature_bytes / MIB) * gib, 0.0),
+        "bucket": (volume.docs_kept * (config.dedup.bands + 1) * costs.bucket_us_per_hash / 1e6 / hour,
+                   pairs * 16 / MIB * gib, 0.0),
+        "cluster": (pairs * costs.cluster_us_per_pair / 1e6 / hour, volume.docs_kept * 8 / MIB * gib, 0.0),
+        "tokenizer": ((kept_text_mib / costs.tokenize_mb_per_s / hour) if train_tokenizer else 0.0, 0.0, 0.0),
+        "tokenize": (volume.text_mib / costs.tokenize_mb_per_s / hour, volume.tokens * 4 / MIB * gib, volume.text_mib * gib),
+        "pack": (tokens_mib / costs.pack_mb_per_s / hour, 0.0, tokens_mib * gib),
+        "manifest": (max(tasks for _, tasks, _ in stages) * costs.manifest_ms_per_task / 1000 / hour, 0.0, 0.0),
+    }
     out = []
-    for name, tasks in stages:
-        per_task = max(tasks, 1)
-        if name == "extract":
-            docs = volume.docs_kept / per_task
-            est = StageEstimate(
-                name, tasks, volume.docs_in * extract_ms_per_doc / 3.6e6,
-                costs.process_mib + docs * signature_bytes / MIB,
-                (text_kept_mib + volume.docs_kept * signature_bytes / MIB) * gib, 0.0,
-            )
-        elif name == "dedup":
-            est = StageEstimate(
-                name, tasks, volume.docs_kept * costs.dedup_us_per_doc / 3.6e9,
-                costs.process_mib + volume.docs_kept * costs.dedup_index_kb_per_doc * 1024 / MIB,
-                volume.docs_kept * 8 / MIB * gib, 0.0,
-            )
-        elif name == "tokenizer":
-            est = StageEstimate(
-                name, tasks, (text_kept_mib / costs.tokenize_mb_per_s / 3600) if train_tokenizer else 0.0,
-                costs.process_mib + (costs.train_tokenizer_mib if train_tokenizer else 0.0), 0.0, 0.0,
-            )
-        elif name == "tokenize":
-            tokens = volume.tokens / per_task
-            est = StageEstimate(
-                name, tasks, volume.text_mib / costs.tokenize_mb_per_s / 3600,
-                costs.process_mib + tokens * (4 + 4) / MIB,  # uint32 ids kept, then concatenated
-                volume.tokens * 4 / MIB * gib, volume.text_mib * gib,
-            )
-        elif name == "pack":
-            window_mib = config.pack.shuffle_window * seq_len * 4 / MIB
-            est = StageEstimate(
-                name, tasks, volume.tokens * token_bytes / MIB / costs.pack_mb_per_s / 3600,
-                costs.process_mib + 2 * window_mib, 0.0, volume.tokens * token_bytes / MIB * gib,
-            )
-        else:
-            est = StageEstimate(name, tasks, 0.0, costs.process_mib, 0.0, 0.0)
-        out.append(est)
+    for name, tasks, peak in stages:
+        hours, scratch, final = model.get(name, (0.0, 0.0, 0.0))
+        out.append(StageEstimate(name, tasks, hours, float(peak), scratch, final))
     return out
 
 
@@ -147,7 +125,7 @@ def estimate_dict(stages: list[StageEstimate], volume: Volume, costs: Costs = CO
 
 
 def plan_estimate(
-    stages: list[tuple[str, int]], docs_by_format: dict[str, int], input_mib: float, config: PipelineConfig, seq_len: int,
+    stages: list[tuple[str, int, float]], docs_by_format: dict[str, int], input_mib: float, config: PipelineConfig,
     token_bytes: int, train_tokenizer: bool, parallelism: int, max_array_size: int,
 ) -> dict:
     """The "estimate" of `plan.json`: `estimate_dict` plus, for each stage of several tasks, its SLURM arrays."""
@@ -156,7 +134,7 @@ def plan_estimate(
     volume = Volume.of(docs_by_format, input_mib)
     docs_in = max(volume.docs_in, 1)
     ms_per_doc = sum(COSTS.extract_ms_per_doc.get(fmt, 10.0) * n for fmt, n in docs_by_format.items()) / docs_in
-    estimate = estimate_dict(estimate_stages(stages, volume, ms_per_doc, config, seq_len, token_bytes, train_tokenizer), volume)
+    estimate = estimate_dict(estimate_stages(stages, volume, ms_per_doc, config, token_bytes, train_tokenizer), volume)
     for stage in estimate["stages"]:
         chunks = split_array(stage["tasks"], parallelism, max_array_size) if stage["tasks"] > 1 else []
         stage["slurm_arrays"] = [chunk.spec for chunk in chunks]

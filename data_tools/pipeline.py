@@ -1,16 +1,19 @@
-"""A data job: a plan of tasks and the five stages that turn inputs into token shards.
+"""A data job: a plan of tasks and the stages that turn inputs into token shards.
 
-    extract   (one task per input range)  read → extract → lang → quality → PII → signatures
-    dedup     (once)                     exact + MinHash-LSH duplicates across all tasks
-    tokenizer (once)                     load the given tokenizer, or train BPE on the corpus
-    tokenize  (one task per input range)  final document shards, token streams, valid split
-    pack      (once)                     rows, windowed shuffle, shards, manifests, stats
+    extract   (one task per input range)      read → extract → lang → quality → PII → signatures, band hashes
+    bucket    (one per band × hash range)     candidate duplicate pairs of one bucket, confirmed from signatures
+    cluster   (once; O(duplicates))           connected components of the pairs: all but each first are dropped
+    tokenizer (once)                          load the given tokenizer, or train BPE on the corpus
+    tokenize  (one task per input range)      drop duplicates, document shards, token streams, valid split
+    pack      (one task per input range)      the token shards this task owns, rows read by memory map
+    manifest  (once; O(tasks + shards))       manifest.json of each split, stats.json, tensorboard
 
 Every stage writes its outputs under temporary names, renames them, then writes a completion
 marker `_done/<stage>[-<task>].json` holding its counters. Rerunning skips what has a marker, so a
 killed job resumes where it stopped; the per-task stages do not know whether a process pool or a
-SLURM array runs them. Everything is ordered by task index, so results do not depend on how many
-processes ran the tasks.
+SLURM array runs them. Everything is ordered by global document or row index, so results do not
+depend on how many processes ran the tasks, and the token shards not on how inputs were cut into tasks.
+`STAGES` and `Job.task_count` are the plan every runner (local pool, SLURM chain, status) follows.
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,14 +31,18 @@ import numpy as np
 from data_tools.config import PipelineConfig, from_dict
 from data_tools.doc import Doc
 from data_tools.errors import DataError
-from data_tools.manifest import Manifest, TokenizerInfo, file_sha256
+from data_tools.manifest import Manifest, ShardInfo, TokenizerInfo, file_sha256
+from data_tools.pack import TokenStream
 from data_tools.shards import json_bytes, read_tar, write_tar
 from data_tools.stats import StageStats, merge_stage_stats
+from data_tools.taskfiles import load_npy, save_npy
 
 log = logging.getLogger("data_tools")
 
-PER_TASK_STAGES = ("extract", "tokenize")
-STAGES = ("extract", "dedup", "tokenizer", "tokenize", "pack")
+STAGES = ("extract", "bucket", "cluster", "tokenizer", "tokenize", "pack", "manifest")
+PER_TASK_STAGES = ("extract", "bucket", "tokenize", "pack")  # the others run once
+BASE_MB = 160  # a task process before its data: the interpreter, numpy, tokenizers
+DOC_BYTES = 2048  # input bytes per document assumed by the memory estimate (prose is larger, i.e. safer)
 Progress = Callable[[int], None]
 
 
@@ -51,7 +56,13 @@ class Plan:
     train_tokenizer: int | None = None
     valid_fraction: float = 0.005
     config: PipelineConfig = field(default_factory=PipelineConfig)
-    estimate: dict = field(default_factory=dict)  # data_tools.estimate: expected cost per stage, for people and schedulers
+    task_mb: float = 128.0  # the --task-mb the inputs were cut with
+    peak_mb: dict[str, int] = field(default_factory=dict)  # expected peak RSS of one task of each stage
+    estimate: dict = field(default_factory=dict)  # data_tools.estimate: core-hours, disk, SLURM arrays per stage
+
+    def __post_init__(self) -> None:
+        if not self.peak_mb:
+            self.peak_mb = expected_peak_mb(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +72,41 @@ class Plan:
         data = dict(data)
         config = from_dict(PipelineConfig, data.pop("config"), where="plan.json", prefix="config.")
         return cls(config=config, **data)
+
+
+def expected_peak_mb(plan: Plan) -> dict[str, int]:
+    """Peak memory of one task of each stage from the knobs (README, "Memory"); none grows with the corpus
+    except bucket (÷ buckets_per_band) and cluster (duplicate pairs), which the knobs scale out."""
+    from data_tools.dedup import PAIR_BATCH
+
+    dedup, pack, mib = plan.config.dedup, plan.config.pack, 2**20
+    perm = dedup.bands * dedup.rows_per_band
+    docs = len(plan.tasks) * plan.task_mb * mib / DOC_BYTES  # at most; whole small files count as one task each
+    rows = docs * DOC_BYTES / 4 / plan.seq_len  # about 4 bytes of text per token
+    estimates = {
+        "extract": 2 * plan.task_mb,  # one document at a time, signatures of the task
+        "bucket": docs / dedup.buckets_per_band * 48 / mib + PAIR_BATCH * perm * 8 / mib,
+        "cluster": docs * 0.5 * 64 / mib,  # if half the documents were duplicates
+        "tokenizer": 0.0,
+        "tokenize": 3 * plan.task_mb,  # the task's token streams
+        "pack": pack.rows_per_shard * plan.seq_len * 8 / mib + rows / pack.shuffle_chunk * 24 / mib + pack.shuffle_window * 16 / mib,
+        "manifest": docs * 24 / mib,  # the document-length histograms of the report
+    }
+    return {stage: BASE_MB + round(estimates[stage]) for stage in STAGES}
+
+
+def task_count(plan: Plan, stage: str) -> int:
+    """How many tasks `stage` of `plan` has (1 for a stage that runs once); a function of the plan alone, so
+    the cost estimate of a plan not yet written uses the same counts as the runners."""
+    if stage in ("extract", "tokenize", "pack"):
+        return len(plan.tasks)
+    if stage == "bucket":
+        from data_tools.dedup import bucket_count
+
+        return bucket_count(plan.config.dedup)
+    if stage in STAGES:
+        return 1
+    raise DataError(f"--stage {stage}: not a stage; choose one of {', '.join(STAGES)}")
 
 
 def _write_json(path: Path, value: object) -> None:
@@ -125,13 +171,17 @@ class Job:
     def read_marker(self, stage: str, index: int | None = None) -> dict:
         return json.loads(self.marker(stage, index).read_text())
 
+    def task_count(self, stage: str) -> int:
+        """How many tasks `stage` has (1 for a stage that runs once)."""
+        return task_count(self.plan, stage)
+
     def pending(self, stage: str) -> list[int]:
-        return [i for i in range(len(self.plan.tasks)) if not self.is_done(stage, i)]
+        return [i for i in range(self.task_count(stage)) if not self.is_done(stage, i)]
 
     # ----------------------------------------------------------------- stage: extract
 
     def run_extract(self, index: int, progress: Progress = lambda n: None) -> None:
-        from data_tools.dedup import SIGNATURE_DTYPE, DedupSignatures
+        from data_tools.dedup import SIGNATURE_DTYPE, DedupSignatures, band_hashes
         from data_tools.extract import ExtractText
         from data_tools.lang import LanguageFilter
         from data_tools.pii import MaskPII
@@ -173,43 +223,66 @@ class Job:
         write_tar(out_dir / f"{name}.tar", samples())
         read_stats.seconds = time.perf_counter() - start - sum(s.stats.seconds for s in steps)
         n_perm = config.dedup.bands * config.dedup.rows_per_band
-        np.savez(
-            out_dir / f"{name}.sig.tmp.npz",
-            exact=np.array(exact, dtype=np.uint8).reshape(-1, 16),
-            minhash=np.array(signatures, dtype=SIGNATURE_DTYPE).reshape(-1, n_perm),
-        )
-        os.replace(out_dir / f"{name}.sig.tmp.npz", out_dir / f"{name}.sig.npz")
+        exact = np.array(exact, dtype=np.uint8).reshape(-1, 16)
+        minhash = np.array(signatures, dtype=SIGNATURE_DTYPE).reshape(-1, n_perm)
+        save_npy(out_dir / f"{name}.exact.npy", exact)
+        save_npy(out_dir / f"{name}.minhash.npy", minhash)
+        save_npy(out_dir / f"{name}.bands.npy", band_hashes(exact, minhash, config.dedup))
         stages = {"read": read_stats.to_dict(), **{s.name: s.stats.to_dict() for s in steps}}
-        _write_json(self.marker("extract", index), {"task": item, "stages": stages})
+        _write_json(self.marker("extract", index), {"task": item, "docs": len(exact), "stages": stages})
 
-    # ----------------------------------------------------------------- stage: dedup
+    # ----------------------------------------------------------------- stages: bucket, cluster
 
-    def run_dedup(self) -> None:
-        from data_tools.dedup import find_duplicates
+    def signature_file(self, index: int, kind: str) -> Path:
+        """`kind` of extract task `index`: exact (keys), minhash (signatures) or bands (hashes, band-major)."""
+        return self.work / "extract" / f"{self.task_name(index)}.{kind}.npy"
 
-        n_tasks = len(self.plan.tasks)
+    def doc_offsets(self) -> np.ndarray:
+        """Global index of each extract task's first document (and the total last), from the markers."""
+        return np.cumsum([0] + [self.read_marker("extract", i)["docs"] for i in range(len(self.plan.tasks))])
+
+    def run_bucket(self, index: int, progress: Progress = lambda n: None) -> None:
+        from data_tools.dedup import RowLookup, bucket_pairs
+
+        config = self.plan.config.dedup
+        band = index // config.buckets_per_band
+        offsets = self.doc_offsets()
+        rows = {kind: RowLookup(offsets, lambda t, kind=kind: load_npy(self.signature_file(t, kind))) for kind in ("exact", "minhash")}
+        band_rows = (load_npy(self.signature_file(t, "bands"))[band] for t in range(len(self.plan.tasks)))
+        start = time.perf_counter()
+        pairs = bucket_pairs(index, config, band_rows, offsets, rows["exact"], rows["minhash"])
+        out_dir = self.work / "buckets"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_npy(out_dir / f"{self.task_name(index)}.npy", pairs)
+        progress(int(offsets[-1]))
+        _write_json(self.marker("bucket", index), {"pairs": len(pairs), "seconds": round(time.perf_counter() - start, 3)})
+
+    def run_cluster(self) -> None:
+        from data_tools.dedup import count_stats, dropped_per_task, duplicates
+
+        config = self.plan.config.dedup
+        offsets = self.doc_offsets()
         out_dir = self.work / "dedup"
         out_dir.mkdir(parents=True, exist_ok=True)
         stats = StageStats()
         start = time.perf_counter()
-
-        def signatures() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            for index in range(n_tasks):
-                with np.load(self.work / "extract" / f"{self.task_name(index)}.sig.npz") as data:
-                    yield data["exact"], data["minhash"]
-
-        for index, dropped in enumerate(find_duplicates(signatures(), self.plan.config.dedup, stats)):
-            np.save(out_dir / f"{self.task_name(index)}.npy", dropped)
+        pairs: dict[bool, list[np.ndarray]] = {True: [np.empty((0, 2), np.int64)], False: [np.empty((0, 2), np.int64)]}
+        for index in range(self.task_count("bucket")):
+            is_exact = index // config.buckets_per_band == config.bands
+            pairs[is_exact].append(np.load(self.work / "buckets" / f"{self.task_name(index)}.npy"))
+        exact, near = duplicates(np.concatenate(pairs[True]), np.concatenate(pairs[False]))
+        count_stats(stats, int(offsets[-1]), exact, near)
+        for index, dropped in enumerate(dropped_per_task(np.sort(np.concatenate([exact, near])), offsets)):
+            save_npy(out_dir / f"{self.task_name(index)}.npy", dropped)
         stats.seconds = time.perf_counter() - start
-        _write_json(self.marker("dedup"), {"stages": {"dedup": stats.to_dict()}})
+        _write_json(self.marker("cluster"), {"stages": {"dedup": stats.to_dict()}})
 
     def kept_docs(self, index: int) -> Iterator[tuple[str, dict, str]]:
         """(text, metadata, split) of task `index`'s documents that survived dedup."""
         name = self.task_name(index)
         dropped = set(np.load(self.work / "dedup" / f"{name}.npy").tolist())
-        with np.load(self.work / "extract" / f"{name}.sig.npz") as data:
-            # The held-out split is chosen by content hash: stable across runs and task layouts.
-            hashes = data["exact"][:, :8].copy().view("<u8")[:, 0]
+        # The held-out split is chosen by content hash: stable across runs and task layouts.
+        hashes = np.ascontiguousarray(load_npy(self.signature_file(index, "exact"))[:, :8]).view("<u8")[:, 0]
         threshold = int(self.plan.valid_fraction * 2**64)
         for n, (_, sample) in enumerate(read_tar(self.work / "extract" / f"{name}.tar")):
             if n not in dropped:
@@ -288,64 +361,100 @@ class Job:
                 encode(pending)
 
         write_tar(docs_dir / f"{name}.tar", samples())
-        arrays = {}
+        counts = {}
         for split, (parts, lengths) in streams.items():
-            arrays[f"{split}_tokens"] = np.concatenate(parts) if parts else np.empty(0, np.uint32)
-            arrays[f"{split}_lengths"] = np.asarray(lengths, dtype=np.int64)
-            stats.events[f"{split}_tokens"] += int(arrays[f"{split}_tokens"].size)
-        arrays.update(char_lens=np.asarray(char_lens, np.int64), token_lens=np.asarray(token_lens, np.int64), langs=np.asarray(langs, dtype=str))
-        np.savez(out_dir / f"{name}.tmp.npz", **arrays)
+            tokens = np.concatenate(parts) if parts else np.empty(0, np.uint32)
+            lengths = np.asarray(lengths, dtype=np.int64)
+            save_npy(self.stream_file(index, split, "tokens"), tokens)
+            save_npy(self.stream_file(index, split, "starts"), np.cumsum(lengths) - lengths)
+            counts[split] = int(tokens.size)
+            stats.events[f"{split}_tokens"] += counts[split]
+        report = dict(char_lens=np.asarray(char_lens, np.int64), token_lens=np.asarray(token_lens, np.int64), langs=np.asarray(langs, dtype=str))
+        np.savez(out_dir / f"{name}.tmp.npz", **report)
         os.replace(out_dir / f"{name}.tmp.npz", out_dir / f"{name}.npz")
         stats.seconds = time.perf_counter() - start
-        _write_json(self.marker("tokenize", index), {"stages": {"tokenize": stats.to_dict()}})
+        _write_json(self.marker("tokenize", index), {"tokens": counts, "stages": {"tokenize": stats.to_dict()}})
 
-    # ----------------------------------------------------------------- stage: pack
+    def stream_file(self, index: int, split: str, kind: str) -> Path:
+        """Tokenize task `index`'s `split` tokens (uint32) or document start offsets in them (int64)."""
+        return self.work / "tokens" / f"{self.task_name(index)}.{split}.{kind}.npy"
 
-    def token_streams(self, split: str) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
-        for index, item in enumerate(self.plan.tasks):
-            with np.load(self.work / "tokens" / f"{self.task_name(index)}.npz") as data:
-                yield data[f"{split}_tokens"], data[f"{split}_lengths"], Path(item["path"]).name
+    # ----------------------------------------------------------------- stages: pack, manifest
 
-    def run_pack(self) -> None:
-        from data_tools.pack import cut_rows, shuffle_windows, write_shards
+    def token_stream(self, split: str) -> TokenStream:
+        """All tokenize tasks' `split` streams as one, read by memory map."""
+        n_tasks = range(len(self.plan.tasks))
+        counts = [self.read_marker("tokenize", i)["tokens"][split] for i in n_tasks]
+        sources = [Path(item["path"]).name for item in self.plan.tasks]
+
+        def load(index: int) -> tuple[np.ndarray, np.ndarray]:
+            return load_npy(self.stream_file(index, split, "tokens")), load_npy(self.stream_file(index, split, "starts"))
+
+        return TokenStream(counts, sources, load, self.plan.seq_len)
+
+    def owned_shards(self, index: int, n_shards: int) -> range:
+        """The output shards pack task `index` writes: a contiguous share, whatever the number of tasks."""
+        n_tasks = self.task_count("pack")
+        return range(index * n_shards // n_tasks, (index + 1) * n_shards // n_tasks)
+
+    def shard_dtype(self) -> str:
+        return "uint16" if self.tokenizer_info().vocab_size <= 2**16 else "uint32"
+
+    def run_pack(self, index: int, progress: Progress = lambda n: None) -> None:
+        from data_tools.pack import row_order, shard_count, write_shard
+
+        plan, pack = self.plan, self.plan.config.pack
+        dtype = self.shard_dtype()
+        written: dict[str, list[dict]] = {}
+        start = time.perf_counter()
+        for split in ("train", "valid"):
+            stream = self.token_stream(split)
+            out_dir = self.out / "tokens" / split
+            out_dir.mkdir(parents=True, exist_ok=True)
+            seed = pack.seed + (split == "valid")
+            written[split] = []
+            for shard in self.owned_shards(index, shard_count(stream.n_rows, pack.rows_per_shard)):
+                first, stop = shard * pack.rows_per_shard, min((shard + 1) * pack.rows_per_shard, stream.n_rows)
+                order = row_order(stream.n_rows, first, stop, pack.shuffle_window, pack.shuffle_chunk, seed)
+                info = write_shard(stream.rows(order), out_dir, shard, dtype, pack.rows_per_sample)
+                written[split].append(asdict(info))
+                progress(len(order))
+        _write_json(self.marker("pack", index), {"shards": written, "seconds": round(time.perf_counter() - start, 3)})
+
+    def run_manifest(self) -> None:
         from data_tools.report import write_tensorboard
 
         plan, pack = self.plan, self.plan.config.pack
         info = self.tokenizer_info()
-        dtype = "uint16" if info.vocab_size <= 2**16 else "uint32"
         stats = self.collect_stats()
-        tokens_root = self.out / "tokens"
-        if tokens_root.exists():
-            shutil.rmtree(tokens_root)  # a half-written pack from a killed run
+        seconds = [self.read_marker("pack", i)["seconds"] for i in range(self.task_count("pack"))]
         for split in ("train", "valid"):
-            start = time.perf_counter()
-            out_dir = tokens_root / split
-            out_dir.mkdir(parents=True)
-            counters: Counter = Counter()
-            rows = shuffle_windows(cut_rows(self.token_streams(split), plan.seq_len, counters), pack.shuffle_window, pack.seed + (split == "valid"))
-            shards = write_shards(rows, out_dir, dtype, pack.rows_per_shard, pack.rows_per_sample)
+            stream = self.token_stream(split)
+            out_dir = self.out / "tokens" / split
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shards = [ShardInfo(**shard) for i in range(self.task_count("pack")) for shard in self.read_marker("pack", i)["shards"][split]]
             tok_info = TokenizerInfo(**{**asdict(info), "path": os.path.relpath(self.tokenizer_path(), out_dir)})
-            manifest = Manifest(plan.seq_len, dtype, tok_info, shards, split, pack.rows_per_sample, stats, plan.to_dict())
+            manifest = Manifest(plan.seq_len, self.shard_dtype(), tok_info, shards, split, pack.rows_per_sample, stats, plan.to_dict())
             manifest.save(out_dir)
             stats["pack"][split] = {
                 "rows": manifest.total_rows,
                 "tokens": manifest.total_tokens,
                 "shards": len(shards),
-                "tokens_dropped_tail": counters["tokens_dropped_tail"],
-                "seconds": round(time.perf_counter() - start, 3),
+                "tokens_dropped_tail": stream.tail,
+                "seconds": round(sum(seconds), 3),
             }
             if not shards:
                 log.warning("%s split has no complete row of %d tokens; add data or lower --seq-len", split, plan.seq_len)
         _write_json(self.out / "stats.json", stats)
         write_tensorboard(self.out, stats, [self.work / "tokens" / f"{self.task_name(i)}.npz" for i in range(len(plan.tasks))])
-        _write_json(self.marker("pack"), {"stats": stats["pack"]})
+        _write_json(self.marker("manifest"), {"stats": stats["pack"]})
 
     def collect_stats(self) -> dict:
         """Stage counters summed over tasks, in pipeline order, plus job-level totals."""
         n_tasks = range(len(self.plan.tasks))
         stages = merge_stage_stats(
             [self.read_marker("extract", i)["stages"] for i in n_tasks]
-            + [self.read_marker("dedup")["stages"]]
+            + [self.read_marker("cluster")["stages"]]
             + [self.read_marker("tokenize", i)["stages"] for i in n_tasks]
         )
         return {

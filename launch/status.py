@@ -74,10 +74,10 @@ def data_status(out: Path) -> list[str]:
     from data_tools.pipeline import PER_TASK_STAGES, STAGES, Job
 
     job = Job(out)
-    n = len(job.plan.tasks)
-    lines = [f"data job:   {out} ({n} tasks)"]
+    lines = [f"data job:   {out} ({len(job.plan.tasks)} tasks)"]
     for stage in STAGES:
         if stage in PER_TASK_STAGES:
+            n = job.task_count(stage)
             done = f"{n - len(job.pending(stage))}/{n} tasks done"
         else:
             done = "done" if job.is_done(stage) else "to do"

@@ -118,3 +118,17 @@ def test_example_pipeline_yaml_lists_the_defaults(corpora):
     from data_tools.config import PipelineConfig
 
     assert PipelineConfig.from_yaml(corpora.parent / "pipeline.yaml") == PipelineConfig()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"dedup": {"buckets_per_band": 0}}, "dedup.buckets_per_band 0: must be at least 1"),
+        ({"dedup": {"threshold": 1.5}}, "dedup.threshold 1.5: must be in (0, 1]"),
+        ({"pack": {"shuffle_chunk": 0}}, "pack.shuffle_chunk 0: must be at least 1"),
+    ],
+)
+def test_out_of_range_values_name_the_file_and_key(data, message):
+    with pytest.raises(DataError) as err:
+        from_dict(PipelineConfig, data, where="job.yaml")
+    assert str(err.value).startswith(f"job.yaml: {message}") and "\n" not in str(err.value)

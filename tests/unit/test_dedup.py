@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import re
+from collections import Counter
 import unicodedata
 
 import numpy as np
@@ -156,3 +157,61 @@ def test_unspaced_languages_use_character_shingles(handbook_docs, lang, is_near_
     (dropped,), _ = dedup([[text_doc(text, lang), text_doc(edited, lang)]], DedupConfig())
     assert len(chinese) > 200 and edited != text
     assert dropped == ([1] if is_near_duplicate else [])
+
+
+def near_copy(text, other, rng, fraction=0.02):
+    """~`fraction` of the words replaced by words of another article, and one of its sentences appended."""
+    words, donor = text.split(), other.split()
+    for i in rng.choice(len(words), max(1, round(fraction * len(words))), replace=False):
+        words[i] = donor[int(rng.integers(len(donor)))]
+    return " ".join(words) + " " + other.split(". ")[1] + "."
+
+
+@pytest.fixture(scope="module")
+def planted(_enwiki_docs):
+    """The Wikipedia articles of at least 300 words, 16 of them planted again later as exact copies (case and
+    spacing changed) and 16 as near copies, the copies spread over three tasks: (tasks, dropped per task, reasons)."""
+    rng = np.random.default_rng(7)
+    texts = [d.text for d in _enwiki_docs if len(d.text.split()) >= 300]
+    docs = [(text, None) for text in texts]
+    for i in range(16):
+        docs.append(("".join(c.upper() if c.isascii() else c for c in texts[i]).replace(" ", "  \n"), "exact_duplicate"))
+        docs.append((near_copy(texts[16 + i], texts[(i + 40) % len(texts)], rng), "near_duplicate"))
+    order = list(range(len(texts))) + list(rng.permutation(np.arange(len(texts), len(docs))))
+    docs = [docs[i] for i in order]
+    cuts = np.array_split(np.arange(len(docs)), 3)
+    tasks = [[text_doc(docs[i][0]) for i in cut] for cut in cuts]
+    expected = [[n for n, i in enumerate(cut) if docs[i][1]] for cut in cuts]
+    return tasks, expected, Counter(reason for _, reason in docs if reason)
+
+
+@pytest.mark.parametrize("buckets_per_band", [1, 3])
+def test_planted_exact_and_near_copies_are_found_whatever_the_bucket_layout(planted, buckets_per_band):
+    """Every planted copy (2% of words changed and a sentence added, Jaccard ~0.75) is dropped and no
+    original is: recall and precision 1 here, with one or three hash ranges per band."""
+    tasks, expected, reasons = planted
+    assert len(reasons) == 2 and sum(reasons.values()) == 32 and sum(map(len, tasks)) > 80
+    dropped, stats = dedup(tasks, DedupConfig(buckets_per_band=buckets_per_band))
+    assert dropped == expected
+    assert stats.dropped == reasons
+
+
+def test_the_candidate_check_keeps_pairs_below_the_threshold(planted):
+    """With a threshold no near copy reaches, the candidates that collided in a band are rejected:
+    only the exact copies are dropped."""
+    tasks, _, reasons = planted
+    _, stats = dedup(tasks, DedupConfig(threshold=0.99))
+    assert stats.dropped == {"exact_duplicate": reasons["exact_duplicate"]}
+
+
+def test_a_cluster_keeps_its_first_document_in_input_order(article):
+    """A chain of near copies (each of the one before) in reverse task order: one cluster, and the
+    document that comes first in the input is kept, wherever the original is."""
+    rng = np.random.default_rng(1)
+    chain = [article("Albedo")]
+    for _ in range(3):
+        chain.append(near_copy(chain[-1], article("Aristotle"), rng, fraction=0.01))
+    tasks = [[text_doc(chain[3]), text_doc(article("Alchemy"))], [text_doc(chain[1])], [text_doc(chain[2]), text_doc(chain[0])]]
+    dropped, stats = dedup(tasks, DedupConfig())
+    assert dropped == [[], [0], [0, 1]]
+    assert stats.dropped == {"near_duplicate": 3} and stats.docs_out == 2

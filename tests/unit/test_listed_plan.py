@@ -44,7 +44,10 @@ def test_a_snapshot_listing_is_planned_with_arrays_and_estimates(snapshot_listin
     assert plan["tasks"][1] == {"path": CC + "crawl-data/CC-MAIN-2024-10/segments/1707900000.1/warc/CC-MAIN-2024-00001.warc.gz",
                                 "format": "warc", "start": 0, "end": None}
     stages = {stage["name"]: stage for stage in plan["estimate"]["stages"]}
-    for name in ("extract", "tokenize"):
+    assert list(stages) == ["extract", "bucket", "cluster", "tokenizer", "tokenize", "pack", "manifest"]
+    assert stages["bucket"]["slurm_arrays"] == [f"0-{stages['bucket']['tasks'] - 1}%64"]
+    assert stages["cluster"]["slurm_arrays"] == []
+    for name in ("extract", "tokenize", "pack"):
         assert stages[name]["tasks"] == SNAPSHOT
         assert stages[name]["slurm_arrays"] == ["0-1000%64"] * 89 + ["0-910%64"]  # 89 × 1001 + 911
         assert stages[name]["array_first_tasks"][:3] == [0, 1001, 2002]
@@ -107,16 +110,19 @@ def test_the_sbatch_chain_of_a_listing_splits_large_stages(tmp_path, gpt2_dir, c
                  "--seq-len", "2048"])
     assert code == 0
     sections = capsys.readouterr().out.split("# ---- ")[1:]
+    split = ["{}[1/3]: array of 1000 (plan tasks 0-999) ----", "{}[2/3]: array of 1000 (plan tasks 1000-1999) ----",
+             "{}[3/3]: array of 500 (plan tasks 2000-2499) ----"]
     assert [s.splitlines()[0] for s in sections] == [
-        "extract[1/3]: array of 1000 (plan tasks 0-999) ----", "extract[2/3]: array of 1000 (plan tasks 1000-1999) ----",
-        "extract[3/3]: array of 500 (plan tasks 2000-2499) ----", "dedup+tokenizer: one job ----",
-        "tokenize[1/3]: array of 1000 (plan tasks 0-999) ----", "tokenize[2/3]: array of 1000 (plan tasks 1000-1999) ----",
-        "tokenize[3/3]: array of 500 (plan tasks 2000-2499) ----", "pack: one job ----"]
+        *(line.format("extract") for line in split), "bucket: array of 116 (plan tasks 0-115) ----",
+        "cluster+tokenizer: one job ----", *(line.format("tokenize") for line in split),
+        *(line.format("pack") for line in split), "manifest: one job ----"]
     assert "#SBATCH --array=0-999%10" in sections[0] and "--dependency" not in sections[0]
     assert "#SBATCH --dependency='afterok:<job id of extract[1/3]>'" in sections[1]
     assert "#SBATCH --array=0-499%10" in sections[2]
     assert f"# element 0: python -m data_tools run {out} --stage extract --task 1000" in sections[1]
     assert "# elements 3-996: likewise" in sections[1]
     assert "#SBATCH --dependency='afterok:<job id of extract[3/3]>'" in sections[3]  # the lane's last array
-    assert "#SBATCH --dependency='afterok:<job id of dedup+tokenizer>'" in sections[4]
-    assert "#SBATCH --dependency='afterok:<job id of dedup+tokenizer>:<job id of tokenize[1/3]>'" in sections[5]
+    assert "#SBATCH --array=0-115%10" in sections[3]
+    assert "#SBATCH --dependency='afterok:<job id of cluster+tokenizer>'" in sections[5]
+    assert "#SBATCH --dependency='afterok:<job id of cluster+tokenizer>:<job id of tokenize[1/3]>'" in sections[6]
+    assert "#SBATCH --dependency='afterok:<job id of pack[3/3]>'" in sections[11]

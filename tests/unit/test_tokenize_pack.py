@@ -1,5 +1,5 @@
-"""Tokenizers (GPT-2 files, training), EOS-separated encoding, packing into rows, windowed
-shuffling, shard writing, the manifest contract and its integrity checks."""
+"""Tokenizers (GPT-2 files, training), EOS-separated encoding, packing into rows across tasks,
+the two-level shuffle, shard writing, the manifest contract and its integrity checks."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from data_tools.manifest import (
     load_manifest,
     verify_shard,
 )
-from data_tools.pack import Rows, cut_rows, shuffle_windows, write_shards
+from data_tools.pack import Rows, TokenStream, cut_rows, row_order, write_shard
 from data_tools.shards import json_bytes, npy_bytes, read_tar, write_tar
 from data_tools.tokenize import encode_documents, load_tokenizer, train_tokenizer
 
@@ -138,7 +138,7 @@ def expected_rows(streams, seq_len):
 @pytest.fixture(scope="module")
 def rows(streams):
     stats = Counter()
-    return Rows.concat(list(cut_rows(iter(streams), SEQ_LEN, stats))), stats
+    return cut_rows(streams, SEQ_LEN, stats), stats
 
 
 def test_cut_rows(streams, rows):
@@ -157,35 +157,47 @@ def test_cut_rows(streams, rows):
 def test_cut_rows_other_lengths(streams, seq_len):
     """The same holds for rows much shorter and longer than a document."""
     stats = Counter()
-    packed = Rows.concat(list(cut_rows(iter(streams), seq_len, stats)))
+    packed = cut_rows(streams, seq_len, stats)
     tokens, doc_starts, sources, tail = expected_rows(streams, seq_len)
     assert np.array_equal(packed.tokens, tokens) and packed.doc_starts == doc_starts and packed.sources == sources
     assert stats["tokens_dropped_tail"] == tail
 
 
-def shuffled(rows, window, seed):
-    return Rows.concat(list(shuffle_windows(iter([rows.take(slice(0, 40)), rows.take(slice(40, None))]), window, seed)))
-
-
-def test_shuffle_windows_is_a_deterministic_permutation_per_window(rows):
-    """Each window of rows is permuted (tokens, doc starts and sources together), each window its
-    own way, the same for the same seed, another way for another seed."""
+def test_rows_in_any_order_match_the_rows_in_stream_order(streams, rows):
+    """Reading rows by global index, shuffled and repeated, gives the same rows (tokens, document
+    starts, sources) as cutting the streams in order; also when tasks are cut at other points."""
     packed, _ = rows
-    window = 32
-    out = shuffled(packed, window, seed=3)
-    assert len(out) == len(packed) and not np.array_equal(out.tokens, packed.tokens)
-    original = {packed.tokens[i].tobytes(): i for i in range(len(packed))}
-    assert len(original) == len(packed)  # rows are distinct, so each output row names its input
-    for position in range(len(out)):
-        source_row = original[out.tokens[position].tobytes()]
-        assert source_row // window == position // window  # rows stay in their window
-        assert out.doc_starts[position] == packed.doc_starts[source_row] and out.sources[position] == packed.sources[source_row]
-    order = [original[r.tobytes()] for r in out.tokens]
-    assert sorted(order) == list(range(len(packed)))
-    first, second = ([i % window for i in order[w * window : (w + 1) * window]] for w in (0, 1))
-    assert first != second  # each window draws its own permutation
-    assert np.array_equal(shuffled(packed, window, seed=3).tokens, out.tokens)
-    assert not np.array_equal(shuffled(packed, window, seed=4).tokens, out.tokens)
+    ids = np.random.default_rng(0).permutation(len(packed))[:30].repeat(2)
+    assert_rows_equal(TokenStream.from_arrays(streams, SEQ_LEN).rows(ids), packed.take(ids))
+    tokens, lengths, source = streams[0]
+    cut = int(np.cumsum(lengths)[1])  # the first input as two tasks, the first with two documents
+    split = [(tokens[:cut], lengths[:2], source), (tokens[cut:], lengths[2:], source), *streams[1:]]
+    assert_rows_equal(TokenStream.from_arrays(split, SEQ_LEN).rows(ids), packed.take(ids))
+
+
+def assert_rows_equal(got: Rows, expected: Rows) -> None:
+    assert np.array_equal(got.tokens, expected.tokens)
+    assert got.doc_starts == expected.doc_starts and got.sources == expected.sources
+
+
+@pytest.mark.parametrize("n_rows, window, chunk", [(1000, 64, 16), (1003, 100, 7), (5, 64, 16)])
+def test_row_order_is_a_two_level_permutation_of_all_rows(n_rows, window, chunk):
+    """The output order is a permutation of all rows: chunks of consecutive rows are moved across
+    the corpus, then each window is mixed; the same for the same seed, another for another seed,
+    and any range of output positions equals that slice of the whole order (so pack tasks can
+    split the shards any way)."""
+    order = row_order(n_rows, 0, n_rows, window, chunk, seed=3)
+    assert sorted(order.tolist()) == list(range(n_rows))
+    if n_rows > window:
+        assert not np.array_equal(order, np.arange(n_rows))
+        first = order[:window]
+        assert len(set((first // chunk).tolist())) <= window // chunk + 2  # a window holds a few chunks...
+        assert np.ptp(first) > window  # ...taken from across the corpus
+        assert not np.array_equal(row_order(n_rows, 0, n_rows, window, chunk, seed=4), order)
+    assert np.array_equal(row_order(n_rows, 0, n_rows, window, chunk, seed=3), order)
+    for start, stop in ((0, 1), (3, 250), (window - 1, window + 1), (n_rows - 2, n_rows)):
+        start, stop = min(start, n_rows), min(stop, n_rows)
+        assert np.array_equal(row_order(n_rows, start, stop, window, chunk, seed=3), order[start:stop])
 
 
 # ----------------------------------------------------------------------------- shards and manifest
@@ -195,7 +207,7 @@ def test_shuffle_windows_is_a_deterministic_permutation_per_window(rows):
 def shards(rows, tmp_path):
     packed, _ = rows
     packed = packed.take(slice(0, 25))
-    infos = write_shards(iter([packed.take(slice(0, 7)), packed.take(slice(7, None))]), tmp_path, "uint16", 10, 4)
+    infos = [write_shard(packed.take(slice(first, first + 10)), tmp_path, index, "uint16", 4) for index, first in enumerate((0, 10, 20))]
     return packed, infos, tmp_path
 
 
