@@ -241,7 +241,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--datatrove-sizes", help="sizes to run the datatrove side at (default: every size; 'none' to skip)")
     parser.add_argument("--speedup-sizes", help="sizes to run 2 workers at (default: every size; 'none' to skip)")
+    parser.add_argument("--report", action="store_true", help="print the table of the last run (bench/out/data_scale.json)")
     args = parser.parse_args()
+    if args.report:
+        return report(json.loads((OUT.parent / "data_scale.json").read_text()))
     from data_tools.config import DedupConfig
 
     dedup = DedupConfig()
@@ -287,7 +290,8 @@ def report(results: list[dict]) -> None:
         speedup = f"{d['seconds'] / w2['seconds']:.2f}x" if w2 else "-"
         theirs = "-" if not dt else (
             f"{dt['seconds']:>9.1f} {dt['cpu_seconds']:>7.1f} {dt['recall']:>7.4f} {dt['precision']:>6.4f}"
-            f" {dt['peak_rss_mib']:>5.0f} MiB {dt['seconds'] / d['seconds']:>5.2f}x {dt['cpu_seconds'] / d['cpu_seconds']:>5.2f}x")
+            f" {dt['peak_rss_mib']:>5.0f} MiB {dt['seconds'] / d['seconds']:>5.2f}x"
+            f" {dt['cpu_seconds'] / d['cpu_seconds']:>5.2f}x")
         print(f"{r['docs']:>7} {d['recall']:>7.4f} {d['precision']:>6.4f} {d['clusters_lost']:>4} {d['peak_rss_mib']:>5.0f} MiB"
               f" {d['seconds']:>7.1f} {d['cpu_seconds']:>7.1f} {1000 * d['seconds'] / r['docs']:>7.2f} {speedup:>6} | {theirs}")
     checks = [
