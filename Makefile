@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test finetune bench bench-compress clean
+.PHONY: demo test finetune bench bench-data bench-compress clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ BENCH_DATATROVE := bench/.venv-datatrove/.installed
 
 $(BENCH_DATATROVE):
 	test -x bench/.venv-datatrove/bin/python || $(PYTHON) -m venv bench/.venv-datatrove
-	bench/.venv-datatrove/bin/pip install --quiet "datatrove[processing]==0.10.*" warcio faust-cchardet python-magic spacy lxml_html_clean
+	bench/.venv-datatrove/bin/pip install --quiet "datatrove[processing]==0.10.*" warcio faust-cchardet python-magic spacy lxml_html_clean orjson
 	touch $@
 
 bench: $(INSTALLED) $(BENCH_DATATROVE)
@@ -43,6 +43,10 @@ bench: $(INSTALLED) $(BENCH_DATATROVE)
 	$(BIN)/python bench/loader_bench.py
 	$(BIN)/python bench/trainer_bench.py
 	$(BIN)/python bench/engine_bench.py
+
+# the dedup-at-scale table of the README (10k, 40k, 160k documents; long: run it alone)
+bench-data: $(INSTALLED) $(BENCH_DATATROVE)
+	$(BIN)/python bench/data_scale_bench.py
 
 # the compression table of the README: the sentiment recipe's run is the teacher
 bench-compress: $(INSTALLED)

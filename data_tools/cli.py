@@ -11,6 +11,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from data_tools.arrays import DEFAULT_MAX_ARRAY_SIZE, DEFAULT_PARALLELISM
 from data_tools.common import DataError, DstrainError
 
 log = logging.getLogger("data_tools")
@@ -52,11 +53,11 @@ def prepare(args: argparse.Namespace) -> int:
         raise DataError(f"--valid-fraction {args.valid_fraction}: must be in [0, 1)")
     if args.train_tokenizer is not None and args.train_tokenizer < 257:
         raise DataError(f"--train-tokenizer {args.train_tokenizer}: a byte-level BPE needs a vocabulary of at least 257")
-    tokenizer = None
+    tokenizer, vocab_size = None, args.train_tokenizer
     if args.tokenizer:
         from data_tools.tokenize import load_tokenizer
 
-        load_tokenizer(args.tokenizer)  # fail now, not after hours of extraction
+        vocab_size = load_tokenizer(args.tokenizer).vocab_size  # fail now, not after hours of extraction
         tokenizer = str(Path(args.tokenizer).resolve())
     config = PipelineConfig.from_yaml(args.config)
     if args.langs:
@@ -64,12 +65,25 @@ def prepare(args: argparse.Namespace) -> int:
     check_languages(config.lang.keep)
     if args.task_mb <= 0:
         raise DataError(f"--task-mb {args.task_mb}: must be positive")
-    tasks = plan_tasks(expand_inputs(args.input), int(args.task_mb * 2**20))
-    plan = Plan(tasks, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config, args.task_mb)
+    if args.input_list:
+        from data_tools.listing import listed_inputs, listed_tasks
+
+        if args.assume_file_mb is not None and args.assume_file_mb <= 0:
+            raise DataError(f"--assume-file-mb {args.assume_file_mb}: must be positive")
+        listed = listed_inputs(args.input_list, args.input_prefix, args.assume_file_mb)
+        tasks = listed_tasks(listed)
+        sizes = [(item.format, item.docs, item.mib) for item in listed]
+        task_mb = max(item.mib for item in listed)  # a listed file is one task, whole
+    else:
+        tasks = plan_tasks(expand_inputs(args.input), int(args.task_mb * 2**20))
+        sizes, task_mb = task_sizes(tasks), args.task_mb
+    plan = Plan(tasks, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config, task_mb)
+    plan.estimate = estimate(plan, sizes, vocab_size, args.array_parallelism, args.max_array_size)
     job = Job(args.output)
     job.create(plan)
     if args.plan_only:
         print(f"plan written: {job.out / 'plan.json'} ({len(tasks)} tasks)")
+        print(estimate_summary(plan.estimate))
         return 0
     run_job(job.out, args.workers)
     stats = json.loads((job.out / "stats.json").read_text())
@@ -79,6 +93,49 @@ def prepare(args: argparse.Namespace) -> int:
     print(f"stats:        {job.out / 'stats.json'}")
     print(f"tensorboard:  tensorboard --logdir {job.out / 'tensorboard'}")
     return 0
+
+
+def task_sizes(tasks: list[dict]) -> list[tuple[str, int, float]]:
+    """(format, assumed documents, MiB) of each planned task, from the byte range or the file size."""
+    from data_tools.listing import assumed_docs
+
+    sizes = []
+    for task in tasks:
+        path = Path(task["path"])
+        if task["format"] == "parquet" or task["end"] is None:
+            size = 0 if path.is_dir() else path.stat().st_size
+            if task["format"] == "parquet" and task["end"] is not None:  # row groups: share the file evenly
+                size = size * (task["end"] - task["start"]) / max(1, sum(t["path"] == task["path"] for t in tasks))
+        else:
+            size = task["end"] - task["start"]
+        mib = size / 2**20
+        sizes.append((task["format"], assumed_docs(path.name, task["format"], mib), mib))
+    return sizes
+
+
+def estimate(plan, sizes: list[tuple[str, int, float]], vocab_size: int, parallelism: int, max_array_size: int) -> dict:
+    """The plan's cost estimate (data_tools.estimate) for its stages and task counts."""
+    from collections import Counter
+
+    from data_tools.estimate import plan_estimate
+    from data_tools.pipeline import STAGES, task_count
+
+    if parallelism < 1:
+        raise DataError(f"--array-parallelism {parallelism}: must be at least 1")
+    if max_array_size < 1:
+        raise DataError(f"--max-array-size {max_array_size}: must be at least 1 (the cluster's MaxArraySize)")
+    docs: Counter = Counter()
+    for fmt, n, _ in sizes:
+        docs[fmt] += n
+    stages = [(stage, task_count(plan, stage), plan.peak_mb[stage]) for stage in STAGES]
+    return plan_estimate(stages, dict(docs), sum(mib for _, _, mib in sizes), plan.config,
+                         2 if vocab_size <= 2**16 else 4, plan.train_tokenizer is not None, parallelism, max_array_size)
+
+
+def estimate_summary(value: dict) -> str:
+    from data_tools.estimate import summary
+
+    return summary(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,7 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="raw corpora → cleaned documents → token shards + manifest")
-    p.add_argument("--input", action="append", required=True, help="file, directory or glob; repeatable")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--input", action="append", help="file, directory or glob; repeatable")
+    inputs.add_argument("--input-list", type=Path, metavar="LISTING",
+                        help="a file (or .gz) of relative paths, one a line, e.g. Common Crawl's warc.paths.gz; "
+                        "with --plan-only: planned without opening the files")
+    p.add_argument("--input-prefix", metavar="PREFIX",
+                   help="what the listed paths are relative to: https://data.commoncrawl.org/, s3://commoncrawl/ or a "
+                   "local directory (default: the listing's directory)")
+    p.add_argument("--assume-file-mb", type=float, metavar="MIB",
+                   help="size of each listed file, for the estimates (default: the typical size of its kind, "
+                   "1024 for a Common Crawl WARC, 80 for a WET)")
     p.add_argument("--output", required=True, type=Path)
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="tokenizer.json, a tokenizer directory, or vocab.json (+ merges.txt)")
@@ -160,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="pipeline YAML (thresholds; see examples/pipeline.yaml)")
     p.add_argument("--valid-fraction", type=float, default=0.005)
     p.add_argument("--plan-only", action="store_true", help="write plan.json and stop (for SLURM arrays)")
+    p.add_argument("--array-parallelism", type=int, default=DEFAULT_PARALLELISM,
+                   help=f"SLURM array elements running at once, for the plan (default {DEFAULT_PARALLELISM})")
+    p.add_argument("--max-array-size", type=int, default=DEFAULT_MAX_ARRAY_SIZE,
+                   help=f"the cluster's MaxArraySize: larger stages become several arrays (default {DEFAULT_MAX_ARRAY_SIZE})")
     p.set_defaults(func=prepare)
 
     p = sub.add_parser("run", help="run one stage (one task of it for per-task stages) of a planned job")

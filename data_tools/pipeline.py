@@ -58,6 +58,7 @@ class Plan:
     config: PipelineConfig = field(default_factory=PipelineConfig)
     task_mb: float = 128.0  # the --task-mb the inputs were cut with
     peak_mb: dict[str, int] = field(default_factory=dict)  # expected peak RSS of one task of each stage
+    estimate: dict = field(default_factory=dict)  # data_tools.estimate: core-hours, disk, SLURM arrays per stage
 
     def __post_init__(self) -> None:
         if not self.peak_mb:
@@ -92,6 +93,20 @@ def expected_peak_mb(plan: Plan) -> dict[str, int]:
         "manifest": docs * 24 / mib,  # the document-length histograms of the report
     }
     return {stage: BASE_MB + round(estimates[stage]) for stage in STAGES}
+
+
+def task_count(plan: Plan, stage: str) -> int:
+    """How many tasks `stage` of `plan` has (1 for a stage that runs once); a function of the plan alone, so
+    the cost estimate of a plan not yet written uses the same counts as the runners."""
+    if stage in ("extract", "tokenize", "pack"):
+        return len(plan.tasks)
+    if stage == "bucket":
+        from data_tools.dedup import bucket_count
+
+        return bucket_count(plan.config.dedup)
+    if stage in STAGES:
+        return 1
+    raise DataError(f"--stage {stage}: not a stage; choose one of {', '.join(STAGES)}")
 
 
 def _write_json(path: Path, value: object) -> None:
@@ -131,13 +146,15 @@ class Job:
         except OSError as err:
             raise DataError(f"--output {self.out}: not writable ({err.strerror}); choose another directory") from None
         path = self.out / "plan.json"
+        new = json.loads(json.dumps(plan.to_dict()))
         if path.exists():
-            if json.loads(path.read_text()) != json.loads(json.dumps(plan.to_dict())):
+            old = json.loads(path.read_text())
+            if {**old, "estimate": None} != {**new, "estimate": None}:  # the estimate (and its SLURM layout) may change
                 raise DataError(
                     f"--output {self.out}: holds a job with other inputs or settings (plan.json); use a new directory or delete it"
                 )
             log.info("resuming the job in %s", self.out)
-        else:
+        if not path.exists() or old != new:
             _write_json(path, plan.to_dict())
         self._plan = plan
 
@@ -156,15 +173,7 @@ class Job:
 
     def task_count(self, stage: str) -> int:
         """How many tasks `stage` has (1 for a stage that runs once)."""
-        if stage in ("extract", "tokenize", "pack"):
-            return len(self.plan.tasks)
-        if stage == "bucket":
-            from data_tools.dedup import bucket_count
-
-            return bucket_count(self.plan.config.dedup)
-        if stage in STAGES:
-            return 1
-        raise DataError(f"--stage {stage}: not a stage; choose one of {', '.join(STAGES)}")
+        return task_count(self.plan, stage)
 
     def pending(self, stage: str) -> list[int]:
         return [i for i in range(self.task_count(stage)) if not self.is_done(stage, i)]

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_tools.arrays import DEFAULT_MAX_ARRAY_SIZE, DEFAULT_PARALLELISM
 from launch import sbatch
 
 LOCAL_HELP = "N processes on this machine through torchrun or the deepspeed launcher"
@@ -71,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = slurm.add_parser("data", allow_abbrev=False, help="data_tools prepare as job arrays; other options go to prepare",
                          usage="python -m launch slurm data --time T [options] <data_tools prepare options>")
-    p.add_argument("--array-parallelism", type=int, default=64, help="array elements running at once (default 64)")
+    p.add_argument("--array-parallelism", type=int, default=DEFAULT_PARALLELISM,
+                   help=f"array elements running at once, over all the arrays of a stage (default {DEFAULT_PARALLELISM})")
+    p.add_argument("--max-array-size", type=int, default=DEFAULT_MAX_ARRAY_SIZE,
+                   help="the cluster's MaxArraySize (scontrol show config | grep MaxArraySize): a larger stage is "
+                   f"submitted as several arrays (default {DEFAULT_MAX_ARRAY_SIZE})")
     _add_resources(p)
 
     p = sub.add_parser("status", help="job state, requeues, last checkpoint and step of a run or data directory")
@@ -104,7 +109,7 @@ def slurm_train(args: argparse.Namespace) -> int:
 def slurm_data(args: argparse.Namespace, prepare_args: list[str]) -> int:
     from launch.data_array import DataJobs, pending_steps, summary
 
-    jobs = DataJobs(prepare_args, args.array_parallelism, _resources(args))
+    jobs = DataJobs(prepare_args, args.array_parallelism, _resources(args), args.max_array_size)
     code = jobs.plan()
     if code:
         return code
@@ -114,8 +119,8 @@ def slurm_data(args: argparse.Namespace, prepare_args: list[str]) -> int:
     elif args.dry_run:
         print(jobs.describe(steps))
     else:
-        for step, job_id, first in jobs.submit(steps):
-            print(f"submitted {summary(step)}: job {job_id}   log: tail -f {sbatch.log_path(jobs.out, first)}")
+        for step, name, tasks, job_id, first in jobs.submit(steps):
+            print(f"submitted {summary(step, name, tasks)}: job {job_id}   log: tail -f {sbatch.log_path(jobs.out, first)}")
         print(f"status: python -m launch status {jobs.out}")
     return 0
 

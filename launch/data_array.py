@@ -8,15 +8,23 @@ tokenizer, manifest) share one job. Each job depends on the one before with `aft
 starts it when the previous one succeeded, and cancels it if that failed), so nothing waits on
 the login node. Running the same command again submits only what has no marker yet: after a
 failed or cancelled array element, that task and the steps after it.
+
+A stage larger than the cluster's `MaxArraySize` (`--max-array-size`, 1001 by default) is split
+into several arrays, at most `--array-parallelism` elements running in all (data_tools.arrays);
+the next job waits for every one of them.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_tools.arrays import ArrayChunk, split_array
 from launch import sbatch
+
+ELEMENTS_SHOWN = 3  # a dry run lists the first and last few elements of each array
 
 
 @dataclass
@@ -70,6 +78,7 @@ class DataJobs:
     prepare_args: list[str]
     array_parallelism: int
     resources: sbatch.Resources
+    max_array_size: int = 1001
 
     def __post_init__(self) -> None:
         from data_tools.cli import build_parser
@@ -80,51 +89,79 @@ class DataJobs:
         """Write (or check) plan.json; the exit code of `data_tools prepare --plan-only`."""
         from data_tools.cli import main
 
-        return main(["prepare", *self.prepare_args, "--plan-only"])
+        slurm = ["--array-parallelism", str(self.array_parallelism), "--max-array-size", str(self.max_array_size)]
+        return main(["prepare", *self.prepare_args, *slurm, "--plan-only"])
 
-    def parameters(self, step: Step, after: str | None) -> dict:
+    def parameters(self, step: Step, chunk: ArrayChunk | None, after: list[str]) -> dict:
         extra: dict = {}
         if after:
-            extra.update(dependency=f"afterok:{after}", additional_parameters={"kill-on-invalid-dep": "yes"})
-        if step.tasks is not None:
-            extra["array_parallelism"] = self.array_parallelism
+            extra.update(dependency="afterok:" + ":".join(after), additional_parameters={"kill-on-invalid-dep": "yes"})
+        if chunk is not None:
+            extra["array_parallelism"] = chunk.throttle
         return self.resources.parameters(job_name=f"{self.out.name}-{step.name}", **extra)
+
+    def chain(self, steps: list[Step], submit: Callable[[Step, ArrayChunk | None, str, dict], str]) -> None:
+        """Walk the jobs in order: `submit(step, array, job name, sbatch parameters)` returns the job's id. An array
+        waits for the step before it and for its lane's previous array; the next step waits for each lane's last."""
+        previous: list[str] = []
+        for step in steps:
+            chunks = [None] if step.tasks is None else split_array(len(step.tasks), self.array_parallelism, self.max_array_size)
+            ids: list[str] = []
+            for j, chunk in enumerate(chunks):
+                name = step.name if len(chunks) == 1 else f"{step.name}[{j + 1}/{len(chunks)}]"
+                after = previous + ([ids[chunk.after]] if chunk is not None and chunk.after is not None else [])
+                ids.append(submit(step, chunk, name, self.parameters(step, chunk, after)))
+            waited = {chunk.after for chunk in chunks if chunk is not None}
+            previous = [job_id for j, job_id in enumerate(ids) if j not in waited]  # each lane's last array
 
     def describe(self, steps: list[Step]) -> str:
         """The dry run: each job's sbatch script and what its elements run."""
         lines = [f"data job: {self.out}",
                  f"logs:     {sbatch.folder(self.out)}/ (%j = the job id, <array id>_<element> for arrays)"]
-        after = None
-        for step in steps:
-            array = len(step.tasks) if step.tasks and len(step.tasks) > 1 else None  # submitit submits one call as a plain job
-            lines += ["", f"# ---- {summary(step)} ----", sbatch.script(self.out, self.parameters(step, after), array).rstrip()]
-            for element, task in enumerate(step.tasks or [None]):
-                prefix = f"# element {element}: " if step.tasks else "# runs: "
+
+        def show(step: Step, chunk: ArrayChunk | None, name: str, params: dict) -> str:
+            tasks = step.tasks[chunk.first : chunk.first + chunk.count] if chunk else [None]
+            array = len(tasks) if len(tasks) > 1 else None  # submitit submits one call as a plain job
+            lines.extend(["", f"# ---- {summary(step, name, tasks)} ----", sbatch.script(self.out, params, array).rstrip()])
+            for element, task in enumerate(tasks):
+                if ELEMENTS_SHOWN <= element < len(tasks) - ELEMENTS_SHOWN:
+                    if element == ELEMENTS_SHOWN:
+                        lines.append(f"# elements {element}-{len(tasks) - ELEMENTS_SHOWN - 1}: likewise")
+                    continue
+                prefix = f"# element {element}: " if chunk else "# runs: "
                 lines.append(prefix + "; ".join(f"python -m data_tools {shlex.join(stage_args(str(self.out), s, task))}"
                                                  for s in step.stages))
-            after = f"<job id of {step.name}>"
+            return f"<job id of {name}>"
+
+        self.chain(steps, show)
         return "\n".join(lines)
 
-    def submit(self, steps: list[Step]) -> list[tuple[Step, str, str]]:
-        """Submit the chain; (step, job id, id of its first task's job) for each step."""
-        submitted, after = [], None
-        for step in steps:
-            params = self.parameters(step, after)
-            if step.tasks is None:
+    def submit(self, steps: list[Step]) -> list[tuple[Step, str, list[int] | None, str, str]]:
+        """Submit the chain; (step, job name, its plan tasks, job id, id of its first task's job) for each job."""
+        submitted = []
+
+        def send(step: Step, chunk: ArrayChunk | None, name: str, params: dict) -> str:
+            if chunk is None:
                 job_id = first = sbatch.submit(self.out, params, run_step, str(self.out), step.stages, None)
+                tasks = None
             else:
-                calls = [(str(self.out), step.stages, task) for task in step.tasks]
-                job_id, first = sbatch.submit_array(self.out, params, run_step, calls)
-            sbatch.record(self.out, job_id, step.name, tasks=step.tasks, dependency=after)
-            submitted.append((step, job_id, first))
-            after = job_id
+                tasks = step.tasks[chunk.first : chunk.first + chunk.count]
+                job_id, first = sbatch.submit_array(self.out, params, run_step, [(str(self.out), step.stages, t) for t in tasks])
+            sbatch.record(self.out, job_id, step.name, tasks=tasks, dependency=params.get("dependency"))
+            submitted.append((step, name, tasks, job_id, first))
+            return job_id
+
+        self.chain(steps, send)
         return submitted
 
 
-def summary(step: Step) -> str:
+def summary(step: Step, name: str | None = None, tasks: list[int] | None = None) -> str:
+    """`name: one job`, or `name: array of N (plan tasks …)` for `tasks` (default: all the step's tasks)."""
+    name = name or step.name
+    tasks = step.tasks if tasks is None else tasks
     if step.tasks is None:
-        return f"{step.name}: one job"
-    return f"{step.name}: array of {len(step.tasks)} (plan tasks {_ranges(step.tasks)})"
+        return f"{name}: one job"
+    return f"{name}: array of {len(tasks)} (plan tasks {_ranges(tasks)})"
 
 
 def _ranges(values: list[int]) -> str:

@@ -62,6 +62,15 @@ def _head(path: Path, size: int = 512) -> bytes:
         return f.read(size)
 
 
+NAME_FORMATS = ((".warc", "warc"), (".wet", "warc"), (".xml", "wikipedia"), (".jsonl", "jsonl"), (".parquet", "parquet"))
+
+
+def format_from_name(name: str) -> str | None:
+    """The reader a file name alone implies (for inputs that cannot be opened: empty, or only listed), or None."""
+    name = name.lower()
+    return next((fmt for ext, fmt in NAME_FORMATS if ext in name), None)
+
+
 def detect_format(path: Path) -> str:
     """Name the reader for `path`: warc, wikipedia, jsonl, parquet or hf_dataset."""
     if path.is_dir():
@@ -70,9 +79,8 @@ def detect_format(path: Path) -> str:
         raise DataError(f"{path}: directory of unknown format; expected a `datasets` save_to_disk directory")
     name = path.name.lower()
     if path.stat().st_size == 0:
-        for ext, fmt in ((".warc", "warc"), (".wet", "warc"), (".xml", "wikipedia"), (".jsonl", "jsonl"), (".parquet", "parquet")):
-            if ext in name:
-                return fmt
+        if fmt := format_from_name(name):
+            return fmt
         raise DataError(f"{path}: empty file of unknown format; remove it from --input")
     head = _head(path)
     if head.startswith(b"WARC/") or ".warc" in name or ".wet" in name:
