@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from data_tools.config import DedupConfig, GopherRepetitionConfig, PipelineConfig, from_dict
 from data_tools.common import ConfigError
+from data_tools.config import DedupConfig, GopherRepetitionConfig, PipelineConfig, from_dict
 
 
 @pytest.mark.parametrize(
@@ -129,6 +129,6 @@ def test_example_pipeline_yaml_lists_the_defaults(corpora):
     ],
 )
 def test_out_of_range_values_name_the_file_and_key(data, message):
-    with pytest.raises(DataError) as err:
+    with pytest.raises(ConfigError) as err:
         from_dict(PipelineConfig, data, where="job.yaml")
     assert str(err.value).startswith(f"job.yaml: {message}") and "\n" not in str(err.value)
