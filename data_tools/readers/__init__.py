@@ -19,6 +19,15 @@ from data_tools.errors import DataError
 from data_tools.stats import StageStats
 
 Warn = Callable[[str], None]
+
+
+def is_empty(path: Path, stats: StageStats, warn: Warn) -> bool:
+    """An empty input file has nothing to read: counted as dropped and warned about once, not an error."""
+    if path.stat().st_size:
+        return False
+    stats.dropped["empty_file"] += 1
+    warn(f"{path}: empty file, nothing to read")
+    return True
 Reader = Callable[[Path, StageStats, Warn, int, "int | None"], Iterator[Doc]]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -70,7 +79,8 @@ def detect_format(path: Path) -> str:
         raise DataError(f"{path}: directory of unknown format; expected a `datasets` save_to_disk directory")
     name = path.name.lower()
     if path.stat().st_size == 0:
-        for ext, fmt in ((".warc", "warc"), (".wet", "warc"), (".xml", "wikipedia"), (".jsonl", "jsonl"), (".parquet", "parquet")):
+        by_extension = ((".warc", "warc"), (".wet", "warc"), (".xml", "wikipedia"), (".jsonl", "jsonl"), (".parquet", "parquet"))
+        for ext, fmt in by_extension:
             if ext in name:
                 return fmt
         raise DataError(f"{path}: empty file of unknown format; remove it from --input")
