@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=tuple(TASK_KEYS))
     p.add_argument("--input", required=True, help="CSV/TSV, CoNLL, JSONL, Parquet or a datasets save_to_disk directory")
     p.add_argument("--output", required=True, help="gets train/ and valid/, each with shards, manifest.json, tokenizer.json")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json, a tokenizer directory, a .gguf file, or package:<module>/<path>")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer.json, a tokenizer directory, a .gguf file, or package:<module>/<path>")
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--valid-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0, help="salts the content hash that orders and splits the examples")
@@ -256,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     fields = p.add_argument_group("input fields", f"the column or JSON field holding each value, if not its own name ({reads})")
     for key in FIELD_KEYS:
         fields.add_argument(f"--{key}-field", metavar="NAME")
-    p.add_argument("--too-long", choices=TOO_LONG, help="sft: drop (default) an example whose prompt fills --seq-len, or keep the prompt's last tokens")
+    p.add_argument("--too-long", choices=TOO_LONG,
+                   help="sft: drop (default) an example whose prompt fills --seq-len, or keep the prompt's last tokens")
     p.add_argument(
         "--pack", action="store_true",
         help="sft: fill each train row with several whole examples (valid stays one per row); cheaper per token, but "

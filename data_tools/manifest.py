@@ -68,7 +68,8 @@ class Manifest:
     labels: list[str] = field(default_factory=list)  # label vocabulary (id = index): classification, NER
     channels: list[str] = field(default_factory=list)  # finetuning rows are [channels, seq_len]; empty: [seq_len]
     format_version: int = FORMAT_VERSION
-    directory: Path | None = field(default=None, compare=False)  # where it was loaded from (not saved): shard paths are relative to it
+    # where it was loaded from (not saved): shard paths are relative to it
+    directory: Path | None = field(default=None, compare=False)
 
     @property
     def row_shape(self) -> tuple[int, ...]:

@@ -14,7 +14,9 @@ import mwparserfromhell
 from mwparserfromhell.nodes import ExternalLink, Heading, HTMLEntity, Tag, Text, Wikilink
 from mwparserfromhell.wikicode import Wikicode
 
-DROPPED_TAGS = {"ref", "references", "table", "gallery", "math", "timeline", "imagemap", "score", "syntaxhighlight", "source", "nowiki", "div"}
+DROPPED_TAGS = {
+    "ref", "references", "table", "gallery", "math", "timeline", "imagemap", "score", "syntaxhighlight", "source", "nowiki", "div",
+}
 DROPPED_LINK_PREFIXES = {"file", "image", "media", "category"}
 _INTERWIKI = re.compile(r"^[a-z]{2,3}(-[a-z]+)*$")  # en, fr, zh-min-nan, simple…
 _REFS_AND_COMMENTS = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>|<!--.*?-->", re.S | re.I)

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.plan import main as plan
 
             return plan(argv[1:])
-        parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--config", help="run config YAML (see examples/demo.yaml)")
         parser.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")
         parser.add_argument("--resume-from", default="latest", metavar="latest|previous|step_N",

@@ -145,7 +145,8 @@ class PeftConfig:
 class FreezeConfig:
     patterns: list[str] = field(default_factory=list)  # regexes of parameter names kept frozen for the whole run
     first_layers: int = 0  # freeze the embeddings and the first N transformer layers
-    unfreeze_every: int | None = None  # gradual unfreezing: start with the head only, thaw one more layer (top down) every N steps
+    # gradual unfreezing: start with the head only, thaw one more layer (top down) every N steps
+    unfreeze_every: int | None = None
 
 
 @dataclass
@@ -333,11 +334,13 @@ def _check_multitask(config: Config, where: str) -> None:
     """A multi-task run's sources carry their own valid splits and names; names become metric and export paths."""
     data = config.data
     if isinstance(data.train, str):
-        raise ConfigError(f"{where}: task.type multitask needs 'data.train' as a list of sources ({{path, weight, valid, name}}), one per task")
+        raise ConfigError(f"{where}: task.type multitask needs 'data.train' as a list of sources ({{path, weight, valid, name}}), "
+                          "one per task")
     if data.valid:
         raise ConfigError(f"{where}: 'data.valid' is not read by task.type multitask; put 'valid:' on each data.train source")
     if config.peft.method != "none":
-        raise ConfigError(f"{where}: 'peft.method {config.peft.method}' is not supported with task.type multitask; set peft.method none")
+        raise ConfigError(f"{where}: 'peft.method {config.peft.method}' is not supported with task.type multitask; "
+                          "set peft.method none")
     names: set[str] = set()
     for i, source in enumerate(data.train):
         source.name = source.name or source.default_name()

@@ -71,8 +71,10 @@ def read_manifests(config: Config) -> RunManifests:
         if manifest.task not in accepted:
             made_by = f"prepare-finetune --task {manifest.task}" if manifest.task else "data_tools prepare (packed tokens)"
             needs = " or ".join(f"prepare-finetune --task {wanted}" if wanted else "data_tools prepare" for wanted in accepted)
-            raise ConfigError(f"data.train {source.path}: made by {made_by}, but task.type {config.task.type} reads data from {needs}")
-        if (manifest.seq_len, manifest.tokenizer.sha256, manifest.row_shape) != (first.seq_len, first.tokenizer.sha256, first.row_shape):
+            raise ConfigError(f"data.train {source.path}: made by {made_by}, but task.type {config.task.type} "
+                              f"reads data from {needs}")
+        if (manifest.seq_len, manifest.tokenizer.sha256, manifest.row_shape) != (first.seq_len, first.tokenizer.sha256,
+                                                                                first.row_shape):
             raise ConfigError(
                 f"data.train {source.path}: seq_len {manifest.seq_len} / tokenizer {manifest.tokenizer.name} differ from "
                 f"the first source's {first.seq_len} / {first.tokenizer.name}; a mixture needs one tokenizer and seq_len"
@@ -219,7 +221,8 @@ def set_up(config: Config, resume_from: str) -> Run:
                                   manifests.valid, manifests.train, manifests.source_valid))
     engine = build_engine(adapt(model, config), config, world, steps_total, state.world_size if state else None)
     accum = config.train.accumulation(engine.data_world)
-    loss_of = objective(config, model, tokenizer_file, engine.place_frozen)  # the model's loss, or mixed with a teacher's (distill)
+    # the model's loss, or mixed with a teacher's (distill)
+    loss_of = objective(config, model, tokenizer_file, engine.place_frozen)
     progress = Progress(0, TokenCount(0), 0)
     best = BestMetric(config.train.best_metric, config.train.best_mode, config.train.early_stop_patience)
     if state:
@@ -260,7 +263,8 @@ def resume_engine(config: Config, checkpoints: Checkpoints, resume: str, state: 
                   best: BestMetric, rank: int, world: int) -> Progress:
     """Load the engine's shards and this rank's RNG streams from checkpoint `resume`; the progress it recorded."""
     if state.engine != config.engine.type:
-        raise CheckpointError(f"{checkpoints.root / resume}: written by engine {state.engine}, this run uses {config.engine.type}")
+        raise CheckpointError(f"{checkpoints.root / resume}: written by engine {state.engine}, "
+                              f"this run uses {config.engine.type}")
     try:
         engine.load(checkpoints.root, resume)
     except (CheckpointError, ConfigError) as err:
@@ -352,7 +356,8 @@ def maybe_evaluate(run: Run) -> tuple[bool, bool]:
     run.engine.eval()
     evaluation = run.task.evaluate(run.engine)
     run.engine.train()
-    run.metrics.log(step, {f"eval_{k}": v for k, v in evaluation.scalars.items()}, {f"eval_{k}": f"eval/{k}" for k in evaluation.scalars})
+    record = {f"eval_{k}": v for k, v in evaluation.scalars.items()}
+    run.metrics.log(step, record, {f"eval_{k}": f"eval/{k}" for k in evaluation.scalars})
     for name, text in evaluation.texts.items():
         run.metrics.text(step, f"eval/{name}", text)
     log.info("step %d | eval %s", step, " | ".join(f"{k} {v:.4f}" for k, v in evaluation.scalars.items()))
@@ -422,8 +427,8 @@ class Saver:
                 (staging / template.name).write_bytes(template.read_bytes())
             model = base_model(self.engine.module)
             (staging / "hf_config.json").write_text(model.config.to_json_string())
-            state = TrainerState(step, tokens, self.loader.fingerprint(), self.world, config.engine.type, config.engine.zero_stage,
-                                 model_shape(model), nan_skips, config.to_dict(), best.state())
+            state = TrainerState(step, tokens, self.loader.fingerprint(), self.world, config.engine.type,
+                                 config.engine.zero_stage, model_shape(model), nan_skips, config.to_dict(), best.state())
             final = checkpoints.publish(state, config.train.keep_last, config.train.keep_every, best=best.step == step)
         log.info("checkpoint %s%s", final, " (best so far)" if best.step == step else "")
 

@@ -21,7 +21,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from data_tools.manifest import Manifest
 from trainer.config import Config, ConfigError
@@ -40,7 +46,8 @@ class Head:
 
 def heads(config: Config, sources: Sequence[Manifest]) -> list[Head]:
     """One head per data.train source, in source order (a row's source index is its head's index)."""
-    return [Head(s.name, manifest.task, list(manifest.labels)) for s, manifest in zip(config.data.sources(), sources, strict=True)]
+    return [Head(source.name, manifest.task, list(manifest.labels))
+            for source, manifest in zip(config.data.sources(), sources, strict=True)]
 
 
 def head_targets(task: str, labels: torch.Tensor) -> torch.Tensor:
@@ -69,8 +76,10 @@ class MultiTaskModel(torch.nn.Module):
                               f"got {config.model_type}")
         self.encoder, self.task_heads, self.config = encoder, task_heads, config
         config.multitask_heads = [asdict(head) for head in task_heads]
-        self.dropout = torch.nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
-        self.classifier = torch.nn.ModuleDict({head.name: torch.nn.Linear(config.hidden_size, len(head.labels)) for head in task_heads})
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = torch.nn.Dropout(dropout)
+        self.classifier = torch.nn.ModuleDict(
+            {head.name: torch.nn.Linear(config.hidden_size, len(head.labels)) for head in task_heads})
         for layer in self.classifier.values():  # as BERT initialises its task heads
             torch.nn.init.normal_(layer.weight, std=config.initializer_range)
             torch.nn.init.zeros_(layer.bias)

@@ -174,7 +174,8 @@ class Encoder:
         self._count("source", source_lengths)
         self._count("target", target_lengths)
         examples = []
-        for record, source, target, source_length, target_length in zip(records, sources, targets, source_lengths, target_lengths):
+        columns = zip(records, sources, targets, source_lengths, target_lengths)
+        for record, source, target, source_length, target_length in columns:
             self._cut([part for part, n in (("source", source_length), ("target", target_length)) if n > self.seq_len])
             examples.append(Example(record.values, source, target))
         return examples

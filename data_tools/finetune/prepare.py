@@ -140,5 +140,6 @@ def summary(options: Options, stats: dict) -> str:
     packing = f", packed train {packed['examples']} into {packed['rows']} rows (fill {packed['fill']})" if packed else ""
     return (
         f"{options.task}: read {stats['read']}, kept {stats['kept']} ({splits}), dropped {sum(stats['dropped'].values())}"
-        f"{_counts(stats['dropped'])}, truncated {stats['truncated']}{_counts(stats['truncated_parts'])}{packing} → {options.output}"
+        f"{_counts(stats['dropped'])}, truncated {stats['truncated']}{_counts(stats['truncated_parts'])}{packing}"
+        f" → {options.output}"
     )

@@ -20,7 +20,9 @@ from data_tools.readers import detect_format
 from data_tools.readers.jsonl import _open_bytes
 
 FORMATS = "CSV/TSV with a header row, CoNLL (token<TAB>tag), JSONL, Parquet or a datasets save_to_disk directory"
-SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".conll": "conll", ".iob": "conll", ".bio": "conll", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+SUFFIXES = {
+    ".csv": "csv", ".tsv": "tsv", ".conll": "conll", ".iob": "conll", ".bio": "conll", ".jsonl": "jsonl", ".ndjson": "jsonl",
+}
 COMPRESSED = (".gz", ".zst")
 DOCSTART = "-DOCSTART-"  # CoNLL-2003 document separator, not a sentence
 
@@ -65,7 +67,8 @@ def _read_csv(path: Path, fields: tuple[Field, ...], delimiter: str) -> Iterator
                 if row:  # the csv module returns [] for a blank line
                     if len(row) != len(header):
                         raise DataError(
-                            f"{path} line {line}: {len(row)} values, the header has {len(header)}; quote values holding '{delimiter}'"
+                            f"{path} line {line}: {len(row)} values, the header has {len(header)}; "
+                            f"quote values holding '{delimiter}'"
                         )
                     yield Record(f"{path} line {line}", {key: row[i] for key, i in index.items()})
                 line = rows.line_num + 1

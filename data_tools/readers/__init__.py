@@ -19,6 +19,15 @@ from data_tools.errors import DataError
 from data_tools.stats import StageStats
 
 Warn = Callable[[str], None]
+
+
+def is_empty(path: Path, stats: StageStats, warn: Warn) -> bool:
+    """An empty input file has nothing to read: counted as dropped and warned about once, not an error."""
+    if path.stat().st_size:
+        return False
+    stats.dropped["empty_file"] += 1
+    warn(f"{path}: empty file, nothing to read")
+    return True
 Reader = Callable[[Path, StageStats, Warn, int, "int | None"], Iterator[Doc]]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

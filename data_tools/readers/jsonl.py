@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data_tools.doc import Doc
-from data_tools.readers import ZSTD_MAGIC, Warn
+from data_tools.readers import ZSTD_MAGIC, Warn, is_empty
 from data_tools.stats import StageStats
 
 
@@ -44,9 +44,7 @@ def _lines(f, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
 
 def read_jsonl(path: Path, stats: StageStats, warn: Warn, start: int = 0, end: int | None = None) -> Iterator[Doc]:
     """Yield one document per line; a byte range [start, end) applies to uncompressed files only."""
-    if path.stat().st_size == 0:
-        stats.dropped["empty_file"] += 1
-        warn(f"{path}: empty file, nothing to read")
+    if is_empty(path, stats, warn):
         return
     line_no = 0
     try:

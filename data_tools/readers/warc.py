@@ -22,7 +22,7 @@ from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
 from data_tools.doc import Doc
-from data_tools.readers import Warn
+from data_tools.readers import Warn, is_empty
 from data_tools.stats import StageStats
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
@@ -91,9 +91,7 @@ def _plain_records(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tup
 
 def read_warc(path: Path, stats: StageStats, warn: Warn, start: int = 0, end: int | None = None) -> Iterator[Doc]:
     """Yield one document per HTML response (or WET conversion record) starting in [start, end)."""
-    if path.stat().st_size == 0:
-        stats.dropped["empty_file"] += 1
-        warn(f"{path}: empty file, nothing to read")
+    if is_empty(path, stats, warn):
         return
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         split = _gzip_records if buf[:3] == GZIP_MAGIC else _plain_records

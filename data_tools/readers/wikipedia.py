@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data_tools.doc import Doc
-from data_tools.readers import Warn
+from data_tools.readers import Warn, is_empty
 from data_tools.stats import StageStats
 
 
@@ -89,9 +89,7 @@ def _pages(path: Path, warn: Warn, start: int, end: int | None) -> Iterator[tupl
 
 def read_wikipedia(path: Path, stats: StageStats, warn: Warn, start: int = 0, end: int | None = None) -> Iterator[Doc]:
     """Yield one `wikitext` document per article page (of the streams starting in [start, end))."""
-    if path.stat().st_size == 0:
-        stats.dropped["empty_file"] += 1
-        warn(f"{path}: empty file, nothing to read")
+    if is_empty(path, stats, warn):
         return
     where = f" of the range at byte {start}" if start else ""
     for number, xml in _pages(path, warn, start, end):

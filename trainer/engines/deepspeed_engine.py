@@ -61,7 +61,8 @@ def ds_config(config: Config, world_size: int, load_universal: bool = False) -> 
     if engine.ds_config:
         path = Path(engine.ds_config)
     else:
-        path = DS_CONFIGS / f"zero{engine.zero_stage}{'_offload' if engine.offload == 'cpu' and engine.zero_stage == 3 else ''}.json"
+        offload = "_offload" if engine.offload == "cpu" and engine.zero_stage == 3 else ""
+        path = DS_CONFIGS / f"zero{engine.zero_stage}{offload}.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -112,7 +113,8 @@ class DeepSpeedEngine:
     """`resume_world`: the world size of the checkpoint this run will load, if any. When it differs,
     ZeRO 1-3 state must come through DeepSpeed's universal format, which is chosen at initialize."""
 
-    def __init__(self, model: torch.nn.Module, config: Config, world_size: int, total_steps: int, resume_world: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, config: Config, world_size: int, total_steps: int,
+                 resume_world: int | None = None) -> None:
         import deepspeed
 
         if config.engine.zero_stage in (1, 2):
