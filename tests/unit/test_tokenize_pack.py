@@ -207,7 +207,8 @@ def test_row_order_is_a_two_level_permutation_of_all_rows(n_rows, window, chunk)
 def shards(rows, tmp_path):
     packed, _ = rows
     packed = packed.take(slice(0, 25))
-    infos = [write_shard(packed.take(slice(first, first + 10)), tmp_path, index, "uint16", 4) for index, first in enumerate((0, 10, 20))]
+    infos = [write_shard(packed.take(slice(first, first + 10)), tmp_path, index, "uint16", 4)
+             for index, first in enumerate((0, 10, 20))]
     return packed, infos, tmp_path
 
 
