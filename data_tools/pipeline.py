@@ -41,7 +41,8 @@ log = logging.getLogger("data_tools")
 
 STAGES = ("extract", "bucket", "cluster", "tokenizer", "tokenize", "pack", "manifest")
 PER_TASK_STAGES = ("extract", "bucket", "tokenize", "pack")  # the others run once
-BASE_MB = 160  # a task process before its data: the interpreter, numpy, tokenizers
+BASE_MB = 100  # a task process before its data: the interpreter, numpy, tokenizers, the language model
+REPORT_MB = 150  # torch, imported by the manifest step's tensorboard writer
 DOC_BYTES = 2048  # input bytes per document the memory estimate assumes (real documents are larger: it over-counts)
 Progress = Callable[[int], None]
 
@@ -89,9 +90,23 @@ def expected_peak_mb(plan: Plan) -> dict[str, int]:
         "tokenizer": 0.0,
         "tokenize": 3 * plan.task_mb,  # the task's token streams
         "pack": (pack.rows_per_shard * plan.seq_len * 8 + rows / pack.shuffle_chunk * 24 + pack.shuffle_window * 16) / mib,
-        "manifest": docs * 24 / mib,  # the document-length histograms of the report
+        "manifest": REPORT_MB + docs * 24 / mib,  # the document-length histograms of the report
     }
     return {stage: BASE_MB + round(estimates[stage]) for stage in STAGES}
+
+
+def task_count(plan: Plan, stage: str) -> int:
+    """How many tasks `stage` of `plan` has (1 for a stage that runs once); a function of the plan alone, so
+    the cost estimate of a plan not yet written uses the same counts as the runners."""
+    if stage in ("extract", "tokenize", "pack"):
+        return len(plan.tasks)
+    if stage == "bucket":
+        from data_tools.dedup import bucket_count
+
+        return bucket_count(plan.config.dedup)
+    if stage in STAGES:
+        return 1
+    raise DataError(f"--stage {stage}: not a stage; choose one of {', '.join(STAGES)}")
 
 
 def _write_json(path: Path, value: object) -> None:
@@ -156,15 +171,7 @@ class Job:
 
     def task_count(self, stage: str) -> int:
         """How many tasks `stage` has (1 for a stage that runs once)."""
-        if stage in ("extract", "tokenize", "pack"):
-            return len(self.plan.tasks)
-        if stage == "bucket":
-            from data_tools.dedup import bucket_count
-
-            return bucket_count(self.plan.config.dedup)
-        if stage in STAGES:
-            return 1
-        raise DataError(f"--stage {stage}: not a stage; choose one of {', '.join(STAGES)}")
+        return task_count(self.plan, stage)
 
     def pending(self, stage: str) -> list[int]:
         return [i for i in range(self.task_count(stage)) if not self.is_done(stage, i)]
