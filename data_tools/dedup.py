@@ -123,7 +123,8 @@ class RowLookup:
 
 
 def bucket_pairs(
-    index: int, config: DedupConfig, band_rows: Iterable[np.ndarray], offsets: np.ndarray, exact_rows: RowLookup, minhash_rows: RowLookup
+    index: int, config: DedupConfig, band_rows: Iterable[np.ndarray], offsets: np.ndarray,
+    exact_rows: RowLookup, minhash_rows: RowLookup,
 ) -> np.ndarray:
     """Confirmed duplicate pairs [k, 2] (earlier, later global index) of bucket task `index`.
 

@@ -41,8 +41,9 @@ log = logging.getLogger("data_tools")
 
 STAGES = ("extract", "bucket", "cluster", "tokenizer", "tokenize", "pack", "manifest")
 PER_TASK_STAGES = ("extract", "bucket", "tokenize", "pack")  # the others run once
-BASE_MB = 160  # a task process before its data: the interpreter, numpy, tokenizers
-DOC_BYTES = 2048  # input bytes per document assumed by the memory estimate (prose is larger, i.e. safer)
+BASE_MB = 100  # a task process before its data: the interpreter, numpy, tokenizers, the language model
+REPORT_MB = 150  # torch, imported by the manifest step's tensorboard writer
+DOC_BYTES = 2048  # input bytes per document the memory estimate assumes (real documents are larger: it over-counts)
 Progress = Callable[[int], None]
 
 
@@ -89,8 +90,8 @@ def expected_peak_mb(plan: Plan) -> dict[str, int]:
         "cluster": docs * 0.5 * 64 / mib,  # if half the documents were duplicates
         "tokenizer": 0.0,
         "tokenize": 3 * plan.task_mb,  # the task's token streams
-        "pack": pack.rows_per_shard * plan.seq_len * 8 / mib + rows / pack.shuffle_chunk * 24 / mib + pack.shuffle_window * 16 / mib,
-        "manifest": docs * 24 / mib,  # the document-length histograms of the report
+        "pack": (pack.rows_per_shard * plan.seq_len * 8 + rows / pack.shuffle_chunk * 24 + pack.shuffle_window * 16) / mib,
+        "manifest": REPORT_MB + docs * 24 / mib,  # the document-length histograms of the report
     }
     return {stage: BASE_MB + round(estimates[stage]) for stage in STAGES}
 
@@ -247,7 +248,8 @@ class Job:
         config = self.plan.config.dedup
         band = index // config.buckets_per_band
         offsets = self.doc_offsets()
-        rows = {kind: RowLookup(offsets, lambda t, kind=kind: load_npy(self.signature_file(t, kind))) for kind in ("exact", "minhash")}
+        rows = {kind: RowLookup(offsets, lambda t, kind=kind: load_npy(self.signature_file(t, kind)))
+                for kind in ("exact", "minhash")}
         band_rows = (load_npy(self.signature_file(t, "bands"))[band] for t in range(len(self.plan.tasks)))
         start = time.perf_counter()
         pairs = bucket_pairs(index, config, band_rows, offsets, rows["exact"], rows["minhash"])
@@ -369,7 +371,8 @@ class Job:
             save_npy(self.stream_file(index, split, "starts"), np.cumsum(lengths) - lengths)
             counts[split] = int(tokens.size)
             stats.events[f"{split}_tokens"] += counts[split]
-        report = dict(char_lens=np.asarray(char_lens, np.int64), token_lens=np.asarray(token_lens, np.int64), langs=np.asarray(langs, dtype=str))
+        report = dict(char_lens=np.asarray(char_lens, np.int64), token_lens=np.asarray(token_lens, np.int64),
+                      langs=np.asarray(langs, dtype=str))
         np.savez(out_dir / f"{name}.tmp.npz", **report)
         os.replace(out_dir / f"{name}.tmp.npz", out_dir / f"{name}.npz")
         stats.seconds = time.perf_counter() - start
@@ -427,14 +430,15 @@ class Job:
         plan, pack = self.plan, self.plan.config.pack
         info = self.tokenizer_info()
         stats = self.collect_stats()
-        seconds = [self.read_marker("pack", i)["seconds"] for i in range(self.task_count("pack"))]
+        markers = [self.read_marker("pack", i) for i in range(self.task_count("pack"))]
+        seconds, dtype = [marker["seconds"] for marker in markers], self.shard_dtype()
         for split in ("train", "valid"):
             stream = self.token_stream(split)
             out_dir = self.out / "tokens" / split
             out_dir.mkdir(parents=True, exist_ok=True)
-            shards = [ShardInfo(**shard) for i in range(self.task_count("pack")) for shard in self.read_marker("pack", i)["shards"][split]]
+            shards = [ShardInfo(**shard) for marker in markers for shard in marker["shards"][split]]
             tok_info = TokenizerInfo(**{**asdict(info), "path": os.path.relpath(self.tokenizer_path(), out_dir)})
-            manifest = Manifest(plan.seq_len, self.shard_dtype(), tok_info, shards, split, pack.rows_per_sample, stats, plan.to_dict())
+            manifest = Manifest(plan.seq_len, dtype, tok_info, shards, split, pack.rows_per_sample, stats, plan.to_dict())
             manifest.save(out_dir)
             stats["pack"][split] = {
                 "rows": manifest.total_rows,

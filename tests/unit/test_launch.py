@@ -275,9 +275,10 @@ def test_data_dry_run_shows_each_job_and_its_dependency(planned, no_slurm, capsy
     out = capsys.readouterr().out
     assert code == 0
     sections = out.split("# ---- ")[1:]
-    assert [s.splitlines()[0] for s in sections] == ["extract: array of 2 (plan tasks 1-2) ----", "bucket: array of 116 (plan tasks 0-115) ----",
-                                                     "cluster+tokenizer: one job ----", "tokenize: array of 3 (plan tasks 0-2) ----",
-                                                     "pack: array of 3 (plan tasks 0-2) ----", "manifest: one job ----"]
+    assert [s.splitlines()[0] for s in sections] == [
+        "extract: array of 2 (plan tasks 1-2) ----", "bucket: array of 116 (plan tasks 0-115) ----",
+        "cluster+tokenizer: one job ----", "tokenize: array of 3 (plan tasks 0-2) ----", "pack: array of 3 (plan tasks 0-2) ----",
+        "manifest: one job ----"]
     assert "#SBATCH --array=0-1%2" in sections[0] and "--dependency" not in sections[0]
     assert f"# element 0: python -m data_tools run {planned} --stage extract --task 1" in sections[0]
     assert "#SBATCH --dependency='afterok:<job id of extract>'" in sections[1]

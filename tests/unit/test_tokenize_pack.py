@@ -207,7 +207,8 @@ def test_row_order_is_a_two_level_permutation_of_all_rows(n_rows, window, chunk)
 def shards(rows, tmp_path):
     packed, _ = rows
     packed = packed.take(slice(0, 25))
-    infos = [write_shard(packed.take(slice(first, first + 10)), tmp_path, index, "uint16", 4) for index, first in enumerate((0, 10, 20))]
+    infos = [write_shard(packed.take(slice(first, first + 10)), tmp_path, index, "uint16", 4)
+             for index, first in enumerate((0, 10, 20))]
     return packed, infos, tmp_path
 
 
@@ -355,3 +356,20 @@ def test_write_tar_is_byte_identical(tmp_path, rows):
     with tarfile.open(tmp_path / "a.tar") as tar:
         assert {(m.mtime, m.mode, m.uid) for m in tar} == {(0, 0o644, 0)}
     assert list(read_tar(tmp_path / "a.tar")) == samples
+
+
+def test_plan_records_the_expected_peak_memory_of_each_stage():
+    """plan.json's peak_mb has every stage; it follows the knobs (more hash ranges per band: smaller bucket
+    tasks; larger shards: larger pack tasks), and a task's input size, not the number of tasks, sets extract's."""
+    from data_tools.config import DedupConfig, PackConfig, PipelineConfig
+    from data_tools.pipeline import STAGES, Plan
+
+    def peak(n_tasks=10, **sections):
+        config = PipelineConfig(**sections)
+        return Plan([{"path": "x", "format": "jsonl", "start": 0, "end": None}] * n_tasks, 2048, config=config).peak_mb
+
+    base = peak()
+    assert list(base) == list(STAGES) and all(v >= 100 for v in base.values())
+    assert peak(10_000)["extract"] == base["extract"] and peak(10_000)["tokenize"] == base["tokenize"]
+    assert peak(10_000, dedup=DedupConfig(buckets_per_band=64))["bucket"] < peak(10_000)["bucket"]
+    assert peak(pack=PackConfig(rows_per_shard=65536))["pack"] > base["pack"]
