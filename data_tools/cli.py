@@ -42,6 +42,7 @@ def run_job(out: Path, workers: int) -> None:
 
 def prepare(args: argparse.Namespace) -> int:
     from data_tools.config import PipelineConfig
+    from data_tools.estimate import summary
     from data_tools.lang import check_languages
     from data_tools.pipeline import Job, Plan
     from data_tools.readers import expand_inputs, plan_tasks
@@ -78,12 +79,12 @@ def prepare(args: argparse.Namespace) -> int:
         tasks = plan_tasks(expand_inputs(args.input), int(args.task_mb * 2**20))
         sizes, task_mb = task_sizes(tasks), args.task_mb
     plan = Plan(tasks, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config, task_mb)
-    plan.estimate = estimate(plan, sizes, vocab_size, args.array_parallelism, args.max_array_size)
+    plan.estimate = cost_estimate(plan, sizes, vocab_size, args.array_parallelism, args.max_array_size)
     job = Job(args.output)
     job.create(plan)
     if args.plan_only:
         print(f"plan written: {job.out / 'plan.json'} ({len(tasks)} tasks)")
-        print(estimate_summary(plan.estimate))
+        print(summary(plan.estimate))
         return 0
     run_job(job.out, args.workers)
     stats = json.loads((job.out / "stats.json").read_text())
@@ -96,25 +97,26 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def task_sizes(tasks: list[dict]) -> list[tuple[str, int, float]]:
-    """(format, assumed documents, MiB) of each planned task, from the byte range or the file size."""
+    """(format, assumed documents, MiB) of each planned task: its byte range, or its file's size shared evenly
+    among the file's tasks (a whole file, Parquet row groups)."""
+    from collections import Counter
+
     from data_tools.listing import assumed_docs
 
+    tasks_of_file = Counter(task["path"] for task in tasks)
     sizes = []
     for task in tasks:
         path = Path(task["path"])
-        if task["format"] == "parquet" or task["end"] is None:
-            size = 0 if path.is_dir() else path.stat().st_size
-            if task["format"] == "parquet" and task["end"] is not None:  # row groups: share the file evenly
-                size = size * (task["end"] - task["start"]) / max(1, sum(t["path"] == task["path"] for t in tasks))
+        if task["end"] is None or task["format"] == "parquet":
+            size = (0 if path.is_dir() else path.stat().st_size) / tasks_of_file[task["path"]]
         else:
             size = task["end"] - task["start"]
-        mib = size / 2**20
-        sizes.append((task["format"], assumed_docs(path.name, task["format"], mib), mib))
+        sizes.append((task["format"], assumed_docs(path.name, task["format"], size / 2**20), size / 2**20))
     return sizes
 
 
-def estimate(plan, sizes: list[tuple[str, int, float]], vocab_size: int, parallelism: int, max_array_size: int) -> dict:
-    """The plan's cost estimate (data_tools.estimate) for its stages and task counts."""
+def cost_estimate(plan, sizes: list[tuple[str, int, float]], vocab_size: int, parallelism: int, max_array_size: int) -> dict:
+    """The plan's cost estimate (data_tools.estimate) for its stages, task counts and expected peaks."""
     from collections import Counter
 
     from data_tools.estimate import plan_estimate
@@ -130,12 +132,6 @@ def estimate(plan, sizes: list[tuple[str, int, float]], vocab_size: int, paralle
     stages = [(stage, task_count(plan, stage), plan.peak_mb[stage]) for stage in STAGES]
     return plan_estimate(stages, dict(docs), sum(mib for _, _, mib in sizes), plan.config,
                          2 if vocab_size <= 2**16 else 4, plan.train_tokenizer is not None, parallelism, max_array_size)
-
-
-def estimate_summary(value: dict) -> str:
-    from data_tools.estimate import summary
-
-    return summary(value)
 
 
 def run(args: argparse.Namespace) -> int:
