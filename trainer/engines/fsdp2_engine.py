@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from trainer import models
 from trainer.checkpoint import unreadable
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, ParallelConfig
 from trainer.distributed import device
 from trainer.engines import adamw_with_schedule
 from trainer.parallel import tensor
@@ -79,15 +80,12 @@ def verify_dcp(directory: Path) -> None:
         raise unreadable(path, err) from None
 
 
-def _check_unsupported(layout: Layout) -> None:
-    """Dimensions this engine cannot run on this machine, refused before any process group is built."""
-    if layout.cp > 1 and not torch.cuda.is_available():
-        raise ConfigError(f"parallel.cp {layout.cp}: context parallel (ring attention over SDPA) needs CUDA devices, "
-                          "this run is on CPU; set parallel.cp=1")
-    if layout.cp > 1:
-        raise ConfigError(f"parallel.cp {layout.cp}: context parallel is not available in this engine yet; set parallel.cp=1")
-    if layout.pp > 1:
-        raise ConfigError(f"parallel.pp {layout.pp}: pipeline parallel is not available in this engine yet; set parallel.pp=1")
+def _check_unsupported(parallel: ParallelConfig) -> None:
+    """Dimensions this engine does not run yet, refused before any process group is built (cp on CPU: Layout.resolve)."""
+    if parallel.cp > 1:
+        raise ConfigError(f"parallel.cp {parallel.cp}: context parallel is not available in this engine yet; set parallel.cp=1")
+    if parallel.pp > 1:
+        raise ConfigError(f"parallel.pp {parallel.pp}: pipeline parallel is not available in this engine yet; set parallel.pp=1")
 
 
 class FSDP2Engine:
@@ -103,12 +101,15 @@ class FSDP2Engine:
             reduce_dtype=torch.bfloat16 if bf16 and engine.reduce_dtype == "bf16" else torch.float32 if bf16 else None,
         )
         offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if engine.offload == "cpu" else OffloadPolicy()
+        _check_unsupported(config.parallel)
         layout = Layout.resolve(config.parallel, world_size)
-        _check_unsupported(layout)
         self.mesh = Mesh(layout, device().type, dist.get_rank())
         self.data_rank, self.data_world = self.mesh.data.rank, self.mesh.data.world
         self.tp = layout.tp
         if self.tp > 1:
+            # the grad norm of a parameter sharded over (dp, tp) reduces over both dims, one after the other: DTensor
+            # warns that a flattened mesh would take one collective; the result is the same, so say it not on every step
+            logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
             tensor.check(model, config, self.tp)
             tensor.parallelize(model, self.mesh.tp)
         self.sharding = {"mesh": self.mesh.dp, "mp_policy": mixed, "offload_policy": offload}

@@ -47,6 +47,9 @@ class Layout:
     @classmethod
     def resolve(cls, parallel: ParallelConfig, world: int) -> Layout:
         """The layout `parallel` asks for at `world` processes (dp_shard -1: what the other dimensions leave)."""
+        if parallel.cp > 1 and not _cuda():
+            raise ConfigError(f"parallel.cp {parallel.cp}: context parallel (ring attention over SDPA) needs CUDA devices, "
+                              "this run is on CPU; set parallel.cp=1")
         sizes = {dim: getattr(parallel, dim) for dim in DIMS}
         for dim, size in sizes.items():
             if size < 1 and not (dim == "dp_shard" and size == -1):
@@ -54,12 +57,12 @@ class Layout:
         others = math.prod(size for dim, size in sizes.items() if dim != "dp_shard")
         if sizes["dp_shard"] == -1:
             if world % others:
-                raise ConfigError(f"parallel: dp_replicate × cp × tp × pp = {_product(sizes, 'dp_shard')} = {others} does not "
-                                  f"divide the world size {world}; choose sizes whose product divides it")
+                raise ConfigError(f"parallel: {_product(sizes, 'dp_shard')} = {others} does not divide the world size {world}; "
+                                  "choose sizes whose product divides it")
             sizes["dp_shard"] = world // others
         if math.prod(sizes.values()) != world:
-            raise ConfigError(f"parallel: dp_replicate × dp_shard × cp × tp × pp = {_product(sizes)} = {math.prod(sizes.values())}, "
-                              f"but the world size is {world}; make the product equal it (dp_shard=-1 takes the rest)")
+            raise ConfigError(f"parallel: {_product(sizes)} = {math.prod(sizes.values())}, but the world size is {world}; "
+                              "make the product equal it (dp_shard=-1 takes the rest)")
         return cls(**sizes)
 
     @property
@@ -93,8 +96,16 @@ class Layout:
         return " × ".join(f"{dim} {size}" for dim, size in zip(DIMS, self.sizes) if size > 1) or "1 process"
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _product(sizes: dict[str, int], leave_out: str = "") -> str:
-    return " × ".join(str(size) for dim, size in sizes.items() if dim != leave_out)
+    """`pp × dp_replicate × … = 1 × 2 × …`: the sizes named, for an error message."""
+    named = {dim: size for dim, size in sizes.items() if dim != leave_out}
+    return f"{' × '.join(named)} = {' × '.join(map(str, named.values()))}"
 
 
 class Mesh:

@@ -34,7 +34,7 @@ from trainer.config import Config, ConfigError
 
 # Hugging Face model types whose decoder layers use Llama's module names (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj)
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
-TP_TASKS = ("causal_lm", "sft")
+TP_TASKS = ("causal_lm",)  # sft evaluates by generating, which needs whole logits
 
 
 def check(model: torch.nn.Module, config: Config, tp: int) -> None:
@@ -44,7 +44,7 @@ def check(model: torch.nn.Module, config: Config, tp: int) -> None:
         raise ConfigError(f"parallel.tp {tp}: tensor parallel covers Llama-family decoders ({', '.join(LLAMA_FAMILY)}), "
                           f"not {model_type}; use model.arch llama or set parallel.tp=1")
     if config.task.type not in TP_TASKS:
-        raise ConfigError(f"parallel.tp {tp}: tensor parallel runs task.type {' or '.join(TP_TASKS)}, not {config.task.type}; "
+        raise ConfigError(f"parallel.tp {tp}: tensor parallel runs task.type {', '.join(TP_TASKS)}, not {config.task.type}; "
                           "set parallel.tp=1")
     if config.peft.method != "none" or config.distill.teacher:
         raise ConfigError(f"parallel.tp {tp}: adapters (peft.method) and distillation (distill.teacher) are not tensor parallel; "
