@@ -119,7 +119,7 @@ def train(config: Config, resume_from: str = "latest") -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
     device = distributed.device()
     tcfg = config.train
-    data_rank = data_coordinate(config, rank, world)  # tensor/pipeline peers read the same rows (trainer.parallel.mesh)
+    data_rank = data_coordinate(config, rank, world)  # tensor/pipeline peers share one (trainer.parallel.mesh)
     if tcfg.global_batch % (tcfg.micro_batch * data_rank.world):
         raise ConfigError(
             f"train.global_batch {tcfg.global_batch} must be a multiple of train.micro_batch × data-parallel ranks "
@@ -170,7 +170,8 @@ def train(config: Config, resume_from: str = "latest") -> int:
     loader = LanesLoader(
         [Source(s.path, s.weight) for s in config.data.sources()],
         seq_len=data.seq_len, global_batch=tcfg.global_batch, lanes=config.data.lanes, seed=config.run.seed,
-        rank=engine.data_rank, world_size=engine.data_world, vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256,
+        rank=engine.data_rank, world_size=engine.data_world, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+        tokenizer_sha256=tok.sha256,
         prefetch=config.data.prefetch, verify=config.data.verify, on_corrupt=config.data.on_corrupt,
     )
     if config.task.type == "multitask":
@@ -226,7 +227,8 @@ def train(config: Config, resume_from: str = "latest") -> int:
             exit_code = EXIT_NONFINITE
             break
         step += 1
-        step_tokens = task.tokens(rows) * data_rank.leader  # this data rank's; summed over ranks when logged or saved, not every step
+        # this data rank's (counted by one of its peers); summed over ranks when logged or saved, not every step
+        step_tokens = task.tokens(rows) * data_rank.leader
         tokens.add(step_tokens)
         window["loss"] += step_loss
         window["steps"] += 1
@@ -235,7 +237,8 @@ def train(config: Config, resume_from: str = "latest") -> int:
         window["tokens"] += step_tokens
 
         if step % tcfg.log_every == 0 or step == steps_total:
-            lane_digests = distributed.all_reduce(torch.from_numpy(loader.local_lane_digests(rows) * data_rank.leader), distributed.dist.ReduceOp.SUM)
+            own_lanes = loader.local_lane_digests(rows) * data_rank.leader  # each lane once, not once per tensor peer
+            lane_digests = distributed.all_reduce(torch.from_numpy(own_lanes), distributed.dist.ReduceOp.SUM)
             loss_sum, window_tokens = distributed.all_reduce([window["loss"] / window["steps"], window["tokens"]]).tolist()
             loss_mean = loss_sum / world
             step_s = window["time"] / window["steps"]

@@ -22,14 +22,15 @@ def test_llama_with_divisible_sizes_passes():
 
 
 def test_kv_heads_not_divisible_by_tp_is_one_line():
-    with pytest.raises(ConfigError, match=r"^parallel.tp 4: model.num_kv_heads 2 is not divisible by it; choose a tp that divides 2$"):
+    message = r"^parallel.tp 4: model.num_kv_heads 2 is not divisible by it; choose a tp that divides 2$"
+    with pytest.raises(ConfigError, match=message):
         check(llama(num_key_value_heads=2), CONFIG, 4)
 
 
 def test_other_archs_and_tasks_are_refused_in_one_line():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
-    with pytest.raises(ConfigError, match=r"parallel.tp 2: tensor parallel covers Llama-family decoders .*not gpt2; use model.arch llama"):
+    with pytest.raises(ConfigError, match=r"parallel.tp 2: tensor parallel covers Llama-family decoders .*, not gpt2;"):
         check(gpt2, CONFIG, 2)
-    sft = load_config(None, ["data.train=x", "engine.type=fsdp2", "task.type=mlm"])
+    mlm = load_config(None, ["data.train=x", "engine.type=fsdp2", "task.type=mlm"])
     with pytest.raises(ConfigError, match=r"parallel.tp 2: tensor parallel runs task.type causal_lm, not mlm"):
-        check(llama(), sft, 2)
+        check(llama(), mlm, 2)

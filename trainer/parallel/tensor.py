@@ -33,7 +33,7 @@ from torch.distributed.tensor.parallel import (
 from trainer.config import Config, ConfigError
 
 # Hugging Face model types whose decoder layers use Llama's module names (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj)
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # Qwen3 adds per-head q/k norms, not covered by the plan
 TP_TASKS = ("causal_lm",)  # sft evaluates by generating, which needs whole logits
 
 
