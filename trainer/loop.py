@@ -134,7 +134,8 @@ def train(config: Config, resume_from: str = "latest") -> int:
             exit_code = stop_on_nonfinite(run)
             break
         run.progress.step += 1
-        step_tokens = run.task.tokens(rows)  # this rank's; summed over ranks when logged or saved, not every step
+        # this data rank's, counted by one of its tensor/pipeline peers; summed over ranks when logged or saved
+        step_tokens = run.task.tokens(rows) * run.engine.data_leader
         run.progress.tokens.add(step_tokens)
         window.add(loss, step_tokens, waited, time.perf_counter() - started)
         if run.due(config.train.log_every):
@@ -331,7 +332,8 @@ class Window:
 def log_window(run: Run, window: Window, rows: np.ndarray) -> None:
     """Log the window's record (collective: loss, tokens and the batch digest are summed over ranks)."""
     engine, world = run.engine, run.world
-    lane_digests = distributed.all_reduce(torch.from_numpy(run.loader.local_lane_digests(rows)), distributed.dist.ReduceOp.SUM)
+    own_lanes = run.loader.local_lane_digests(rows) * engine.data_leader  # each lane once, not once per tensor peer
+    lane_digests = distributed.all_reduce(torch.from_numpy(own_lanes), distributed.dist.ReduceOp.SUM)
     loss_sum, window_tokens = distributed.all_reduce([window.loss / window.steps, window.tokens]).tolist()
     record = {
         "loss": loss_sum / world, "lr": engine.lr, "grad_norm": engine.grad_norm, "tokens": run.progress.tokens.sum(),

@@ -19,11 +19,13 @@ class Engine(Protocol):
     `data_rank` / `data_world` are this process's coordinate among the data-parallel replicas: the
     loader deals lanes by them and the accumulation arithmetic divides by `data_world`. For ZeRO and
     plain FSDP they are the process rank and world size; a mesh with tensor or pipeline dimensions
-    makes them smaller than the world.
+    makes them smaller than the world. `data_leader` is true on one process of each data rank, the one
+    that counts its rows' tokens and lane digests in sums over all processes.
     """
 
     data_rank: int
     data_world: int
+    data_leader: bool
 
     @property
     def module(self) -> torch.nn.Module: ...  # the wrapped model
