@@ -416,18 +416,24 @@ def main(argv: list[str]) -> int:
     if args.search:
         ranked, considered = plan_mesh.search(shape, config, world, seq_len, hardware, args.gpu_memory_gb, eager)
         if not ranked:
-            raise ConfigError(f"{args.config}: none of the {considered} layouts of {world} GPUs fits in {args.gpu_memory_gb:g} GiB "
-                              "per GPU; use more GPUs, engine.offload: cpu or a shorter seq_len")
-        print("\n".join([*filter(None, [note]), header, plan_mesh.render_search(ranked, considered, hardware, args.gpu_memory_gb, args.top)]))
+            raise ConfigError(f"{args.config}: none of the {considered} layouts of {world} GPUs fits in "
+                              f"{args.gpu_memory_gb:g} GiB per GPU; use more GPUs, engine.offload: cpu or a shorter seq_len")
+        table = plan_mesh.render_search(ranked, considered, hardware, args.gpu_memory_gb, args.top)
+        print("\n".join([*filter(None, [note]), header, table]))
         return 0
     mesh = plan_mesh.Mesh.of(config, world) if config.engine.type == "fsdp2" else None
+    if mesh is not None:
+        offload = config.engine.offload == "cpu"
+        layout = plan_mesh.plan_mesh(shape, mesh, seq_len, config.precision, args.gpus_per_node, offload, eager)
     if mesh is not None and not mesh.data_parallel_only:
-        layout = plan_mesh.plan_mesh(shape, mesh, seq_len, config.precision, args.gpus_per_node, config.engine.offload == "cpu", eager)
         need = layout.memory.total / GIB
         if need > args.gpu_memory_gb:
-            raise ConfigError(f"{args.config}: {mesh.label()} needs ~{need:.1f} GiB per GPU, more than the {args.gpu_memory_gb:g} "
-                              "GiB available; use engine.activation_checkpointing: true, a smaller train.micro_batch, a larger "
-                              "parallel.tp or pp, or `plan --search`")
+            remedies = [] if mesh.checkpointing else ["engine.activation_checkpointing: true"]
+            remedies += ["a smaller train.micro_batch"] if mesh.rows > 1 else []
+            remedies += ["parallel.pp_schedule 1f1b"] if mesh.schedule == "gpipe" and mesh.pp > 1 else []
+            remedies.append("a larger parallel.tp or pp")
+            raise ConfigError(f"{args.config}: {mesh.label()} needs ~{need:.1f} GiB per GPU, more than the "
+                              f"{args.gpu_memory_gb:g} GiB available; use {', '.join(remedies)} or `plan --search`")
         time = plan_mesh.step_time(layout, shape, seq_len, hardware)
         count = count_params(shape)
         print("\n".join([*filter(None, [note]), header, f"parameters       {_count(count.total)}",
@@ -441,6 +447,5 @@ def main(argv: list[str]) -> int:
     print(header)
     print(render(plan, config, args.gpu_memory_gb, _throughput(plan, config, peak, device, args.tokens_per_s, args.mfu), eager))
     if mesh is not None:
-        layout = plan_mesh.plan_mesh(shape, mesh, seq_len, config.precision, args.gpus_per_node, config.engine.offload == "cpu", eager)
         print(plan_mesh.render_plan(layout, plan_mesh.step_time(layout, shape, seq_len, hardware), args.gpu_memory_gb))
     return 0

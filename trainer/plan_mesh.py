@@ -61,12 +61,14 @@ describe the same composition of FSDP2, TP/SP, PP and CP that this models.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from trainer.config import Config, ConfigError
 from trainer.plan import GIB, Layout, Memory, ParamCount, Shape, count_params, flops_per_token, layer_activation_bytes
 from trainer.plan import model_states
 
+TIE = 0.01  # step times this close count as equal: the estimate is not finer than that
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 DIMENSIONS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost to innermost, as torchtitan builds its mesh
 
@@ -117,8 +119,8 @@ class Mesh:
         others = par.dp_replicate * par.cp * par.tp * par.pp
         dp_shard = world // others if par.dp_shard == -1 else par.dp_shard
         if world % others or others * dp_shard != world:
-            raise ConfigError(f"parallel: dp_replicate {par.dp_replicate} × dp_shard {par.dp_shard} × cp {par.cp} × tp {par.tp} × "
-                              f"pp {par.pp} does not make the {world} GPUs; change parallel.* or the GPU count")
+            raise ConfigError(f"parallel: dp_replicate {par.dp_replicate} × dp_shard {par.dp_shard} × cp {par.cp} × "
+                              f"tp {par.tp} × pp {par.pp} does not make the {world} GPUs; change parallel.* or the GPU count")
         dp = par.dp_replicate * dp_shard
         microbatches = par.pp_microbatches or train.global_batch // (train.micro_batch * dp)
         if train.global_batch % (dp * microbatches) or not microbatches:
@@ -134,7 +136,8 @@ class Mesh:
         if self.pp > 1:
             keys += [f"parallel.pp_schedule={self.schedule}", f"parallel.pp_microbatches={self.microbatches}"]
             keys += [f"parallel.pp_stages_per_rank={self.stages_per_rank}"] if self.stages_per_rank > 1 else []
-        return " ".join([*keys, f"train.micro_batch={self.rows}", f"engine.activation_checkpointing={str(self.checkpointing).lower()}"])
+        keys += [f"train.micro_batch={self.rows}", f"engine.activation_checkpointing={str(self.checkpointing).lower()}"]
+        return " ".join(keys)
 
 
 def _tp_replicated(shape: Shape) -> int:
@@ -250,7 +253,8 @@ def _traffic(shape: Shape, mesh: Mesh, rank: int, seq_len: int, precision: str, 
     if c > 1:
         kv = 2 * mesh.rows * seq_len / c * shape.hidden * shape.kv_heads / (shape.heads * t) * compute
         passes = 4 if mesh.checkpointing else 3
-        out.append(Traffic("cp", c, f"ring K/V, {passes}·(cp − 1) passes per layer", m * layers * passes * (c - 1) * kv, intra("cp"), True))
+        volume = m * layers * passes * (c - 1) * kv
+        out.append(Traffic("cp", c, f"ring K/V, {passes}·(cp − 1) passes per layer", volume, intra("cp"), True))
     return out
 
 
@@ -289,7 +293,8 @@ def step_time(plan: MeshPlan, shape: Shape, seq_len: int, hardware: Hardware) ->
     tokens = mesh.dp * mesh.microbatches * mesh.rows * seq_len
     flops = flops_per_token(shape, count_params(shape), seq_len) * tokens * (4 / 3 if mesh.checkpointing else 1)
     compute = flops / (mesh.world * hardware.peak_tflops * 1e12 * hardware.mfu)
-    seconds = [(item, item.bytes / ((hardware.intra_gbps if item.intra_node else hardware.inter_gbps) * 1e9)) for item in plan.traffic]
+    bandwidth = {True: hardware.intra_gbps * 1e9, False: hardware.inter_gbps * 1e9}
+    seconds = [(item, item.bytes / bandwidth[item.intra_node]) for item in plan.traffic]
     hidden = sum(time for item, time in seconds if item.overlapped)
     exposed = sum(time for item, time in seconds if not item.overlapped) + max(0.0, hidden - compute)
     bubble = compute * (mesh.pp - 1) / (mesh.stages_per_rank * mesh.microbatches)
@@ -346,8 +351,8 @@ def search(shape: Shape, config: Config, world: int, seq_len: int, hardware: Har
             fitting.append(Ranked(plan, step_time(plan, shape, seq_len, hardware)))
     # the estimate cannot tell layouts apart within ~1%: then fewer split dimensions, then fewer and larger
     # micro-batches (the MFU it assumes is likelier there), then less memory
-    fitting.sort(key=lambda item: (float(f"{item.time.total:.2g}"), item.plan.mesh.splits, item.plan.mesh.microbatches,
-                                   item.plan.memory.total))
+    fitting.sort(key=lambda item: (round(math.log(item.time.total) / math.log(1 + TIE)), item.plan.mesh.splits,
+                                   item.plan.mesh.microbatches, item.plan.memory.total))
     return fitting, len(candidates)
 
 
@@ -361,17 +366,20 @@ def _row(item: Ranked) -> str:
 
 def _why(best: Ranked, other: Ranked, name: str) -> str:
     """The step-time component that makes `other` slower than `best`."""
-    parts = {"compute (recomputation)": (best.time.compute, other.time.compute), "pipeline bubble": (best.time.bubble, other.time.bubble),
+    parts = {"compute (recomputation)": (best.time.compute, other.time.compute),
+             "pipeline bubble": (best.time.bubble, other.time.bubble),
              "exposed communication": (best.time.exposed, other.time.exposed)}
     part, (ours, theirs) = max(parts.items(), key=lambda kv: kv[1][1] - kv[1][0])
     slower = other.time.total / best.time.total - 1
     mesh = other.plan.mesh
-    head = f"  vs {name} ({mesh.label()}{f', {mesh.schedule}' if mesh.pp > 1 else ''}, m {mesh.microbatches} × {mesh.rows} rows): "
-    if slower < 0.01:
-        mine, theirs_ = best.plan.mesh, mesh
-        reason = (f"splits the model over fewer dimensions ({mine.splits} against {theirs_.splits})" if mine.splits < theirs_.splits
-                  else f"runs fewer, larger micro-batches ({mine.microbatches} against {theirs_.microbatches})"
-                  if mine.microbatches < theirs_.microbatches
+    schedule = f", {mesh.schedule}" if mesh.pp > 1 else ""
+    head = f"  vs {name} ({mesh.label()}{schedule}, m {mesh.microbatches} × {mesh.rows} rows): "
+    if slower < TIE:
+        mine, other_mesh = best.plan.mesh, mesh
+        reason = (f"splits the model over fewer dimensions ({mine.splits} against {other_mesh.splits})"
+                  if mine.splits < other_mesh.splits
+                  else f"runs fewer, larger micro-batches ({mine.microbatches} against {other_mesh.microbatches})"
+                  if mine.microbatches < other_mesh.microbatches
                   else f"needs less memory ({best.plan.memory.total / GIB:.1f} against {other.plan.memory.total / GIB:.1f} GiB)"
                   if best.plan.memory.total < other.plan.memory.total else "ties with it on every count")
         return head + f"as fast within the estimate's resolution; the best {reason}"
@@ -400,7 +408,8 @@ def render_search(ranked: list[Ranked], considered: int, hardware: Hardware, gpu
 def render_plan(plan: MeshPlan, time: StepTime, gpu_memory_gb: float) -> str:
     mesh, memory = plan.mesh, plan.memory
     pipeline = (f"pipeline {mesh.schedule}" + (f", {mesh.stages_per_rank} stages per rank" if mesh.stages_per_rank > 1 else "")
-                + f", {mesh.microbatches} micro-batches, {plan.in_flight} in flight on rank {plan.rank}; bubble {plan.bubble:.1%} of the step"
+                + f", {mesh.microbatches} micro-batches, {plan.in_flight} in flight on rank {plan.rank}; "
+                  f"bubble {plan.bubble:.1%} of the step"
                 if mesh.pp > 1 else "pipeline none")
     lines = [
         f"layout           {mesh.label()} = {mesh.world} GPUs; {mesh.microbatches} micro-batches of {mesh.rows} rows per step "
@@ -411,7 +420,8 @@ def render_plan(plan: MeshPlan, time: StepTime, gpu_memory_gb: float) -> str:
         f"{memory.total / GIB:.2f} ({'fits' if memory.total / GIB <= gpu_memory_gb else 'does not fit'} in {gpu_memory_gb:g})",
         "communication per GPU per step:",
     ]
-    lines += [f"  {item.dimension:<13}{item.group:>4} GPUs {'intra' if item.intra_node else 'inter'}-node  {item.bytes / 1e9:10.2f} GB  "
+    lines += [f"  {item.dimension:<13}{item.group:>4} GPUs {'intra' if item.intra_node else 'inter'}-node"
+              f"  {item.bytes / 1e9:10.2f} GB  "
               f"{item.what}{' (overlapped)' if item.overlapped else ''}" for item in plan.traffic] or ["  none"]
     lines.append(f"step time        ~{time.total:.2f} s: compute {time.compute:.2f}, bubble {time.bubble:.2f}, "
                  f"exposed communication {time.exposed:.2f}")
