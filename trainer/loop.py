@@ -30,6 +30,7 @@ from trainer.early_stop import BestMetric
 from trainer.engines import build_engine
 from trainer.metrics import Metrics
 from trainer.models import base_model, build_model, flops_per_token
+from trainer.parallel.mesh import data_coordinate
 from trainer.tasks import DATA_TASK, TaskContext, build_task, model_vocab_size
 
 log = logging.getLogger("trainer")
@@ -118,12 +119,13 @@ def train(config: Config, resume_from: str = "latest") -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
     device = distributed.device()
     tcfg = config.train
-    if tcfg.global_batch % (tcfg.micro_batch * world):
+    data_rank = data_coordinate(config, rank, world)  # tensor/pipeline peers share one (trainer.parallel.mesh)
+    if tcfg.global_batch % (tcfg.micro_batch * data_rank.world):
         raise ConfigError(
-            f"train.global_batch {tcfg.global_batch} must be a multiple of train.micro_batch × world size "
-            f"= {tcfg.micro_batch} × {world}"
+            f"train.global_batch {tcfg.global_batch} must be a multiple of train.micro_batch × data-parallel ranks "
+            f"= {tcfg.micro_batch} × {data_rank.world}"
         )
-    accum = tcfg.global_batch // (tcfg.micro_batch * world)
+    accum = tcfg.global_batch // (tcfg.micro_batch * data_rank.world)
     sources, _ = read_manifests(config)
     data, tok = sources[0], sources[0].tokenizer
     train_path = Path(config.data.sources()[0].path)
@@ -168,7 +170,8 @@ def train(config: Config, resume_from: str = "latest") -> int:
     loader = LanesLoader(
         [Source(s.path, s.weight) for s in config.data.sources()],
         seq_len=data.seq_len, global_batch=tcfg.global_batch, lanes=config.data.lanes, seed=config.run.seed,
-        rank=rank, world_size=world, vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256,
+        rank=engine.data_rank, world_size=engine.data_world, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+        tokenizer_sha256=tok.sha256,
         prefetch=config.data.prefetch, verify=config.data.verify, on_corrupt=config.data.on_corrupt,
     )
     if config.task.type == "multitask":
@@ -224,7 +227,8 @@ def train(config: Config, resume_from: str = "latest") -> int:
             exit_code = EXIT_NONFINITE
             break
         step += 1
-        step_tokens = task.tokens(rows)  # this rank's; summed over ranks when logged or saved, not every step
+        # this data rank's (counted by one of its peers); summed over ranks when logged or saved, not every step
+        step_tokens = task.tokens(rows) * data_rank.leader
         tokens.add(step_tokens)
         window["loss"] += step_loss
         window["steps"] += 1
@@ -233,7 +237,8 @@ def train(config: Config, resume_from: str = "latest") -> int:
         window["tokens"] += step_tokens
 
         if step % tcfg.log_every == 0 or step == steps_total:
-            lane_digests = distributed.all_reduce(torch.from_numpy(loader.local_lane_digests(rows)), distributed.dist.ReduceOp.SUM)
+            own_lanes = loader.local_lane_digests(rows) * data_rank.leader  # each lane once, not once per tensor peer
+            lane_digests = distributed.all_reduce(torch.from_numpy(own_lanes), distributed.dist.ReduceOp.SUM)
             loss_sum, window_tokens = distributed.all_reduce([window["loss"] / window["steps"], window["tokens"]]).tolist()
             loss_mean = loss_sum / world
             step_s = window["time"] / window["steps"]

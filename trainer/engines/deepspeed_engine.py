@@ -119,6 +119,7 @@ class DeepSpeedEngine:
             model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
         optimizer, scheduler = adamw_with_schedule(model, config, total_steps)
         self.universal = resume_world not in (None, world_size) and config.engine.zero_stage > 0
+        self.data_rank, self.data_world = dist.get_rank(), world_size  # ZeRO: every rank is a data-parallel rank
         self.ds_config = ds_config(config, world_size, self.universal)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,

@@ -1,6 +1,8 @@
-"""PyTorch FSDP2 (`fully_shard`) as a dstrain engine.
+"""PyTorch FSDP2 (`fully_shard`) as a dstrain engine, on the run's device mesh (trainer.parallel.mesh).
 
-Each transformer block is sharded on its own, then the root (embeddings, final norm, head), so
+With `parallel.tp > 1` the model is first sharded by tensor parallel plans (trainer.parallel.tensor)
+over the mesh's tp dimension; FSDP then shards over the data-parallel dimensions, replicating over
+dp_replicate when it is > 1 (HSDP). Each transformer block is sharded on its own, then the root (embeddings, final norm, head), so
 parameters are gathered one block at a time. Mixed precision keeps fp32 master weights and
 computes in bf16 with fp32 gradient reduction unless told otherwise. Checkpoints are
 `torch.distributed.checkpoint` (DCP) directories — one file per rank plus metadata — which load
@@ -11,21 +13,24 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from trainer import models
 from trainer.checkpoint import unreadable
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, ParallelConfig
 from trainer.distributed import device
 from trainer.engines import adamw_with_schedule
+from trainer.parallel import tensor
+from trainer.parallel.mesh import Layout, Mesh
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -75,6 +80,14 @@ def verify_dcp(directory: Path) -> None:
         raise unreadable(path, err) from None
 
 
+def _check_unsupported(parallel: ParallelConfig) -> None:
+    """Dimensions this engine does not run yet, refused before any process group is built (cp on CPU: Layout.resolve)."""
+    if parallel.cp > 1:
+        raise ConfigError(f"parallel.cp {parallel.cp}: context parallel is not available in this engine yet; set parallel.cp=1")
+    if parallel.pp > 1:
+        raise ConfigError(f"parallel.pp {parallel.pp}: pipeline parallel is not available in this engine yet; set parallel.pp=1")
+
+
 class FSDP2Engine:
     def __init__(self, model: torch.nn.Module, config: Config, world_size: int, total_steps: int) -> None:
         engine = config.engine
@@ -88,7 +101,18 @@ class FSDP2Engine:
             reduce_dtype=torch.bfloat16 if bf16 and engine.reduce_dtype == "bf16" else torch.float32 if bf16 else None,
         )
         offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if engine.offload == "cpu" else OffloadPolicy()
-        self.sharding = {"mesh": init_device_mesh(device().type, (world_size,)), "mp_policy": mixed, "offload_policy": offload}
+        _check_unsupported(config.parallel)
+        layout = Layout.resolve(config.parallel, world_size)
+        self.mesh = Mesh(layout, device().type, dist.get_rank())
+        self.data_rank, self.data_world = self.mesh.data.rank, self.mesh.data.world
+        self.tp = layout.tp
+        if self.tp > 1:
+            # the grad norm of a parameter sharded over (dp, tp) reduces over both dims, one after the other: DTensor
+            # warns that a flattened mesh would take one collective; the result is the same, so say it not on every step
+            logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+            tensor.check(model, config, self.tp)
+            tensor.parallelize(model, self.mesh.tp)
+        self.sharding = {"mesh": self.mesh.dp, "mp_policy": mixed, "offload_policy": offload}
         for block in transformer_blocks(model):
             if engine.compile:
                 block.compile()
@@ -96,7 +120,7 @@ class FSDP2Engine:
         fully_shard(model, **self.sharding)
         self.model = model
         self.optimizer, self.scheduler = adamw_with_schedule(model, config, total_steps)
-        self.accum = config.train.global_batch // (config.train.micro_batch * world_size)
+        self.accum = config.train.global_batch // (config.train.micro_batch * self.data_world)
         self.clip = config.optim.grad_clip
         self.micro = 0
         self._grad_norm: float | None = None
@@ -116,12 +140,17 @@ class FSDP2Engine:
         return model
 
     def forward(self, **inputs: torch.Tensor):
-        return self.model(**inputs)
+        with tensor.loss_context(self.tp):  # under tp the model's own loss is vocab-parallel
+            output = self.model(**inputs)
+        if isinstance(output.loss, DTensor):  # replicated: the same scalar on every tp rank
+            output.loss = output.loss.to_local()
+        return output
 
     def backward(self, loss: torch.Tensor) -> None:
         # Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate locally.
         self.model.set_requires_gradient_sync(self.micro == self.accum - 1)
-        (loss / self.accum).backward()
+        with tensor.loss_context(self.tp):
+            (loss / self.accum).backward()
 
     def step(self) -> None:
         self.micro += 1

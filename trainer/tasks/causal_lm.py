@@ -10,6 +10,7 @@ import torch
 
 from trainer import distributed
 from trainer.data import LanesLoader, Source
+from trainer.parallel.mesh import data_coordinate
 from trainer.tasks.base import Evaluation, TaskContext
 
 
@@ -18,8 +19,9 @@ class CausalLM:
         self.ctx, self.config = ctx, ctx.config
         self.valid_loader = None
         if ctx.valid:
-            rank, world = distributed.dist.get_rank(), distributed.dist.get_world_size()
-            # One lane per rank and one micro-batch per rank per eval batch: a small valid split suffices.
+            data = data_coordinate(self.config, distributed.dist.get_rank(), distributed.dist.get_world_size())
+            rank, world = data.rank, data.world  # tensor/pipeline peers read the same rows
+            # One lane per data rank and one micro-batch per data rank per eval batch: a small valid split suffices.
             self.valid_loader = LanesLoader(
                 [Source(ctx.valid)], seq_len=ctx.seq_len, global_batch=self.config.train.micro_batch * world, lanes=world,
                 seed=self.config.run.seed, rank=rank, world_size=world, verify=self.config.data.verify,

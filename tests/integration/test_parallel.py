@@ -1,0 +1,63 @@
+"""Tensor, sequence and hybrid-sharded data parallel on the device mesh (FSDP2 engine): 4 processes over gloo.
+
+Every layout trains on the same global batches, so its losses and grad norms must be the
+1-process run's up to fp32 reduction order; a checkpoint written at one layout continues at another.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import STEPS
+from tests.integration.trainer_runs import digests, losses, metrics, rewind, train
+
+RTOL = 1e-5
+TINY = ("engine.type=fsdp2", "model.num_heads=4")  # 4 heads: tp up to 4
+
+
+def grad_norms(run_dir) -> dict[int, float]:
+    return {m["step"]: m["grad_norm"] for m in metrics(run_dir) if "grad_norm" in m}
+
+
+def assert_same_curve(run, reference, steps) -> None:
+    got, want = losses(run), losses(reference)
+    assert list(got) == list(steps)
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], rel=RTOL), (step, got[step], want[step])
+        assert grad_norms(run)[step] == pytest.approx(grad_norms(reference)[step], rel=RTOL), step
+        assert digests(run)[step] == digests(reference)[step], step  # the same global batch
+
+
+@pytest.fixture(scope="module")
+def reference(config_file, tmp_path_factory):
+    run = tmp_path_factory.mktemp("parallel") / "one"
+    train(config_file, 1, run, *TINY)
+    return run
+
+
+def test_dp2_tp2_matches_one_process_and_resumes_at_tp4(config_file, reference, tmp_path):
+    run = tmp_path / "dp2tp2"
+    train(config_file, 4, run, *TINY, "parallel.tp=2")
+    assert_same_curve(run, reference, range(1, STEPS + 1))
+    assert (run / "export" / "config.json").exists()  # a tensor-parallel checkpoint exports to a plain model
+    resumed = tmp_path / "tp4"
+    rewind(run, resumed, 4)
+    train(config_file, 4, resumed, *TINY, "parallel.tp=4")
+    assert_same_curve(resumed, reference, range(1, STEPS + 1))  # steps 1-4 from the dp2×tp2 log, 5-8 at tp4
+
+
+def test_hsdp_2x2_matches_one_process_and_resumes_on_one_process(config_file, reference, tmp_path):
+    run = tmp_path / "hsdp"
+    train(config_file, 4, run, *TINY, "parallel.dp_replicate=2")
+    assert_same_curve(run, reference, range(1, STEPS + 1))
+    resumed = tmp_path / "one"
+    rewind(run, resumed, 4)
+    train(config_file, 1, resumed, *TINY)
+    assert_same_curve(resumed, reference, range(1, STEPS + 1))  # steps 1-4 at hsdp 2×2, 5-8 on one process
+
+
+def test_a_world_size_the_layout_does_not_divide_is_one_line(config_file, tmp_path):
+    result = train(config_file, 1, tmp_path / "tp2", *TINY, "parallel.tp=2", expect=2)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: parallel: pp × dp_replicate × cp × tp = 1 × 1 × 1 × 2 = 2 does not divide the world size 1; "
+        "choose sizes whose product divides it")
