@@ -8,9 +8,9 @@ during forward and backward (the plan's peak), less the heap before the model wa
 optimizer step's own peak (foreach temporaries) is shown beside it, not compared. Components
 counted exactly at the end: local parameter shards, AdamW state, and the unsharded gradients FSDP2
 accumulates between micro-batches. The estimate is `trainer.plan_mesh.plan_mesh` for the same
-config. Layouts that split the model (tp, pp) run when the engine in this checkout has them.
+config. Pipeline layouts are not measured here yet.
 
-    PYTHONPATH=. .venv/bin/python bench/plan_bench.py
+    PYTHONPATH=. .venv/bin/python bench/plan_bench.py [LAYOUT …]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ LAYOUTS = [
     ("dp2", 2, ["train.micro_batch=4"]),
     ("dp2, 2 micro-batches", 2, ["train.micro_batch=2"]),
     ("dp4", 4, ["train.micro_batch=2"]),
+    ("hsdp 2×2", 4, ["parallel.dp_replicate=2", "train.micro_batch=2"]),
+    ("dp2 × tp2", 4, ["parallel.tp=2", "train.micro_batch=4"]),
 ]
 
 
@@ -93,8 +95,8 @@ def worker(extra: list[str]) -> None:
     base = heap()
     model = build_model(config, VOCAB, SEQ, eos_id=0, labels=[], seed=0)
     engine = FSDP2Engine(model, config, world, STEPS)
-    accumulation = config.train.global_batch // (config.train.micro_batch * world)
-    generator = torch.Generator().manual_seed(rank)
+    accumulation = engine.accum
+    generator = torch.Generator().manual_seed(engine.data_rank)  # tensor-parallel peers read the same rows
     step_peak = 0
     accumulated = 0
     for _ in range(STEPS):
@@ -158,10 +160,11 @@ def measure(world: int, extra: list[str]) -> list[dict]:
     return json.loads(line[len("RESULT "):])
 
 
-def main() -> None:
+def main(only: list[str]) -> None:
+    """Every layout, or those named (`dp4 'hsdp 2×2'`)."""
     mib = 2**20
     print(f"{'layout':<26}{'estimate MiB':>13}{'measured MiB':>13}{'ratio':>7}{'step peak':>10}   exact parts (estimate = measured)")
-    for name, world, extra in LAYOUTS:
+    for name, world, extra in [layout for layout in LAYOUTS if not only or layout[0] in only]:
         memory = estimate(world, extra)
         ranks = measure(world, extra)
         peak = max(r["peak"] for r in ranks)
@@ -178,4 +181,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         worker(sys.argv[2:])
     else:
-        main()
+        main(sys.argv[1:])

@@ -4,7 +4,9 @@ config whose selected engine cannot fit on the GPUs it will get.
     python -m trainer plan --config examples/llama-8b-deepspeed.yaml --nodes 4 --gpus-per-node 8
 
 prints the parameter count, training FLOPs per token, tokens per step, gradient accumulation, a
-throughput or MFU line, and the memory per GPU of every sharding layout. Why analytic: an 8B model
+throughput or MFU line, and the memory per GPU of every sharding layout; for FSDP2 also the device
+mesh of `parallel.*` (trainer.plan_mesh: memory per pipeline rank, traffic per mesh dimension,
+bubble, step time; `--search` ranks every layout that fits). Why analytic: an 8B model
 cannot be instantiated on a login node, and the answer should come in seconds. Parameters are
 counted module by module from the shape `trainer.models.build_model` builds; the unit tests hold the
 count to real, meta-device and DeepSpeed-counted models.

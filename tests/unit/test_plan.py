@@ -345,3 +345,22 @@ def test_search_with_nothing_that_fits_is_refused_in_one_line(capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "layouts of 64 GPUs fits in 4 GiB per GPU" in err[0]
+
+
+def test_fsdp2_on_two_processes_holds_the_planned_shard_optimizer_and_accumulated_grad_bytes():
+    """Two gloo processes shard a real model with the FSDP2 engine and take two steps of two micro-batches
+    (bench/plan_bench.py's worker): each rank's parameter shard, AdamW state and the unsharded gradients kept
+    between micro-batches are, to the byte, the planned 4/2, 8/2 and 4 bytes per parameter."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_bench", EXAMPLES.parent / "bench" / "plan_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = ["model.hidden_size=64", "model.intermediate_size=192", "train.micro_batch=2"]
+    ranks = bench.measure(2, small)
+    config = load_config(None, bench.overrides(small))
+    count = count_params(Shape.of(config.model, bench.VOCAB, bench.SEQ))
+    assert len(ranks) == 2
+    for rank in ranks:
+        assert (rank["params"], rank["optimizer"], rank["accumulated_grads"]) == (4 * count.total / 2, 8 * count.total / 2,
+                                                                                   4 * count.total)
