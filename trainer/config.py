@@ -322,6 +322,10 @@ def _check(config: Config, where: str) -> None:
             raise ConfigError(f"{where}: 'engine.zero_stage' must be 0, 1, 2 or 3, got {engine.zero_stage}")
         if engine.offload == "cpu" and engine.zero_stage == 0:
             raise ConfigError(f"{where}: 'engine.offload: cpu' needs engine.zero_stage 1-3")
+        mesh = [f"parallel.{key}={getattr(config.parallel, key)}" for key in ("dp_replicate", "cp", "tp", "pp")
+                if getattr(config.parallel, key) > 1]
+        if mesh:  # DeepSpeed shards over data parallel only; the device mesh lives in the FSDP2 engine
+            raise ConfigError(f"{where}: {', '.join(mesh)} needs the device-mesh engine; set engine.type=fsdp2")
     if not config.data.sources() or not config.data.sources()[0].path:
         raise ConfigError(f"{where}: 'data.train' is empty; give a manifest from `python -m data_tools prepare`")
     if config.task.type == "multitask":

@@ -4,7 +4,9 @@ config whose selected engine cannot fit on the GPUs it will get.
     python -m trainer plan --config examples/llama-8b-deepspeed.yaml --nodes 4 --gpus-per-node 8
 
 prints the parameter count, training FLOPs per token, tokens per step, gradient accumulation, a
-throughput or MFU line, and the memory per GPU of every sharding layout. Why analytic: an 8B model
+throughput or MFU line, and the memory per GPU of every sharding layout; for FSDP2 also the device
+mesh of `parallel.*` (trainer.plan_mesh: memory per pipeline rank, traffic per mesh dimension,
+bubble, step time; `--search` ranks every layout that fits). Why analytic: an 8B model
 cannot be instantiated on a login node, and the answer should come in seconds. Parameters are
 counted module by module from the shape `trainer.models.build_model` builds; the unit tests hold the
 count to real, meta-device and DeepSpeed-counted models.
@@ -22,7 +24,8 @@ variance); fp32 training keeps 4 + 4 + 8. N = nodes × gpus-per-node.
     FSDP2    sharded like ZeRO-3, but the sharded params are the fp32 master weights (params 4,
              grads 4, optimizer 8 bytes under bf16). Gathered in the compute dtype: the root unit
              (embeddings, final norm, head), which FSDP2 keeps unsharded from forward to backward,
-             plus one block; and the unsharded grads of the larger of the two.
+             plus one block; and the unsharded grads of the larger of the two, or, with gradient
+             accumulation, the fp32 unsharded grads of every parameter (see `model_states`).
 
 The ZeRO-3 working set (4 bytes × the largest layer's parameters in bf16) is what DeepSpeed's own
 `estimate_zero3_model_states_mem_needs` counts. Its estimators charge 18 bytes per parameter over N
@@ -188,8 +191,15 @@ def _state_bytes(layout: Layout, precision: str) -> tuple[int, int, int]:
     return 2, 2, 12
 
 
-def model_states(layout: Layout, count: ParamCount, precision: str, world: int) -> tuple[float, float, float]:
-    """(params, grads, optimizer) bytes on each GPU: replicated, sharded over `world`, or on the CPU."""
+def model_states(layout: Layout, count: ParamCount, precision: str, world: int, accumulation: int = 1,
+                 pipelined: bool = False) -> tuple[float, float, float]:
+    """(params, grads, optimizer) bytes on each GPU: replicated, sharded over `world`, or on the CPU.
+
+    FSDP2 skips the reduce-scatter on all but the last of `accumulation` > 1 micro-batches
+    (`set_requires_gradient_sync(False)`, the FSDP2 engine's and torch.distributed.pipelining's
+    gradient accumulation) and keeps the unsharded gradients meanwhile, in fp32 (its reduce dtype):
+    4 bytes × every parameter of the rank. A pipeline stage (`pipelined`) is also not resharded after
+    backward until its last micro-batch, so from its first backward its parameters stay gathered."""
     states = []
     for sharded_from, per_param in zip(SHARDED_FROM_STAGE, _state_bytes(layout, precision)):
         sharded = layout.stage >= sharded_from
@@ -197,22 +207,29 @@ def model_states(layout: Layout, count: ParamCount, precision: str, world: int) 
     params, grads, optimizer = states
     if layout.stage == 3:
         compute = 2 if precision == "bf16" else 4
-        if layout.fsdp:
-            gathered, unsharded_grads = count.root + count.block, max(count.root, count.block)
+        if not layout.fsdp:
+            params, grads = params + compute * count.largest_layer, grads + compute * count.largest_layer
         else:
-            gathered = unsharded_grads = count.largest_layer
-        params += compute * gathered
-        grads += compute * unsharded_grads
+            params += compute * (count.total if pipelined else count.root + count.block)
+            grads += 4 * count.total if accumulation > 1 else compute * max(count.root, count.block)
     return params, grads, optimizer
 
 
-def activation_bytes(shape: Shape, micro_batch: int, seq_len: int, precision: str, checkpointing: bool, eager: bool) -> float:
-    """One micro-batch's activations at the peak of backward (Korthikanti et al., generalised as the module docstring says)."""
+def layer_activation_bytes(shape: Shape, micro_batch: int, seq_len: int, eager: bool, tp: int = 1) -> float:
+    """What one layer stores for backward, in 16 bit (Korthikanti et al., generalised as the module docstring
+    says); tensor parallelism with sequence-parallel norms divides every term by `tp` (their Table 2)."""
     sbh = seq_len * micro_batch * shape.hidden
     mlp = 8 if shape.arch == "llama" else 4
     layer = sbh * (14 + 4 * shape.kv_heads / shape.heads + mlp * shape.intermediate / shape.hidden)
     if eager:
         layer += 5 * shape.heads * seq_len**2 * micro_batch
+    return layer / tp
+
+
+def activation_bytes(shape: Shape, micro_batch: int, seq_len: int, precision: str, checkpointing: bool, eager: bool) -> float:
+    """One micro-batch's activations at the peak of backward."""
+    sbh = seq_len * micro_batch * shape.hidden
+    layer = layer_activation_bytes(shape, micro_batch, seq_len, eager)
     blocks = shape.layers * 2 * sbh + layer if checkpointing else shape.layers * layer
     logits = 4 * seq_len * micro_batch * shape.vocab
     return blocks * (2 if precision == "fp32" else 1) + logits
@@ -240,13 +257,13 @@ def make_plan(config: Config, world: int, vocab: int, seq_len: int, eager_attent
     shape = Shape.of(config.model, vocab, seq_len)
     count = count_params(shape)
     selected = Layout.of(config.engine)
+    accumulation = train.global_batch // (train.micro_batch * world)
     rows = {}
     for layout in dict.fromkeys((*TABLE, selected)):
         checkpointing = layout.fsdp and bool(config.engine.activation_checkpointing)
         activations = activation_bytes(shape, train.micro_batch, seq_len, config.precision, checkpointing, eager_attention)
-        rows[layout] = Memory(*model_states(layout, count, config.precision, world), activations)
-    return Plan(shape, count, flops_per_token(shape, count, seq_len), seq_len, world,
-                train.global_batch // (train.micro_batch * world), selected, rows)
+        rows[layout] = Memory(*model_states(layout, count, config.precision, world, accumulation), activations)
+    return Plan(shape, count, flops_per_token(shape, count, seq_len), seq_len, world, accumulation, selected, rows)
 
 
 def data_shape(config: Config, vocab_size: int | None = None, seq_len: int | None = None) -> tuple[int, int, str | None]:
@@ -349,37 +366,88 @@ def _throughput(plan: Plan, config: Config, peak_tflops: float, device: str, tok
     return f"~{rate:,.0f} tokens/s, {tokens / rate:.1f} s per step at an assumed {mfu:.0%} MFU ({where})"
 
 
-def main(argv: list[str]) -> int:
-    from trainer.metrics import PEAK_TFLOPS
-
+def _parser(peak_tflops: dict[str, float]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer plan", description="FLOPs, tokens and memory per GPU of a run")
     parser.add_argument("--config", required=True, help="run config YAML (see examples/)")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, help="default: the data.train manifest's tokenizer")
     parser.add_argument("--seq-len", type=int, help=f"default: the data.train manifest's, else {DEFAULT_SEQ_LEN}")
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per GPU, in GiB (an '80 GB' H100 has 80 GiB)")
-    parser.add_argument("--gpu", choices=sorted(PEAK_TFLOPS), default="H100",
+    parser.add_argument("--gpu-memory-gb", "--gpu-mem-gb", type=float, default=80.0,
+                        help="per GPU, in GiB (an '80 GB' H100 has 80 GiB)")
+    parser.add_argument("--gpu", choices=sorted(peak_tflops), default="H100",
                         help="its bf16 dense peak is the MFU denominator, unless metrics.peak_tflops is set")
     parser.add_argument("--attention", choices=("flash", "eager"), default="flash", help="eager also stores the a·s² scores")
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument("--tokens-per-s", type=float, help="measured throughput, all GPUs together: print its MFU")
-    speed.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the throughput line (default 0.4)")
+    speed.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the throughput line and step times (default 0.4)")
+    mesh = parser.add_argument_group("device-mesh layout (engine.type fsdp2): the same as parallel.<key>=N overrides")
+    for flag in MESH_FLAGS:
+        mesh.add_argument(f"--{flag.replace('_', '-')}", type=int, metavar="N")
+    mesh.add_argument("--search", action="store_true", help="rank every layout of the GPUs that fits by estimated step time")
+    mesh.add_argument("--top", type=int, default=10, help="--search: layouts shown (default 10)")
+    mesh.add_argument("--intra-node-gbps", type=float, default=450.0, help="GB/s per GPU one way inside a node (NVLink)")
+    mesh.add_argument("--inter-node-gbps", type=float, default=50.0, help="GB/s per GPU across nodes (400 Gb/s InfiniBand)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, as for training")
+    return parser
+
+
+MESH_FLAGS = ("tp", "pp", "cp", "dp_replicate", "dp_shard")
+
+
+def main(argv: list[str]) -> int:
+    from trainer.metrics import PEAK_TFLOPS
+    from trainer import plan_mesh  # builds on this module's counts
+
+    parser = _parser(PEAK_TFLOPS)
     args = parser.parse_args(argv)
     if args.nodes < 1 or args.gpus_per_node < 1:
         parser.error("--nodes and --gpus-per-node must be at least 1")
 
-    config = load_config(args.config, args.overrides)
+    flags = [f"parallel.{key}={getattr(args, key)}" for key in MESH_FLAGS if getattr(args, key) is not None]
+    config = load_config(args.config, [*args.overrides, *flags])
     vocab, seq_len, note = data_shape(config, args.vocab_size, args.seq_len)
     eager = args.attention == "eager"
-    plan = make_plan(config, args.nodes * args.gpus_per_node, vocab, seq_len, eager)
+    world = args.nodes * args.gpus_per_node
+    configured = config.metrics.peak_tflops
+    peak, device = (configured, "metrics.peak_tflops") if configured else (PEAK_TFLOPS[args.gpu], args.gpu)
+    hardware = plan_mesh.Hardware(peak, args.mfu, args.intra_node_gbps, args.inter_node_gbps, args.gpus_per_node)
+    shape = Shape.of(config.model, vocab, seq_len)
+    header = (f"plan for {args.config}: {shape.arch}, vocabulary {vocab}, seq_len {seq_len}, "
+              f"{args.nodes} × {args.gpus_per_node} = {world} GPUs")
+    if args.search:
+        ranked, considered = plan_mesh.search(shape, config, world, seq_len, hardware, args.gpu_memory_gb, eager)
+        if not ranked:
+            raise ConfigError(f"{args.config}: none of the {considered} layouts of {world} GPUs fits in "
+                              f"{args.gpu_memory_gb:g} GiB per GPU; use more GPUs, engine.offload: cpu or a shorter seq_len")
+        table = plan_mesh.render_search(ranked, considered, hardware, args.gpu_memory_gb, args.top)
+        print("\n".join([*filter(None, [note]), header, table]))
+        return 0
+    mesh = plan_mesh.Mesh.of(config, world) if config.engine.type == "fsdp2" else None
+    if mesh is not None:
+        offload = config.engine.offload == "cpu"
+        layout = plan_mesh.plan_mesh(shape, mesh, seq_len, config.precision, args.gpus_per_node, offload, eager)
+    if mesh is not None and not mesh.data_parallel_only:
+        need = layout.memory.total / GIB
+        if need > args.gpu_memory_gb:
+            remedies = [] if mesh.checkpointing else ["engine.activation_checkpointing: true"]
+            remedies += ["a smaller train.micro_batch"] if mesh.rows > 1 else []
+            remedies += ["parallel.pp_schedule 1f1b"] if mesh.schedule == "gpipe" and mesh.pp > 1 else []
+            remedies.append("a larger parallel.tp or pp")
+            raise ConfigError(f"{args.config}: {mesh.label()} needs ~{need:.1f} GiB per GPU, more than the "
+                              f"{args.gpu_memory_gb:g} GiB available; use {', '.join(remedies)} or `plan --search`")
+        time = plan_mesh.step_time(layout, shape, seq_len, hardware)
+        count = count_params(shape)
+        print("\n".join([*filter(None, [note]), header, f"parameters       {_count(count.total)}",
+                         f"FLOPs per token  {flops_per_token(shape, count, seq_len):.4g}",
+                         plan_mesh.render_plan(layout, time, args.gpu_memory_gb)]))
+        return 0
+    plan = make_plan(config, world, vocab, seq_len, eager)
     _refuse_if_too_big(plan, config, args.gpu_memory_gb, args.config)
     if note:
         print(note)
-    print(f"plan for {args.config}: {plan.shape.arch}, vocabulary {vocab}, seq_len {seq_len}, "
-          f"{args.nodes} × {args.gpus_per_node} = {plan.world} GPUs")
-    configured = config.metrics.peak_tflops
-    peak, device = (configured, "metrics.peak_tflops") if configured else (PEAK_TFLOPS[args.gpu], args.gpu)
+    print(header)
     print(render(plan, config, args.gpu_memory_gb, _throughput(plan, config, peak, device, args.tokens_per_s, args.mfu), eager))
+    if mesh is not None:
+        print(plan_mesh.render_plan(layout, plan_mesh.step_time(layout, shape, seq_len, hardware), args.gpu_memory_gb))
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported: its estimators need no GPU
@@ -30,6 +31,8 @@ from trainer.plan import (
     model_states,
 )
 from trainer.plan import flops_per_token as planned_flops
+from trainer.plan import layer_activation_bytes
+from trainer.plan_mesh import Mesh, _rank_memory, bubble_fraction, in_flight, plan_mesh, rank_params
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLE_NAMES = [f"{size}-{engine}" for size in ("gpt2-124m", "llama-1b", "llama-8b") for engine in ("deepspeed", "fsdp2")]
@@ -180,3 +183,184 @@ def test_a_higher_zero_stage_never_needs_more_memory(name, world):
         assert totals[2] >= totals[3]
     if world == 1:
         assert totals[3] - totals[2] == 4 * plan.count.largest_layer
+
+
+# ---- device-mesh layouts (tp, pp, cp, HSDP) and the search ----
+
+MESH_MODEL = ModelConfig(arch="llama", hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=2, tie_embeddings=False)
+
+
+def tiny_llama(model_config: ModelConfig = MESH_MODEL, vocab: int = 96, seq_len: int = 32) -> torch.nn.Module:
+    return build_model(Config(model=model_config), vocab, seq_len, eos_id=0, labels=[], seed=0)
+
+
+def measured_rank_params(model: torch.nn.Module, tp: int, pp: int, rank: int) -> int:
+    """Parameters pipeline rank `rank` of `pp` holds after a `tp`-way split, from the built model's own tensors:
+    a stage takes its share of `model.layers.N`, the first the embedding, the last the final norm and head;
+    every weight matrix divides by tp, the 1-D norms stay whole."""
+    layers = len(transformer_blocks(model))
+    mine = range(rank * layers // pp, (rank + 1) * layers // pp)
+    total = 0
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if parts[1] == "layers":
+            owner = int(parts[2]) in mine
+        else:  # the embedding on the first stage, the final norm and lm_head on the last
+            owner = rank == 0 if "embed" in name else rank == pp - 1
+        if owner:
+            total += param.numel() // tp if param.dim() == 2 else param.numel()
+    return total
+
+
+def test_rank_memory_matches_the_measured_parameter_and_adamw_bytes_of_a_real_model():
+    """tp 1, pp 1: the plan's sharded params (4 B) and optimizer states (8 B) per parameter are the built model's
+    fp32 parameter bytes and the bytes of AdamW's state after one real step (exp_avg, exp_avg_sq)."""
+    model = tiny_llama()
+    shape = Shape.of(MESH_MODEL, 96, 32)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.randint(0, 96, (2, 32)), labels=torch.randint(0, 96, (2, 32))).loss.backward()
+    optimizer.step()
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    count = rank_params(shape, Mesh(), 0)
+    layout = Layout(3, fsdp=True)
+    params, _, states = model_states(layout, count, "fp32", 1)
+    assert params - 4 * (count.root + count.block) == param_bytes  # less the gathered working set a plain model has not
+    assert states == state_bytes
+    for world in (2, 4):
+        assert model_states(layout, count, "fp32", world)[2] == state_bytes / world
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 2), (2, 1), (2, 2), (4, 4)])
+def test_tensor_and_pipeline_splits_divide_the_real_models_parameters(tp, pp):
+    model = tiny_llama()
+    shape = Shape.of(MESH_MODEL, 96, 32)
+    mesh = Mesh(tp=tp, pp=pp, microbatches=pp)
+    for rank in range(pp):
+        assert rank_params(shape, mesh, rank).total == measured_rank_params(model, tp, pp, rank)
+    assert sum(rank_params(shape, Mesh(pp=pp, microbatches=pp), r).total for r in range(pp)) == count_params(shape).total
+
+
+def test_data_parallel_mesh_is_the_fsdp2_row_of_the_table():
+    config = load_config(example("llama-8b-fsdp2"))
+    shape = Shape.of(config.model, 128256, 2048)
+    mesh = Mesh.of(config, 32)
+    assert (mesh.dp_shard, mesh.microbatches, mesh.rows) == (32, 4, 8)
+    assert plan_mesh(shape, mesh, 2048, "bf16", 8).memory == make_plan(config, 32, 128256, 2048).rows[Layout(3, fsdp=True)]
+
+
+def test_gradient_accumulation_keeps_fp32_unsharded_grads_under_fsdp2():
+    count = example_count("llama-8b-fsdp2")
+    one = model_states(Layout(3, fsdp=True), count, "bf16", 32, accumulation=1)
+    four = model_states(Layout(3, fsdp=True), count, "bf16", 32, accumulation=4)
+    assert four[1] - one[1] == 4 * count.total + 4 * count.total / 32 - (4 * count.total / 32 + 2 * max(count.root, count.block))
+
+
+def test_in_flight_micro_batches_and_bubble_follow_each_schedule():
+    assert [in_flight(Mesh(pp=4, microbatches=8), r) for r in range(4)] == [4, 3, 2, 1]  # 1F1B
+    assert [in_flight(Mesh(pp=4, microbatches=2), r) for r in range(4)] == [2, 2, 2, 1]
+    assert in_flight(Mesh(pp=4, microbatches=8, schedule="gpipe"), 3) == 8
+    interleaved = Mesh(pp=4, microbatches=8, schedule="interleaved_1f1b", stages_per_rank=2)
+    # Korthikanti et al. §4.2.3: rank 0 holds L·(1 + (p − 1)/(p·v)) layers' activations, chunks of L/(p·v) layers
+    assert in_flight(interleaved, 0) * 1 / 8 == pytest.approx(1 + 3 / 8)
+    assert bubble_fraction(Mesh(pp=4, microbatches=8)) == pytest.approx(3 / 11)
+    assert bubble_fraction(interleaved) == pytest.approx(3 / 19)
+    assert bubble_fraction(Mesh()) == 0
+
+
+def test_activations_divide_by_tp_and_cp_and_multiply_by_the_micro_batches_in_flight():
+    shape = Shape.of(MESH_MODEL, 96, 32)
+    base = plan_mesh(shape, Mesh(rows=4), 32, "bf16", 8).memory.activations
+    split = plan_mesh(shape, Mesh(tp=2, cp=2, rows=4), 32, "bf16", 8).memory.activations
+    assert split == pytest.approx(base / 4)
+    first = plan_mesh(shape, Mesh(pp=2, microbatches=4, rows=4), 32, "bf16", 8)
+    layer = layer_activation_bytes(shape, 4, 32, eager=False)
+    assert _rank_memory(shape, first.mesh, 0, 32, "bf16", False, False).activations == pytest.approx(2 * 2 * layer)
+    gpipe = replace(first.mesh, schedule="gpipe")
+    assert _rank_memory(shape, gpipe, 0, 32, "bf16", False, False).activations == pytest.approx(4 * 2 * layer)
+
+
+def test_communication_per_dimension_is_the_ring_volume_on_the_right_links():
+    shape = Shape.of(MESH_MODEL, 96, 32)
+    mesh = Mesh(dp_replicate=2, dp_shard=2, tp=2, pp=2, microbatches=4, rows=1)
+    traffic = {item.dimension: item for item in plan_mesh(shape, mesh, 32, "bf16", gpus_per_node=4).traffic}
+    assert set(traffic) == {"dp_shard", "dp_replicate", "tp", "pp"}
+    assert [traffic[d].intra_node for d in ("tp", "dp_shard", "dp_replicate", "pp")] == [True, True, False, False]
+    x = 32 * 64 * 2  # one micro-batch's hidden states in bf16
+    layers_tp = 2 * 4 + 2  # two layers on each rank, 4 collectives each, + the embedding's or the head's 2
+    assert traffic["tp"].bytes == pytest.approx(4 * layers_tp * 2 * (1 / 2) * x)
+    assert traffic["pp"].bytes == pytest.approx(4 * 2 * x / 2)
+    # HSDP all-reduces each rank's fp32 gradient shard (a half, dp_shard 2): 2·(2 − 1)/2 × 4 B × params / 2
+    assert traffic["dp_replicate"].bytes == pytest.approx(max(rank_params(shape, mesh, r).total for r in (0, 1)) * 4 / 2)
+
+
+def test_a_layout_that_does_not_make_the_world_is_refused_in_one_line():
+    config = load_config(example("llama-8b-fsdp2"), ["parallel.tp=3"])
+    match = r"^parallel: dp_replicate 1 × dp_shard -1 × cp 1 × tp 3 × pp 1 does not make the 32 GPUs"
+    with pytest.raises(ConfigError, match=match):
+        Mesh.of(config, 32)
+
+
+def test_deepspeed_refuses_mesh_dimensions_in_one_line_pointing_to_fsdp2():
+    with pytest.raises(ConfigError) as err:
+        load_config(example("llama-8b-deepspeed"), ["parallel.tp=2", "parallel.dp_replicate=2"])
+    assert str(err.value).endswith("parallel.dp_replicate=2, parallel.tp=2 needs the device-mesh engine; set engine.type=fsdp2")
+    load_config(example("llama-8b-fsdp2"), ["parallel.tp=2", "parallel.pp=2"])
+
+
+def test_plan_flags_set_the_mesh_and_print_its_memory_communication_and_bubble(capsys):
+    argv = ["plan", "--config", str(example("llama-8b-fsdp2")), "--nodes", "4", "--vocab-size", "128256",
+            "--tp", "4", "--pp", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pp 2 × dp_shard 4 × tp 4 = 32 GPUs" in out and "pipeline 1f1b, 32 micro-batches, 1 in flight on rank 1" in out
+    assert "bubble 3.0% of the step" in out  # 1 / (32 + 1)
+    assert all(f"  {dim} " in out for dim in ("dp_shard", "tp", "pp"))
+    assert main([*argv, "parallel.pp_schedule=gpipe"]) == 2  # all 32 micro-batches in flight
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "pp 2 × dp_shard 4 × tp 4 needs ~" in err[0] and "more than the 80 GiB available" in err[0]
+    assert "activation_checkpointing" not in err[0]  # already on
+
+
+def test_search_ranks_the_70b_layouts_that_fit_and_the_example_runs_the_best(capsys):
+    argv = documented_command("llama-70b-fsdp2")
+    assert "--search" in argv
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(out) if line.split()[:2] == ["rep", "shard"])
+    rows = [line.lstrip("* ").split() for line in out[header + 1:] if not line.startswith("best: ")][:10]
+    assert out[header + 1].startswith("*") and len(rows) == 10
+    for row in rows:
+        assert int(row[3]) <= 8 and float(row[9]) <= 80  # tp inside a node; every layout shown fits
+    times = [float(row[10]) for row in rows]
+    assert all(later >= 0.98 * earlier for earlier, later in zip(times, times[1:]))  # fastest first, ties within 1%
+    best = next(line for line in out if line.startswith("best: "))
+    config = load_config(example("llama-70b-fsdp2"), best.split(" run it with ")[1].split())
+    assert Mesh.of(config, 64) == Mesh.of(load_config(example("llama-70b-fsdp2")), 64)  # the example is the best layout
+    assert any("vs the runner-up" in line for line in out)
+
+
+def test_search_with_nothing_that_fits_is_refused_in_one_line(capsys):
+    argv = [*documented_command("llama-70b-fsdp2"), "--gpu-mem-gb", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "layouts of 64 GPUs fits in 4 GiB per GPU" in err[0]
+
+
+def test_fsdp2_on_two_processes_holds_the_planned_shard_optimizer_and_accumulated_grad_bytes():
+    """Two gloo processes shard a real model with the FSDP2 engine and take two steps of two micro-batches
+    (bench/plan_bench.py's worker): each rank's parameter shard, AdamW state and the unsharded gradients kept
+    between micro-batches are, to the byte, the planned 4/2, 8/2 and 4 bytes per parameter."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_bench", EXAMPLES.parent / "bench" / "plan_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = ["model.hidden_size=64", "model.intermediate_size=192", "train.micro_batch=2"]
+    ranks = bench.measure(2, small)
+    config = load_config(None, bench.overrides(small))
+    count = count_params(Shape.of(config.model, bench.VOCAB, bench.SEQ))
+    assert len(ranks) == 2
+    for rank in ranks:
+        assert (rank["params"], rank["optimizer"], rank["accumulated_grads"]) == (4 * count.total / 2, 8 * count.total / 2,
+                                                                                   4 * count.total)
