@@ -10,6 +10,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from data_tools import storage
 from data_tools.errors import DataError
 from data_tools.manifest import ManifestError
 
@@ -64,20 +65,47 @@ def prepare(args: argparse.Namespace) -> int:
     check_languages(config.lang.keep)
     if args.task_mb <= 0:
         raise DataError(f"--task-mb {args.task_mb}: must be positive")
+    work = work_dir(args.output, args.work_dir)
+    published = storage.is_url(args.output) or work.resolve() != Path(args.output).resolve()
+    if published:
+        storage.check_writable(args.output)
     tasks = plan_tasks(expand_inputs(args.input), int(args.task_mb * 2**20))
     plan = Plan(tasks, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config)
-    job = Job(args.output)
+    job = Job(work)
     job.create(plan)
     if args.plan_only:
         print(f"plan written: {job.out / 'plan.json'} ({len(tasks)} tasks)")
         return 0
     run_job(job.out, args.workers)
+    out = storage.location(args.output)
+    if published:
+        from data_tools.publish import publish
+
+        publish(work, args.output)
     stats = json.loads((job.out / "stats.json").read_text())
     print(stage_table(stats))
-    print(f"\ntoken shards: {job.out / 'tokens/train'} and {job.out / 'tokens/valid'} (manifest.json in each)")
-    print(f"documents:    {job.out / 'docs'}")
-    print(f"stats:        {job.out / 'stats.json'}")
+    print(f"\ntoken shards: {out / 'tokens/train'} and {out / 'tokens/valid'} (manifest.json in each)")
+    print(f"documents:    {out / 'docs'}")
+    print(f"stats:        {out / 'stats.json'}")
     print(f"tensorboard:  tensorboard --logdir {job.out / 'tensorboard'}")
+    return 0
+
+
+def work_dir(output: str, given: Path | None) -> Path:
+    """Where the job's intermediate files and markers live: --work-dir, else the output directory itself,
+    else (an object-store output) `dstrain-work/<bucket>/<prefix>` under the current directory."""
+    if given is not None:
+        return given
+    if storage.is_url(output):
+        return Path("dstrain-work") / output.partition("://")[2].strip("/")
+    return Path(output)
+
+
+def publish_job(args: argparse.Namespace) -> int:
+    from data_tools.publish import publish
+
+    storage.check_writable(args.output)
+    publish(args.work_dir, args.output)
     return 0
 
 
@@ -148,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="raw corpora → cleaned documents → token shards + manifest")
     p.add_argument("--input", action="append", required=True, help="file, directory or glob; repeatable")
-    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--output", required=True, help="directory or object-store URL (s3://bucket/prefix) for the products")
+    p.add_argument(
+        "--work-dir", type=Path,
+        help="intermediate files and stage markers (default: --output when it is a directory, else dstrain-work/<bucket>/<prefix>"
+        " here); on a cluster it must be on a file system every node shares",
+    )
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="tokenizer.json, a tokenizer directory, or vocab.json (+ merges.txt)")
     tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE", help="train a byte-level BPE on the corpus")
@@ -166,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, choices=("extract", "dedup", "tokenizer", "tokenize", "pack"))
     p.add_argument("--task", type=int, help="task index (default: $SLURM_ARRAY_TASK_ID)")
     p.set_defaults(func=run)
+
+    p = sub.add_parser("publish", help="copy a finished job's products from its work directory to --output")
+    p.add_argument("work_dir", type=Path)
+    p.add_argument("--output", required=True, help="directory or object-store URL")
+    p.set_defaults(func=publish_job)
 
     p = sub.add_parser("inspect", help="manifest summary, stage stats and a decoded sample row")
     p.add_argument("dir")

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools import storage
+from data_tools.errors import DataError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -88,11 +91,11 @@ class Manifest:
 
 def load_manifest(path: str | Path) -> Manifest:
     """Read a manifest file (or the `manifest.json` in a directory), checking version and keys."""
-    path = Path(path)
-    if path.is_dir():
+    path = storage.location(path)
+    if storage.is_dir(path):
         path = path / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_text(path))  # a URL that cannot be read is a one-line DataError naming it
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest here; run `python -m data_tools prepare` first") from None
     except json.JSONDecodeError as err:
@@ -120,7 +123,7 @@ def load_manifest(path: str | Path) -> Manifest:
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -128,11 +131,13 @@ def file_sha256(path: str | Path) -> str:
 
 def verify_shard(directory: str | Path, shard: ShardInfo) -> None:
     """Refuse a shard whose size or checksum differs from the manifest, before any row is used."""
-    path = Path(directory) / shard.path
+    path = storage.location(directory) / shard.path
     try:
-        size = path.stat().st_size
+        size = storage.size(path)
     except FileNotFoundError:
         raise ManifestError(f"{path}: shard listed in the manifest is missing") from None
+    except DataError as err:  # an object that is not there or cannot be read: the one line names the URL
+        raise ManifestError(str(err)) from None
     if size != shard.bytes:
         raise ManifestError(f"{path}: size {size} bytes, manifest says {shard.bytes}; the shard is truncated or replaced")
     found = file_sha256(path)

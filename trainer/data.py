@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from data_tools import storage
 from data_tools.errors import DataError
 from data_tools.manifest import Manifest, ManifestError, load_manifest, verify_shard
 
@@ -145,7 +146,7 @@ class _Corpus:
 
 
 def _load_corpus(source: Source, seq_len: int) -> _Corpus:
-    path = Path(source.manifest)
+    path = storage.location(source.manifest)
     with _as_data_error():
         manifest = load_manifest(path)
     if manifest.seq_len != seq_len:
@@ -154,7 +155,7 @@ def _load_corpus(source: Source, seq_len: int) -> _Corpus:
         )
     if not source.weight > 0:
         raise DataError(f"{path}: weight {source.weight}; a source's weight must be positive")
-    return _Corpus(path if path.is_dir() else path.parent, manifest, float(source.weight))
+    return _Corpus(path if storage.is_dir(path) else path.parent, manifest, float(source.weight))
 
 
 def _without_corrupt_shards(corpus: _Corpus, rank: int) -> _Corpus:
@@ -257,7 +258,7 @@ def _index_shard(path: Path, manifest: Manifest, rows: int) -> _Shard:
     """Read a shard's tar headers and `.npy` headers once; check every block against the manifest."""
     dtype, shape_of_row = np.dtype(manifest.dtype), row_shape(manifest)
     firsts, spans, total = [], [], 0
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         for member in _safe_members(f, path):
             if not member.name.endswith(".npy"):
                 continue
@@ -321,7 +322,7 @@ class _LaneReader:
         if self._block is not None and self._block[:2] == (shard.path, block):
             return self._block[2]
         offset, size = shard.block_spans[block]
-        data = os.pread(self._fd(shard.path), size, offset)
+        data = storage.read_range(shard.path, offset, size) if storage.is_url(shard.path) else os.pread(self._fd(shard.path), size, offset)
         if len(data) != size:
             raise DataError(
                 f"{shard.path}: block {block} ends after {len(data)} of {size} bytes; the shard was truncated while in use"

@@ -18,6 +18,7 @@ import torch
 import yaml
 from tokenizers import Tokenizer
 
+from data_tools import storage
 from data_tools.errors import first_line
 from data_tools.manifest import Manifest, load_manifest
 from trainer import distributed
@@ -126,10 +127,10 @@ def train(config: Config, resume_from: str = "latest") -> int:
     accum = tcfg.global_batch // (tcfg.micro_batch * world)
     sources, _ = read_manifests(config)
     data, tok = sources[0], sources[0].tokenizer
-    train_path = Path(config.data.sources()[0].path)
+    train_path = storage.location(config.data.sources()[0].path)  # a directory, or an object-store URL
     data_dir = train_path if train_path.is_dir() else train_path.parent
     tokenizer_file = data_dir / tok.path  # copied into each checkpoint
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer = Tokenizer.from_str(tokenizer_file.read_text())
     steps_total = total_steps(config, data.seq_len)
 
     checkpoints = Checkpoints(config.run_dir / "checkpoints")

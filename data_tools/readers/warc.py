@@ -21,6 +21,7 @@ from pathlib import Path
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
+from data_tools import storage
 from data_tools.doc import Doc
 from data_tools.readers import Warn
 from data_tools.stats import StageStats
@@ -91,11 +92,11 @@ def _plain_records(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tup
 
 def read_warc(path: Path, stats: StageStats, warn: Warn, start: int = 0, end: int | None = None) -> Iterator[Doc]:
     """Yield one document per HTML response (or WET conversion record) starting in [start, end)."""
-    if path.stat().st_size == 0:
+    if storage.size(path) == 0:
         stats.dropped["empty_file"] += 1
         warn(f"{path}: empty file, nothing to read")
         return
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    with storage.mapped(path) as buf:
         split = _gzip_records if buf[:3] == GZIP_MAGIC else _plain_records
         for offset, data in split(buf, start, len(buf) if end is None else min(end, len(buf))):
             stats.docs_in += 1
