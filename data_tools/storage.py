@@ -76,26 +76,35 @@ def location(value: str | os.PathLike) -> Location:
     return Url(value) if is_url(value) else Path(value)
 
 
-@lru_cache(maxsize=None)
-def _filesystem(protocol: str):
-    """One fsspec filesystem per protocol, with its own retries off (ours log every retry)."""
-    import fsspec
-
-    if protocol in ("s3", "s3a"):
-        import botocore.session
-
-        options: dict = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 10, "read_timeout": 60}}
-        if botocore.session.get_session().get_credentials() is None:
-            options["anon"] = True  # no credentials anywhere: a public bucket
-        fs = fsspec.filesystem("s3", **options)
-        fs.retries = 1
-        return fs
-    return fsspec.filesystem(protocol)
+AWS_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 
 
 def _fs_path(url: str):
     protocol, _, rest = url.partition("://")
-    return _filesystem(protocol), rest
+    return _filesystem(protocol, tuple(os.environ.get(name) for name in AWS_SETTINGS)), rest
+
+
+@lru_cache(maxsize=8)
+def _filesystem(protocol: str, settings: tuple):
+    """One fsspec filesystem per protocol and AWS settings, with its own retries off (ours log every retry)."""
+    import fsspec
+
+    if protocol not in ("s3", "s3a"):
+        return fsspec.filesystem(protocol)
+    import botocore.session
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict = {
+        "skip_instance_cache": True,
+        "endpoint_url": endpoint,
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 10, "read_timeout": 60},
+    }
+    if botocore.session.get_session().get_credentials() is None:
+        options["anon"] = True  # no credentials anywhere: a public bucket
+    fs = fsspec.filesystem("s3", **options)
+    fs.retries = 1
+    return fs
 
 
 def _transient(err: BaseException) -> bool:
