@@ -11,6 +11,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from data_tools import storage
 from data_tools.arrays import DEFAULT_MAX_ARRAY_SIZE, DEFAULT_PARALLELISM
 from data_tools.common import DataError, DstrainError
 
@@ -66,6 +67,10 @@ def prepare(args: argparse.Namespace) -> int:
     check_languages(config.lang.keep)
     if args.task_mb <= 0:
         raise DataError(f"--task-mb {args.task_mb}: must be positive")
+    work = work_dir(args.output, args.work_dir)
+    published = storage.is_url(args.output) or work.resolve() != Path(args.output).resolve()
+    if published:
+        storage.check_writable(args.output)
     if args.input_list:
         from data_tools.listing import listed_inputs, listed_tasks
 
@@ -80,18 +85,23 @@ def prepare(args: argparse.Namespace) -> int:
         sizes, task_mb = task_sizes(tasks), args.task_mb
     plan = Plan(tasks, args.seq_len, tokenizer, args.train_tokenizer, args.valid_fraction, config, task_mb)
     plan.estimate = cost_estimate(plan, sizes, vocab_size, args.array_parallelism, args.max_array_size)
-    job = Job(args.output)
+    job = Job(work)
     job.create(plan)
     if args.plan_only:
         print(f"plan written: {job.out / 'plan.json'} ({len(tasks)} tasks)")
         print(summary(plan.estimate))
         return 0
     run_job(job.out, args.workers)
+    out = storage.location(args.output)
+    if published:
+        from data_tools.publish import publish
+
+        publish(work, args.output)
     stats = json.loads((job.out / "stats.json").read_text())
     print(stage_table(stats))
-    print(f"\ntoken shards: {job.out / 'tokens/train'} and {job.out / 'tokens/valid'} (manifest.json in each)")
-    print(f"documents:    {job.out / 'docs'}")
-    print(f"stats:        {job.out / 'stats.json'}")
+    print(f"\ntoken shards: {out / 'tokens/train'} and {out / 'tokens/valid'} (manifest.json in each)")
+    print(f"documents:    {out / 'docs'}")
+    print(f"stats:        {out / 'stats.json'}")
     print(f"tensorboard:  tensorboard --logdir {job.out / 'tensorboard'}")
     return 0
 
@@ -106,9 +116,9 @@ def task_sizes(tasks: list[dict]) -> list[tuple[str, int, float]]:
     tasks_of_file = Counter(task["path"] for task in tasks)
     sizes = []
     for task in tasks:
-        path = Path(task["path"])
+        path = storage.location(task["path"])
         if task["end"] is None or task["format"] == "parquet":
-            size = (0 if path.is_dir() else path.stat().st_size) / tasks_of_file[task["path"]]
+            size = (0 if storage.is_dir(path) else storage.size(path)) / tasks_of_file[task["path"]]
         else:
             size = task["end"] - task["start"]
         sizes.append((task["format"], assumed_docs(path.name, task["format"], size / 2**20), size / 2**20))
@@ -132,6 +142,24 @@ def cost_estimate(plan, sizes: list[tuple[str, int, float]], vocab_size: int, pa
     stages = [(stage, task_count(plan, stage), plan.peak_mb[stage]) for stage in STAGES]
     return plan_estimate(stages, dict(docs), sum(mib for _, _, mib in sizes), plan.config,
                          2 if vocab_size <= 2**16 else 4, plan.train_tokenizer is not None, parallelism, max_array_size)
+
+
+def work_dir(output: str, given: Path | None) -> Path:
+    """Where the job's intermediate files and markers live: --work-dir, else the output directory itself,
+    else (an object-store output) `dstrain-work/<bucket>/<prefix>` under the current directory."""
+    if given is not None:
+        return given
+    if storage.is_url(output):
+        return Path("dstrain-work") / output.partition("://")[2].strip("/")
+    return Path(output)
+
+
+def publish_job(args: argparse.Namespace) -> int:
+    from data_tools.publish import publish
+
+    storage.check_writable(args.output)
+    publish(args.work_dir, args.output)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--assume-file-mb", type=float, metavar="MIB",
                    help="size of each listed file, for the estimates (default: the typical size of its kind, "
                    "1024 for a Common Crawl WARC, 80 for a WET)")
-    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--output", required=True, help="directory or object-store URL (s3://bucket/prefix) for the products")
+    p.add_argument(
+        "--work-dir", type=Path,
+        help="intermediate files and stage markers (default: --output when it is a directory, else dstrain-work/<bucket>/<prefix>"
+        " here); on a cluster it must be on a file system every node shares",
+    )
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="tokenizer.json, a tokenizer directory, or vocab.json (+ merges.txt)")
     tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE", help="train a byte-level BPE on the corpus")
@@ -234,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, choices=STAGES)
     p.add_argument("--task", type=int, help="task index (default: $SLURM_ARRAY_TASK_ID)")
     p.set_defaults(func=run)
+
+    p = sub.add_parser("publish", help="copy a finished job's products from its work directory to --output")
+    p.add_argument("work_dir", type=Path)
+    p.add_argument("--output", required=True, help="directory or object-store URL")
+    p.set_defaults(func=publish_job)
 
     p = sub.add_parser("inspect", help="manifest summary, stage stats and a decoded sample row")
     p.add_argument("dir")

@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from data_tools import storage
 from data_tools.common import DataError
 
 FORMAT_VERSION = 1
@@ -78,7 +79,7 @@ class Manifest:
 
     def shard_path(self, shard: ShardInfo) -> Path:
         """Where a shard of this (loaded) manifest lies."""
-        return Path(self.directory or ".") / shard.path
+        return (self.directory or Path(".")) / shard.path
 
     @property
     def total_rows(self) -> int:
@@ -109,11 +110,11 @@ def load_manifest(path: str | Path) -> Manifest:
 
     Both spellings name the same split everywhere: the Manifest remembers its directory.
     """
-    path = Path(path)
-    if path.is_dir():
+    path = storage.location(path)
+    if storage.is_dir(path):
         path = path / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_text(path))  # a URL that cannot be read is a one-line DataError naming it
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest here; run `python -m data_tools prepare` first") from None
     except json.JSONDecodeError as err:
@@ -142,7 +143,7 @@ def load_manifest(path: str | Path) -> Manifest:
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -150,11 +151,13 @@ def file_sha256(path: str | Path) -> str:
 
 def verify_shard(directory: str | Path, shard: ShardInfo) -> None:
     """Refuse a shard whose size or checksum differs from the manifest, before any row is used."""
-    path = Path(directory) / shard.path
+    path = storage.location(directory) / shard.path
     try:
-        size = path.stat().st_size
+        size = storage.size(path)
     except FileNotFoundError:
         raise ManifestError(f"{path}: shard listed in the manifest is missing") from None
+    except DataError as err:  # an object that is not there or cannot be read: the one line names the URL
+        raise ManifestError(str(err)) from None
     if size != shard.bytes:
         raise ManifestError(f"{path}: size {size} bytes, manifest says {shard.bytes}; the shard is truncated or replaced")
     found = file_sha256(path)
@@ -163,8 +166,8 @@ def verify_shard(directory: str | Path, shard: ShardInfo) -> None:
 
 
 def open_shard(path: str | Path) -> BinaryIO:
-    """The one place a shard is opened for reading, so another storage backend plugs in here."""
-    return open(path, "rb")
+    """The one place a shard is opened for reading: a local file, or an object read by ranged requests."""
+    return storage.open_read(path)
 
 
 def _check_member(path: str | Path, member: tarfile.TarInfo) -> None:

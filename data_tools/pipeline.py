@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools import storage
 from data_tools.config import PipelineConfig, from_dict
 from data_tools.doc import Doc
 from data_tools.errors import DataError
@@ -204,7 +205,7 @@ class Job:
         read_stats = StageStats()
         start = time.perf_counter()
         reader = get_reader(item["format"])
-        docs: Iterator[Doc] = reader(Path(item["path"]), read_stats, log.warning, item["start"], item["end"])
+        docs: Iterator[Doc] = reader(storage.location(item["path"]), read_stats, log.warning, item["start"], item["end"])
         for step in steps:
             docs = step(docs)
         out_dir = self.work / "extract"

@@ -205,7 +205,7 @@ def set_up(config: Config, resume_from: str) -> Run:
     data, tok = manifests.train[0], manifests.train[0].tokenizer
     data_dir = data.directory
     tokenizer_file = data_dir / tok.path  # copied into each checkpoint
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer = Tokenizer.from_str(tokenizer_file.read_text())
     steps_total = total_steps(config, data.seq_len)
 
     checkpoints = Checkpoints(config.run_dir / "checkpoints")

@@ -14,6 +14,7 @@ import gzip
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from data_tools import storage
 from data_tools.doc import Doc
 from data_tools.errors import DataError
 from data_tools.stats import StageStats
@@ -23,7 +24,7 @@ Warn = Callable[[str], None]
 
 def is_empty(path: Path, stats: StageStats, warn: Warn) -> bool:
     """An empty input file has nothing to read: counted as dropped and warned about once, not an error."""
-    if path.stat().st_size:
+    if storage.size(path):
         return False
     stats.dropped["empty_file"] += 1
     warn(f"{path}: empty file, nothing to read")
@@ -31,13 +32,20 @@ def is_empty(path: Path, stats: StageStats, warn: Warn) -> bool:
 Reader = Callable[[Path, StageStats, Warn, int, "int | None"], Iterator[Doc]]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+URL_FORMATS = ("warc", "jsonl")  # readers that read through data_tools.storage (ranged reads)
 
 
-def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Resolve files, directories and globs in the order given (glob matches sorted)."""
-    paths: list[Path] = []
+def expand_inputs(patterns: list[str]) -> list[Path | storage.Url]:
+    """Resolve files, directories, globs and object-store URLs (or URL globs) in the order given (matches sorted)."""
+    paths: list[Path | storage.Url] = []
     for pattern in patterns:
-        if glob.has_magic(pattern):
+        if storage.is_url(pattern):
+            storage.check_readable(pattern.split("*")[0].split("?")[0].split("[")[0])
+            matches = storage.glob(pattern) if glob.has_magic(pattern) else [storage.Url(pattern)]
+            if not matches:
+                raise DataError(f"--input {pattern}: the pattern matches no object")
+            paths.extend(matches)
+        elif glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern))
             if not matches:
                 raise DataError(f"--input {pattern}: the pattern matches no file")
@@ -51,24 +59,24 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 def _head(path: Path, size: int = 512) -> bytes:
     """First bytes of the decompressed content, for sniffing."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    try:
-        if magic[:2] == b"\x1f\x8b":
-            with gzip.open(path, "rb") as f:
-                return f.read(size)
-        if magic[:3] == b"BZh":
-            with bz2.open(path, "rb") as f:
-                return f.read(size)
-        if magic == ZSTD_MAGIC:
-            import zstandard
+    with storage.open_read(path) as raw:
+        magic = raw.read(4)
+        raw.seek(0)
+        try:
+            if magic[:2] == b"\x1f\x8b":
+                with gzip.open(raw, "rb") as f:
+                    return f.read(size)
+            if magic[:3] == b"BZh":
+                with bz2.open(raw, "rb") as f:
+                    return f.read(size)
+            if magic == ZSTD_MAGIC:
+                import zstandard
 
-            with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
-                return f.read(size)
-    except (OSError, EOFError):
-        return b""  # corrupt from the first byte; the extension decides and the reader warns
-    with open(path, "rb") as f:
-        return f.read(size)
+                with zstandard.ZstdDecompressor().stream_reader(raw) as f:
+                    return f.read(size)
+        except (OSError, EOFError):
+            return b""  # corrupt from the first byte; the extension decides and the reader warns
+        return raw.read(size)
 
 
 NAME_FORMATS = ((".warc", "warc"), (".wet", "warc"), (".xml", "wikipedia"), (".jsonl", "jsonl"), (".parquet", "parquet"))
@@ -82,12 +90,21 @@ def format_from_name(name: str) -> str | None:
 
 def detect_format(path: Path) -> str:
     """Name the reader for `path`: warc, wikipedia, jsonl, parquet or hf_dataset."""
-    if path.is_dir():
+    if storage.is_url(path):
+        fmt = _sniff_format(path)
+        if fmt not in URL_FORMATS:
+            raise DataError(f"{path}: {fmt} inputs are read from local files only; object-store inputs are WARC/WET or JSONL")
+        return fmt
+    return _sniff_format(path)
+
+
+def _sniff_format(path: Path) -> str:
+    if storage.is_dir(path):
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return "hf_dataset"
         raise DataError(f"{path}: directory of unknown format; expected a `datasets` save_to_disk directory")
     name = path.name.lower()
-    if path.stat().st_size == 0:
+    if storage.size(path) == 0:
         if fmt := format_from_name(name):
             return fmt
         raise DataError(f"{path}: empty file of unknown format; remove it from --input")
@@ -132,7 +149,7 @@ def get_reader(fmt: str) -> Reader:
 
 def _byte_splittable(path: Path, fmt: str) -> bool:
     """Formats whose readers can start at any byte offset (uncompressed or member-wise compressed)."""
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         magic = f.read(3)
     if fmt == "warc":
         return True  # gzip per record, or plain
@@ -146,8 +163,8 @@ def plan_tasks(paths: list[Path], task_bytes: int) -> list[dict]:
     tasks = []
     for path in paths:
         fmt = detect_format(path)
-        base = {"path": str(path.resolve()), "format": fmt}
-        size = 0 if path.is_dir() else path.stat().st_size
+        base = {"path": str(path) if storage.is_url(path) else str(path.resolve()), "format": fmt}
+        size = 0 if fmt == "hf_dataset" else storage.size(path)
         if fmt == "parquet" and size > task_bytes:
             from data_tools.readers.tables import open_parquet
 

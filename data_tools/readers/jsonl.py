@@ -12,21 +12,23 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_tools import storage
 from data_tools.doc import Doc
 from data_tools.readers import ZSTD_MAGIC, Warn, is_empty
 from data_tools.stats import StageStats
 
 
 def _open_bytes(path: Path):
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    f = storage.open_read(path)
+    magic = f.read(4)
+    f.seek(0)
     if magic[:2] == b"\x1f\x8b":
-        return gzip.open(path, "rb")
+        return gzip.open(f, "rb")
     if magic == ZSTD_MAGIC:
         import zstandard
 
-        return io.BufferedReader(zstandard.open(path, "rb"))  # the raw zstd reader cannot iterate lines
-    return open(path, "rb")
+        return io.BufferedReader(zstandard.open(f, "rb"))  # the raw zstd reader cannot iterate lines
+    return f
 
 
 def _lines(f, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:

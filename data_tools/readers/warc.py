@@ -21,6 +21,7 @@ from pathlib import Path
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
+from data_tools import storage
 from data_tools.doc import Doc
 from data_tools.readers import Warn, is_empty
 from data_tools.stats import StageStats
@@ -93,7 +94,7 @@ def read_warc(path: Path, stats: StageStats, warn: Warn, start: int = 0, end: in
     """Yield one document per HTML response (or WET conversion record) starting in [start, end)."""
     if is_empty(path, stats, warn):
         return
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    with storage.mapped(path) as buf:
         split = _gzip_records if buf[:3] == GZIP_MAGIC else _plain_records
         for offset, data in split(buf, start, len(buf) if end is None else min(end, len(buf))):
             stats.docs_in += 1
