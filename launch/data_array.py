@@ -81,9 +81,10 @@ class DataJobs:
     max_array_size: int = 1001
 
     def __post_init__(self) -> None:
-        from data_tools.cli import build_parser
+        from data_tools.cli import build_parser, work_dir
 
-        self.out: Path = build_parser().parse_args(["prepare", *self.prepare_args]).output.resolve()
+        args = build_parser().parse_args(["prepare", *self.prepare_args])
+        self.out: Path = work_dir(args.output, args.work_dir).resolve()  # the job directory the stages run in
 
     def plan(self) -> int:
         """Write (or check) plan.json; the exit code of `data_tools prepare --plan-only`."""
