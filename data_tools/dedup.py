@@ -23,8 +23,8 @@ import xxhash
 from datasketch import MinHash
 
 from data_tools.config import DedupConfig
-from data_tools.doc import Doc
-from data_tools.stats import StageStats, Step
+from data_tools.doc import Doc, Step
+from data_tools.stats import StageStats
 from data_tools.taskfiles import TaskArrays
 
 SCHEME = "affine32"  # datasketch's default permutation scheme: 32-bit hash values

@@ -47,7 +47,8 @@ def run_tasks(fn: TaskFn, indices: list[int], workers: int, desc: str) -> None:
         ctx = mp.get_context("spawn")
         progress_queue = ctx.Queue()
         level = logging.getLogger().getEffectiveLevel()
-        with ProcessPoolExecutor(min(workers, len(indices)), mp_context=ctx, initializer=_init_worker, initargs=(progress_queue, level)) as pool:
+        pool_args = {"mp_context": ctx, "initializer": _init_worker, "initargs": (progress_queue, level)}
+        with ProcessPoolExecutor(min(workers, len(indices)), **pool_args) as pool:
             futures = [pool.submit(_run, fn, index) for index in indices]
             pending = set(futures)
             while pending:

@@ -6,8 +6,7 @@ from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 
 from data_tools.config import ExtractConfig
-from data_tools.doc import Doc
-from data_tools.stats import Step
+from data_tools.doc import Doc, Step
 from data_tools.wikitext import wikitext_to_text
 
 

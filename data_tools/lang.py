@@ -11,9 +11,8 @@ from functools import cache
 from importlib.resources import files
 
 from data_tools.config import LangConfig
-from data_tools.doc import Doc
+from data_tools.doc import Doc, Step
 from data_tools.errors import DataError
-from data_tools.stats import Step
 
 PREFIX = "__label__"
 

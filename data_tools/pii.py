@@ -10,8 +10,7 @@ import ipaddress
 import re
 
 from data_tools.config import PIIConfig
-from data_tools.doc import Doc
-from data_tools.stats import Step
+from data_tools.doc import Doc, Step
 
 EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
 IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")

@@ -153,7 +153,8 @@ class Job:
             old = json.loads(path.read_text())
             if {**old, "estimate": None} != {**new, "estimate": None}:  # the estimate (and its SLURM layout) may change
                 raise DataError(
-                    f"--output {self.out}: holds a job with other inputs or settings (plan.json); use a new directory or delete it"
+                    f"--output {self.out}: holds a job with other inputs or settings (plan.json); "
+                    "use a new directory or delete it"
                 )
             log.info("resuming the job in %s", self.out)
         if not path.exists() or old != new:
@@ -407,7 +408,7 @@ class Job:
     def run_pack(self, index: int, progress: Progress = lambda n: None) -> None:
         from data_tools.pack import row_order, shard_count, write_shard
 
-        plan, pack = self.plan, self.plan.config.pack
+        pack = self.plan.config.pack
         dtype = self.shard_dtype()
         written: dict[str, list[dict]] = {}
         start = time.perf_counter()

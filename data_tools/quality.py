@@ -11,8 +11,7 @@ import re
 from collections import Counter
 
 from data_tools.config import C4Config, GopherQualityConfig, GopherRepetitionConfig
-from data_tools.doc import Doc
-from data_tools.stats import Step
+from data_tools.doc import Doc, Step
 
 PARAGRAPHS = re.compile(r"\n{2,}")
 LINES = re.compile(r"\n+")

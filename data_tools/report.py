@@ -23,9 +23,14 @@ def stage_table(stats: dict) -> str:
         detail = "; ".join(x for x in (reasons, events) if x)
         rows.append((name, str(s["docs_in"]), str(s["docs_out"]), detail, f"{s['seconds']:.1f}"))
     for split, p in stats.get("pack", {}).items():
-        rows.append((f"pack/{split}", "", f"{p['rows']} rows", f"{p['tokens']} tokens in {p['shards']} shards, tail dropped {p['tokens_dropped_tail']}", f"{p['seconds']:.1f}"))
+        detail = f"{p['tokens']} tokens in {p['shards']} shards, tail dropped {p['tokens_dropped_tail']}"
+        rows.append((f"pack/{split}", "", f"{p['rows']} rows", detail, f"{p['seconds']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(cell.ljust(w) if i in (0, 3) else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(w) if i in (0, 3) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join(line(r) for r in rows)
 
 
 def write_tensorboard(out: Path, stats: dict, token_files: list[Path]) -> Path:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from data_tools.doc import Doc
 
 
 @dataclass
@@ -53,37 +51,6 @@ class StageStats:
             dropped=Counter(data["dropped"]),
             events=Counter(data.get("events", {})),
         )
-
-
-class Step:
-    """A pipeline step: a generator over documents that counts what it keeps and drops.
-
-    Subclasses implement `apply(doc)`, which may edit the document in place and returns `None`
-    to keep it or a short reason (the stats key) to drop it.
-    """
-
-    name: str = "step"
-
-    def __init__(self) -> None:
-        self.stats = StageStats()
-
-    def apply(self, doc: Doc) -> str | None:
-        raise NotImplementedError
-
-    def __call__(self, docs: Iterable[Doc]) -> Iterator[Doc]:
-        stats = self.stats
-        for doc in docs:
-            stats.docs_in += 1
-            stats.chars_in += len(doc.text) if doc.text else len(doc.raw or "")
-            start = time.perf_counter()
-            reason = self.apply(doc)
-            stats.seconds += time.perf_counter() - start
-            if reason is None:
-                stats.docs_out += 1
-                stats.chars_out += len(doc.text)
-                yield doc
-            else:
-                stats.dropped[reason] += 1
 
 
 def merge_stage_stats(per_task: Iterable[dict[str, dict]]) -> dict[str, StageStats]:

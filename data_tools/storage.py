@@ -126,7 +126,8 @@ def _what_failed(url: str, err: BaseException) -> DataError:
     bucket = url.partition("://")[2].split("/", 1)[0]
     text = first_line(err, 200)
     if isinstance(err, PermissionError):
-        return DataError(f"{url}: access denied ({text}); check the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE) and the bucket policy")
+        return DataError(f"{url}: access denied ({text}); "
+                         "check the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE) and the bucket policy")
     if isinstance(err, FileNotFoundError):
         if "bucket" in text.lower():
             return DataError(f"{url}: no bucket {bucket!r} at this endpoint; create it or fix the URL (AWS_ENDPOINT_URL)")

@@ -15,7 +15,8 @@ from mwparserfromhell.nodes import ExternalLink, Heading, HTMLEntity, Tag, Text,
 from mwparserfromhell.wikicode import Wikicode
 
 DROPPED_TAGS = {
-    "ref", "references", "table", "gallery", "math", "timeline", "imagemap", "score", "syntaxhighlight", "source", "nowiki", "div",
+    "ref", "references", "table", "gallery", "math", "timeline", "imagemap", "score", "syntaxhighlight", "source", "nowiki",
+    "div",
 }
 DROPPED_LINK_PREFIXES = {"file", "image", "media", "category"}
 _INTERWIKI = re.compile(r"^[a-z]{2,3}(-[a-z]+)*$")  # en, fr, zh-min-nan, simple…

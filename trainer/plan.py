@@ -248,20 +248,14 @@ class Plan:
 
 
 def make_plan(config: Config, world: int, vocab: int, seq_len: int, eager_attention: bool = False) -> Plan:
-    train = config.train
-    if train.global_batch % (train.micro_batch * world):
-        raise ConfigError(
-            f"train.global_batch {train.global_batch} must be a multiple of train.micro_batch × world size "
-            f"= {train.micro_batch} × {world}"
-        )
+    accumulation = config.train.accumulation(world)
     shape = Shape.of(config.model, vocab, seq_len)
     count = count_params(shape)
     selected = Layout.of(config.engine)
-    accumulation = train.global_batch // (train.micro_batch * world)
     rows = {}
     for layout in dict.fromkeys((*TABLE, selected)):
         checkpointing = layout.fsdp and bool(config.engine.activation_checkpointing)
-        activations = activation_bytes(shape, train.micro_batch, seq_len, config.precision, checkpointing, eager_attention)
+        activations = activation_bytes(shape, config.train.micro_batch, seq_len, config.precision, checkpointing, eager_attention)
         rows[layout] = Memory(*model_states(layout, count, config.precision, world, accumulation), activations)
     return Plan(shape, count, flops_per_token(shape, count, seq_len), seq_len, world, accumulation, selected, rows)
 
