@@ -64,8 +64,7 @@ def raw_read(split: Path, rows: int, cast: bool) -> int:
 
 def loader_read(split: Path, rows: int, lanes: int, global_batch: int) -> int:
     """Batches of one rank holding every lane, until `rows` rows are in hand."""
-    seq_len = load_manifest(split).seq_len
-    layout = dict(seq_len=seq_len, global_batch=global_batch, lanes=lanes, seed=0, rank=0, world_size=1)
+    layout = dict(global_batch=global_batch, lanes=lanes, seed=0, rank=0, world_size=1)
     with LanesLoader([Source(str(split))], **layout, verify=False) as loader:
         done = 0
         for batch in loader.batches(0):

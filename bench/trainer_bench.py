@@ -95,12 +95,8 @@ def global_batches(config: Config, manifest: Manifest) -> tuple[list[np.ndarray]
     """The first STEPS global batches exactly as dstrain's loop gets them, and their digests."""
     from trainer.data import LanesLoader, Source, batch_digest
 
-    tok = manifest.tokenizer
-    loader = LanesLoader(
-        [Source(config.data.train)], seq_len=manifest.seq_len, global_batch=config.train.global_batch,
-        lanes=config.data.lanes, seed=config.run.seed, rank=0, world_size=1, vocab_size=tok.vocab_size,
-        eos_id=tok.eos_id, tokenizer_sha256=tok.sha256,
-    )
+    loader = LanesLoader([Source(manifest)], global_batch=config.train.global_batch, lanes=config.data.lanes,
+                         seed=config.run.seed, rank=0, world_size=1)
     with loader:
         stream = loader.batches(0)
         batches = [next(stream) for _ in range(STEPS)]

@@ -134,17 +134,11 @@ class _Corpus:
     weight: float
 
 
-def _load_corpus(source: Source, seq_len: int) -> _Corpus:
+def _load_corpus(source: Source) -> _Corpus:
     manifest = source.manifest if isinstance(source.manifest, Manifest) else load_manifest(source.manifest)
-    path = manifest.directory
-    if manifest.seq_len != seq_len:
-        raise DataError(
-            f"{path}: seq_len {manifest.seq_len}, the run reads rows of seq_len {seq_len} (data.train's first manifest); "
-            "prepare every split with one --seq-len"
-        )
     if not source.weight > 0:
-        raise DataError(f"{path}: weight {source.weight}; a source's weight must be positive")
-    return _Corpus(path, manifest, float(source.weight))
+        raise DataError(f"{manifest.directory}: weight {source.weight}; a source's weight must be positive")
+    return _Corpus(manifest.directory, manifest, float(source.weight))
 
 
 def _without_corrupt_shards(corpus: _Corpus, rank: int) -> _Corpus:
@@ -168,25 +162,6 @@ def _without_corrupt_shards(corpus: _Corpus, rank: int) -> _Corpus:
         log.warning("%s: skipped %d of %d shards (%d of %d rows)", corpus.directory, len(corpus.manifest.shards) - len(kept),
                     len(corpus.manifest.shards), skipped, corpus.manifest.total_rows)
     return replace(corpus, manifest=replace(corpus.manifest, shards=kept))
-
-
-def _check_tokenizer(corpora: Sequence[_Corpus], vocab_size: int | None, eos_id: int | None, sha256: str | None) -> None:
-    """Refuse data made with another tokenizer than the model's: it would train on wrong ids silently."""
-    expected_sha = sha256 or corpora[0].manifest.tokenizer.sha256  # without one, sources must agree
-    for corpus in corpora:
-        tok, where = corpus.manifest.tokenizer, corpus.directory
-        if tok.sha256 != expected_sha:
-            raise DataError(
-                f"{where}: tokenizer sha256 {tok.sha256[:16]}…, expected {expected_sha[:16]}…; "
-                "the data was tokenized with another tokenizer"
-            )
-        if vocab_size is not None and tok.vocab_size > vocab_size:
-            raise DataError(
-                f"{where}: tokenizer vocab_size {tok.vocab_size} exceeds the model's vocab_size {vocab_size}; "
-                "token ids would fall outside the embedding"
-            )
-        if eos_id is not None and tok.eos_id != eos_id:
-            raise DataError(f"{where}: tokenizer eos_id {tok.eos_id}, the model's eos_id is {eos_id}; use the data's tokenizer")
 
 
 def _plan_lanes(corpora: Sequence[_Corpus], lanes: int) -> list[Lane]:
@@ -324,23 +299,20 @@ class LanesLoader:
     """This rank's batches of the run's global batch sequence; see the module docstring for the contract.
 
     `plan` lists every lane (index, source, row ranges) and `local_lanes` this rank's, in the order
-    their rows appear in a batch; `rows_per_lane` is k. Manifests are checked here; shards are
-    verified and indexed in the prefetch thread before the first batch, so model setup can overlap.
+    their rows appear in a batch; `rows_per_lane` is k. The sources share one seq_len and tokenizer
+    (`trainer.loop.read_manifests` checks a run's manifests, once); shards are verified and indexed in
+    the prefetch thread before the first batch, so model setup can overlap.
     """
 
     def __init__(
         self,
         sources: list[Source],
         *,
-        seq_len: int,
         global_batch: int,
         lanes: int,
         seed: int,
         rank: int,
         world_size: int,
-        vocab_size: int | None = None,
-        eos_id: int | None = None,
-        tokenizer_sha256: str | None = None,
         prefetch: int = 4,
         verify: bool = True,
         on_corrupt: str = "stop",
@@ -350,11 +322,10 @@ class LanesLoader:
             raise DataError("data.train: no sources; give a manifest from `python -m data_tools prepare`")
         if on_corrupt not in ("stop", "skip"):
             raise DataError(f"data.on_corrupt {on_corrupt!r}: use stop or skip")
-        self.corpora = [_load_corpus(s, seq_len) for s in sources]
+        self.corpora = [_load_corpus(s) for s in sources]
         if on_corrupt == "skip":
             self.corpora, verify = [_without_corrupt_shards(c, rank) for c in self.corpora], False  # verified just now
-        _check_tokenizer(self.corpora, vocab_size, eos_id, tokenizer_sha256)
-        self.seq_len, self.global_batch, self.lanes, self.seed = seq_len, global_batch, lanes, seed
+        self.global_batch, self.lanes, self.seed = global_batch, lanes, seed
         self.row_shape = self.corpora[0].manifest.row_shape
         self.rank, self.world_size, self.prefetch, self.verify = rank, world_size, prefetch, verify
         self.rows_per_lane = global_batch // lanes  # k: rows each lane gives every step

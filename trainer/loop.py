@@ -235,9 +235,8 @@ def set_up(config: Config, resume_from: str) -> Run:
 
     loader = LanesLoader(
         [Source(manifest, s.weight) for manifest, s in zip(manifests.train, config.data.sources())],
-        seq_len=data.seq_len, global_batch=config.train.global_batch, lanes=config.data.lanes, seed=config.run.seed,
-        rank=engine.data_rank, world_size=engine.data_world, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
-        tokenizer_sha256=tok.sha256, prefetch=config.data.prefetch, verify=config.data.verify, on_corrupt=config.data.on_corrupt,
+        global_batch=config.train.global_batch, lanes=config.data.lanes, seed=config.run.seed, rank=engine.data_rank,
+        world_size=engine.data_world, prefetch=config.data.prefetch, verify=config.data.verify, on_corrupt=config.data.on_corrupt,
     )
     if config.task.type == "multitask":
         task.route(loader.row_sources())

@@ -84,7 +84,7 @@ def test_unsafe_tar_members_are_refused_by_both_readers(shard_copy, kind):
     rewrite_shard(shard_copy, UNSAFE[kind])
     with pytest.raises(ManifestError, match="unsafe tar member"):
         next(iter_blocks(shard_copy))
-    loader = LanesLoader([Source(str(shard_copy.parent))], seq_len=64, global_batch=8, lanes=4, seed=0, rank=0, world_size=1)
+    loader = LanesLoader([Source(str(shard_copy.parent))], global_batch=8, lanes=4, seed=0, rank=0, world_size=1)
     with pytest.raises(DataError, match="unsafe tar member"), loader:
         next(loader.batches(0))
 
@@ -93,7 +93,7 @@ def test_a_pickled_object_array_is_refused_by_both_readers(shard_copy):
     rewrite_shard(shard_copy, _pickled_npy)
     with pytest.raises(ValueError, match="allow_pickle=False"):
         next(iter_blocks(shard_copy))
-    loader = LanesLoader([Source(str(shard_copy.parent))], seq_len=64, global_batch=8, lanes=4, seed=0, rank=0, world_size=1)
+    loader = LanesLoader([Source(str(shard_copy.parent))], global_batch=8, lanes=4, seed=0, rank=0, world_size=1)
     with pytest.raises(DataError, match="object"), loader:
         next(loader.batches(0))
 

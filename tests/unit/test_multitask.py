@@ -121,11 +121,11 @@ def test_a_finetuning_valid_split_is_verified_when_data_verify_is_on(datasets, t
 def test_row_sources_say_which_source_each_row_came_from(datasets, rank):
     """Sentiment rows score position 0 only, NER rows the words' first sub-tokens: the rows tell their source."""
     sources = [Source(str(datasets / "sentiment" / "train"), 3.0), Source(str(datasets / "ner" / "train"), 1.0)]
-    with LanesLoader(sources, seq_len=32, global_batch=8, lanes=4, seed=0, rank=rank, world_size=2) as loader:
+    with LanesLoader(sources, global_batch=8, lanes=4, seed=0, rank=rank, world_size=2) as loader:
         rows = next(loader.batches(0))
         from_ner = (rows[:, 1, 1:] != IGNORE).any(1)
         assert np.array_equal(loader.row_sources() == 1, from_ner)
-    assert sorted(np.concatenate([LanesLoader(sources, seq_len=32, global_batch=8, lanes=4, seed=0, rank=r, world_size=2)
+    assert sorted(np.concatenate([LanesLoader(sources, global_batch=8, lanes=4, seed=0, rank=r, world_size=2)
                                   .row_sources() for r in (0, 1)]).tolist()) == [0] * 6 + [1] * 2  # 3:1 lanes
 
 

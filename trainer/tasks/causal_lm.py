@@ -23,7 +23,7 @@ class CausalLM:
             rank, world = data.rank, data.world  # tensor/pipeline peers read the same rows
             # One lane per data rank and one micro-batch per data rank per eval batch: a small valid split suffices.
             self.valid_loader = LanesLoader(
-                [Source(ctx.valid)], seq_len=ctx.seq_len, global_batch=self.config.train.micro_batch * world, lanes=world,
+                [Source(ctx.valid)], global_batch=self.config.train.micro_batch * world, lanes=world,
                 seed=self.config.run.seed, rank=rank, world_size=world, verify=self.config.data.verify,
             )
 
