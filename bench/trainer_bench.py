@@ -122,7 +122,7 @@ def bare_side(config: Config, manifest: Manifest) -> Result:
     model, optimizer, scheduler = model_and_optimizer(config, manifest)
     model.train()
     micro = config.train.micro_batch
-    accum = config.train.global_batch // micro
+    accum = config.train.accumulation(1)
     step_s, losses = [], []
     for rows in batches:
         started, step_loss = time.perf_counter(), 0.0
@@ -203,7 +203,7 @@ def hf_side(config: Config, manifest: Manifest, deepspeed: bool, output_dir: Pat
     tcfg, optim = config.train, config.optim
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=tcfg.micro_batch,
-        gradient_accumulation_steps=tcfg.global_batch // tcfg.micro_batch, max_steps=STEPS, learning_rate=optim.lr,
+        gradient_accumulation_steps=tcfg.accumulation(1), max_steps=STEPS, learning_rate=optim.lr,
         weight_decay=optim.weight_decay, adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_epsilon=optim.eps,
         max_grad_norm=optim.grad_clip, seed=config.run.seed, deepspeed=ds_config(config, 1) if deepspeed else None,
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,

@@ -112,6 +112,7 @@ class TrainConfig:
     nan_policy: Literal["skip", "stop"] = "skip"  # a non-finite loss: skip that micro-batch, or checkpoint and stop
     max_nan_skips: int = 10  # skips allowed in a run before stopping anyway
     collective_timeout_s: float = 600  # a rank waits this long for the others (dead or stalled) before failing
+    gpu_memory_gb: float | None = None  # per process, for the memory check before step 1; unset: the GPU's own; 0: no check
 
     def accumulation(self, data_world: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank: global_batch = micro_batch × data_world × this.
@@ -307,6 +308,8 @@ def _check(config: Config, where: str) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}: '{key}' must be positive, got {value}")
+    if (config.train.gpu_memory_gb or 0) < 0:
+        raise ConfigError(f"{where}: 'train.gpu_memory_gb' must be positive (or 0: no memory check), got {config.train.gpu_memory_gb}")
     if not 0 <= config.distill.alpha <= 1 or config.distill.temperature <= 0:
         raise ConfigError(f"{where}: 'distill.alpha' must lie in [0, 1] and 'distill.temperature' be positive")
     if config.train.max_steps is None and config.train.max_tokens is None:

@@ -32,6 +32,7 @@ from trainer.early_stop import BestMetric
 from trainer.engines import Engine, build_engine
 from trainer.metrics import TRAIN_TAGS, Metrics, peak_flops, peak_memory_gb
 from trainer.models import base_model, build_model, flops_per_token
+from trainer.plan import check_memory
 from trainer.tasks import DATA_TASK, Task, TaskContext, build_task, model_vocab_size
 
 log = logging.getLogger("trainer")
@@ -207,6 +208,7 @@ def set_up(config: Config, resume_from: str) -> Run:
     tokenizer_file = data_dir / tok.path  # copied into each checkpoint
     tokenizer = Tokenizer.from_str(tokenizer_file.read_text())
     steps_total = total_steps(config, data.seq_len)
+    check_memory(config, world, tok.vocab_size, data.seq_len)  # refuse what cannot fit before building any of it
 
     checkpoints = Checkpoints(config.run_dir / "checkpoints")
     resume = checkpoints.resume_tag(resume_from)

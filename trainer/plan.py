@@ -1,5 +1,5 @@
 """`python -m trainer plan`: what a run costs before it starts, and `check_fits`, which refuses a
-config whose selected engine cannot fit on the GPUs it will get.
+config whose selected engine cannot fit on the GPUs it will get (the loop runs it through `check_memory`).
 
     python -m trainer plan --config examples/llama-8b-deepspeed.yaml --nodes 4 --gpus-per-node 8
 
@@ -62,6 +62,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+
+import torch
 
 from data_tools.manifest import ManifestError, load_manifest
 from trainer.config import Config, ConfigError, EngineConfig, ModelConfig, load_config
@@ -314,6 +316,32 @@ def check_fits(config: Config, world_size: int, gpu_memory_gb: float, *, vocab_s
     config's engine would not fit; the vocabulary and seq_len come from the data manifest unless given."""
     vocab, seq, _ = data_shape(config, vocab_size, seq_len)
     _refuse_if_too_big(make_plan(config, world_size, vocab, seq), config, gpu_memory_gb, where)
+
+
+PLANNED_ARCHS = ("llama", "gpt2")  # the decoders `Shape` counts module by module
+MEMORY_KEY = "train.gpu_memory_gb"
+
+
+def check_memory(config: Config, world_size: int, vocab_size: int, seq_len: int) -> None:
+    """`check_fits` as the loop runs it before building the model: against `train.gpu_memory_gb`, else
+    the CUDA device's total memory. Why here too: a run that cannot fit should stop in one line at
+    start, not in an out-of-memory error after the model, the engine and the first batch are built.
+
+    On CPU no memory size is known, so nothing is refused unless the key is set; 0 turns the check
+    off. Only what plan estimates is checked: llama and gpt2 built from sizes, data-parallel layouts
+    (a tp/pp/cp/HSDP mesh is `plan`'s own table, `trainer.plan_mesh`).
+    """
+    memory = config.train.gpu_memory_gb
+    if memory is None and torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    parallel = config.parallel
+    mesh = parallel.dp_replicate * parallel.cp * parallel.tp * parallel.pp > 1
+    if not memory or config.model.pretrained or config.model.arch not in PLANNED_ARCHS or mesh:
+        return
+    try:
+        check_fits(config, world_size, memory, vocab_size=vocab_size, seq_len=seq_len, where="memory check")
+    except ConfigError as err:
+        raise ConfigError(f"{err}; or give {MEMORY_KEY} (0: no check) if the estimate is wrong for this device") from None
 
 
 def _gib(value: float) -> str:

@@ -122,7 +122,7 @@ class Mesh:
             raise ConfigError(f"parallel: dp_replicate {par.dp_replicate} × dp_shard {par.dp_shard} × cp {par.cp} × "
                               f"tp {par.tp} × pp {par.pp} does not make the {world} GPUs; change parallel.* or the GPU count")
         dp = par.dp_replicate * dp_shard
-        microbatches = par.pp_microbatches or train.global_batch // (train.micro_batch * dp)
+        microbatches = par.pp_microbatches or train.accumulation(dp)
         if train.global_batch % (dp * microbatches) or not microbatches:
             raise ConfigError(f"train.global_batch {train.global_batch} must be a multiple of the data-parallel size {dp} × "
                               f"micro-batches {microbatches}; change train.micro_batch or parallel.pp_microbatches")

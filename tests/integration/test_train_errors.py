@@ -48,6 +48,7 @@ def corrupted_copy(token_data: Path, tmp: Path) -> Path:
         ("missing_manifest", "no manifest here; run `python -m data_tools prepare` first"),
         ("corrupt_shard", "the shard is corrupt"),
         ("tokenizer_mismatch", "data.valid"),
+        ("memory_check", "more than the 0.0001 GiB available"),
         ("model_shape", "checkpoint of model"),
         ("model_shape_fsdp2", "checkpoint of model"),
         ("latest_missing", "names step_000099, which is missing or incomplete"),
@@ -62,6 +63,7 @@ def test_bad_run_fails_with_one_line(tmp_path, config_file, token_data, other_to
         "missing_manifest": [f"data.train={tmp_path / 'nowhere'}"],
         "corrupt_shard": [f"data.train={corrupted_copy(token_data, tmp_path)}"],
         "tokenizer_mismatch": [f"data.valid={other_tokenizer_data / 'tokens/valid'}"],
+        "memory_check": ["train.gpu_memory_gb=0.0001"],  # as a GPU too small for the model would be refused
         "model_shape": ["model.hidden_size=64"],
         "model_shape_fsdp2": ["engine.type=fsdp2", "model.hidden_size=64"],
         "latest_missing": [],

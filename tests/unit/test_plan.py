@@ -26,6 +26,7 @@ from trainer.plan import (
     Shape,
     activation_bytes,
     check_fits,
+    check_memory,
     count_params,
     make_plan,
     model_states,
@@ -131,6 +132,21 @@ def test_check_fits_refuses_what_the_loop_cannot_run():
         check_fits(config, 8, 24, vocab_size=128256, seq_len=2048)
     with pytest.raises(ConfigError, match="no manifest here.*pass --vocab-size"):
         check_fits(config, 32, 80)
+
+
+def test_the_loops_memory_check_refuses_only_a_known_memory_size_it_exceeds():
+    """On CPU no GPU memory is known: nothing is refused unless train.gpu_memory_gb gives one; 0 turns it off."""
+    assert not torch.cuda.is_available()  # on a GPU the device's own memory is the default (that case is not run here)
+    config = load_config(example("llama-8b-fsdp2"))
+    check_memory(config, 8, 128256, 2048)
+    for memory in ("0", "80"):
+        check_memory(load_config(example("llama-8b-fsdp2"), [f"train.gpu_memory_gb={memory}"]), 32, 128256, 2048)
+    tight = load_config(example("llama-8b-fsdp2"), ["train.gpu_memory_gb=24"])
+    with pytest.raises(ConfigError, match=r"^memory check: FSDP2 on 8 GPUs needs ~\d+\.\d GiB per GPU, more than the 24 GiB "
+                                          r"available.*; or give train.gpu_memory_gb \(0: no check\) if the estimate is wrong"):
+        check_memory(tight, 8, 128256, 2048)
+    with pytest.raises(ConfigError, match=r"'train.gpu_memory_gb' must be positive \(or 0: no memory check\), got -1"):
+        load_config(example("llama-8b-fsdp2"), ["train.gpu_memory_gb=-1"])
 
 
 @pytest.mark.parametrize("nodes, gpus_per_node", [(1, 1), (1, 8), (4, 8)])
