@@ -1,7 +1,8 @@
 """`python -m launch`: start training or data preparation on one machine or on SLURM, and follow it.
 
     python -m launch local --config X [--nproc N] [--launcher deepspeed] [--dry-run] [key=value …]
-    python -m launch slurm train --config X --nodes 2 --gpus-per-node 8 --time 04:00:00 [--partition P …] [--dry-run] [k=v …]
+    python -m launch slurm train --config X --nodes 2 --gpus-per-node 8 --time 04:00:00 [--partition P …] [--resume-from step_N]
+                                 [--dry-run] [k=v …]
     python -m launch slurm data --time 02:00:00 [--array-parallelism 64] [--dry-run] <data_tools prepare options>
     python -m launch status DIR
 """
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requeues", type=int, default=10, help="requeues of one job before it stops asking (default 10)")
     p.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS",
                    help="SIGUSR2 this long before --time: the trainer checkpoints and the job requeues (default 120)")
+    p.add_argument("--resume-from", metavar="previous|step_N",
+                   help="the trainer's --resume-from for the job's first allocation; requeued ones continue from latest")
     _add_resources(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="trainer config overrides, e.g. train.max_steps=1000")
 
@@ -95,7 +98,7 @@ def slurm_train(args: argparse.Namespace) -> int:
     from launch.slurm import TrainJob
 
     job = TrainJob(args.config, args.overrides, args.nodes, args.gpus_per_node, _tasks_per_node(args), args.max_requeues,
-                   args.signal_delay, _resources(args))
+                   args.signal_delay, _resources(args), args.resume_from)
     if args.dry_run:
         print(job.describe())
         return 0

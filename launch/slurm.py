@@ -114,11 +114,22 @@ class TrainTask(Checkpointable):
     workdir: str  # where the job was submitted from: relative paths in the config mean the same
     run_dir: str
     max_requeues: int
+    resume_from: str | None = None  # the trainer's --resume-from (previous, step_N) in the job's first allocation
+
+    def command_for(self, restart: int) -> list[str]:
+        """The trainer's command line in allocation `restart` of the job: `--resume-from` in the first only.
+
+        Why: a requeued allocation continues from the checkpoint its stop wrote (`latest`, which the first
+        allocation's rewind made the requested one); resuming from the requested checkpoint again would
+        rewind the run over every step made since.
+        """
+        return [*self.command, "--resume-from", self.resume_from] if self.resume_from and restart == 0 else self.command
 
     def __call__(self) -> int:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **task_env(os.environ)}  # unbuffered: the log follows the run
         rank0 = env["RANK"] == "0"
         job_id, restart = _allocation()
+        command = self.command_for(restart)
         if rank0:
             log_event(Path(self.run_dir), "start", job_id=job_id, restart=restart, nodes=os.environ["SLURM_JOB_NODELIST"],
                       world_size=int(env["WORLD_SIZE"]))
@@ -126,7 +137,7 @@ class TrainTask(Checkpointable):
         for sig in STOP_SIGNALS:
             signal.signal(sig, lambda signum, frame: received.append(signum))
         # preexec_fn is safe here: this supervisor process runs no threads
-        child = subprocess.Popen(self.command, cwd=self.workdir, env=env, preexec_fn=_ignore_stop_signals)  # noqa: PLW1509
+        child = subprocess.Popen(command, cwd=self.workdir, env=env, preexec_fn=_ignore_stop_signals)  # noqa: PLW1509
         while True:
             try:
                 code = child.wait(timeout=1)
@@ -199,14 +210,20 @@ class TrainJob:
     max_requeues: int
     signal_delay_s: int
     resources: sbatch.Resources
+    resume_from: str | None = None  # previous or step_N: where the first allocation continues (`latest` is the default)
 
     def __post_init__(self) -> None:
+        from trainer.checkpoint import Checkpoints
         from trainer.config import load_config
 
         self.config = self.config.resolve()
         self.run_dir = load_config(self.config, self.overrides).run_dir.resolve()  # also checks the config now, not in the queue
         if self.signal_delay_s >= sbatch.minutes(self.resources.time) * 60:
             raise sbatch.LaunchError(f"--signal-delay {self.signal_delay_s} s: must be shorter than --time {self.resources.time}")
+        if self.resume_from == "latest":
+            self.resume_from = None
+        if self.resume_from:  # the checkpoint must exist now, not when the job leaves the queue
+            Checkpoints(self.run_dir / "checkpoints").resume_tag(self.resume_from)
 
     @property
     def world_size(self) -> int:
@@ -223,7 +240,7 @@ class TrainJob:
         return self.resources.parameters(job_name=self.run_dir.name, **extra)
 
     def task(self) -> TrainTask:
-        return TrainTask(self.command(), os.getcwd(), str(self.run_dir), self.max_requeues)
+        return TrainTask(self.command(), os.getcwd(), str(self.run_dir), self.max_requeues, self.resume_from)
 
     def task_envs(self) -> list[dict[str, str]]:
         """`task_env` of every task, from the variables srun sets (ranks in blocks of tasks per node)."""
@@ -248,7 +265,9 @@ class TrainJob:
             f"logs:          {sbatch.folder(self.run_dir)}/ (%j = the job id)",
             "", "# ---- sbatch script ----", sbatch.script(self.run_dir, self.parameters()).rstrip(), "",
             f"# ---- each of the {self.world_size} tasks ({self.nodes} nodes × {per_node}) runs, under submitit ----",
-            shlex.join(self.command()),
+            shlex.join(self.task().command_for(0)),
+            *([f"# (--resume-from {self.resume_from} in the first allocation only; a requeued one resumes from latest)"]
+              if self.resume_from else []),
             "# with, in every task: " + " ".join(f"{k}={v}" for k, v in common.items()),
         ]
         for node in range(self.nodes):
@@ -263,7 +282,7 @@ class TrainJob:
     def submit(self) -> str:
         job_id = sbatch.submit(self.run_dir, self.parameters(), self.task(), max_requeues=self.max_requeues)
         sbatch.record(self.run_dir, job_id, "train", nodes=self.nodes, tasks_per_node=self.tasks_per_node,
-                      command=self.command(), max_requeues=self.max_requeues)
+                      command=self.command(), resume_from=self.resume_from, max_requeues=self.max_requeues)
         return job_id
 
 

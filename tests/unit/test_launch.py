@@ -149,6 +149,22 @@ def test_sbatch_refusal_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, ca
     assert list((tmp_path / "runs" / "llama-8b-deepspeed" / "slurm").iterdir()) == []
 
 
+def test_resume_from_reaches_the_trainer_of_the_first_allocation(no_slurm, capsys):
+    checkpoints = no_slurm / "runs" / "llama-8b-deepspeed" / "checkpoints"
+    (checkpoints / "step_000040").mkdir(parents=True)
+    (checkpoints / "step_000040" / "COMPLETE").touch()
+    args = ["slurm", "train", "--config", str(LLAMA_8B), "--gpus-per-node", "8", "--time", "60", "--dry-run"]
+    assert main([*args, "--resume-from", "step_000040", "train.max_steps=1000"]) == 0
+    out = capsys.readouterr().out
+    assert f"-m trainer --config {LLAMA_8B} train.max_steps=1000 --resume-from step_000040\n" in out
+    assert "(--resume-from step_000040 in the first allocation only; a requeued one resumes from latest)" in out
+    assert main([*args, "--resume-from", "step_000099"]) == 2  # refused at submission, not when the job starts
+    err = capsys.readouterr().err
+    assert err == (f"error: {checkpoints / 'step_000099'}: --resume-from step_000099: not a complete checkpoint here; "
+                   "complete ones: step_000040\n")
+
+
+
 # ---------------------------------------------------------------------- what a task does when the trainer stops
 
 
@@ -215,6 +231,18 @@ def test_a_signal_before_the_trainer_is_ready_is_forwarded_not_fatal(in_job, own
     assert exit_info.value.code == EXIT_REQUEUE
     assert (in_job / "scontrol.calls").read_text() == "requeue 77\n"
     assert [e["event"] for e in read_events(in_job / "run")] == ["start", "stop"]
+
+
+def test_only_the_first_allocation_resumes_from_the_requested_checkpoint(in_job, own_handlers, monkeypatch):
+    """A requeued allocation continues from `latest`: resuming from step_N again would undo the steps made since."""
+    argv = in_job / "argv.jsonl"
+    trainer = [sys.executable, "-c", f"import json, sys; open({str(argv)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')",
+               "--config", "c.yaml"]
+    for restart in ("0", "1"):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
+        assert TrainTask(trainer, str(in_job), str(in_job / "run"), 10, "step_000020")() == 0
+    runs = [json.loads(line) for line in argv.read_text().splitlines()]
+    assert runs == [["--config", "c.yaml", "--resume-from", "step_000020"], ["--config", "c.yaml"]]
 
 
 def test_a_trainer_error_fails_the_job(in_job, own_handlers):
