@@ -113,7 +113,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         packed_tokens, packed_s = median_run(tokenize_and_pack, texts, Path(tmp))
     bare = {method: median_run(bare_encode, texts, method) for method in ("encode_batch", "encode_batch_fast")}
-    print(f"document stages on {len(WARCS)} WARCs (extract, lid.176, Gopher quality+repetition, MinHash), 1 process, median of {REPEATS}")
+    print(f"document stages on {len(WARCS)} WARCs (extract, lid.176, Gopher quality+repetition, MinHash), 1 process, "
+          f"median of {REPEATS}")
     print(f"{'':24}{'docs in':>9}{'docs out':>10}{'seconds':>9}{'docs/s':>9}")
     print(f"{'dstrain':24}{ours['docs_in']:>9}{ours['docs_out']:>10}{ours['seconds']:>9.2f}{ours_rate:>9.1f}")
     print(f"{'datatrove 0.10':24}{theirs['docs_in']:>9}{theirs['docs_out']:>10}{theirs['seconds']:>9.2f}{theirs_rate:>9.1f}")

@@ -163,7 +163,8 @@ def measure(world: int, extra: list[str]) -> list[dict]:
 def main(only: list[str]) -> None:
     """Every layout, or those named (`dp4 'hsdp 2×2'`)."""
     mib = 2**20
-    print(f"{'layout':<26}{'estimate MiB':>13}{'measured MiB':>13}{'ratio':>7}{'step peak':>10}   exact parts (estimate = measured)")
+    print(f"{'layout':<26}{'estimate MiB':>13}{'measured MiB':>13}{'ratio':>7}{'step peak':>10}"
+          "   exact parts (estimate = measured)")
     for name, world, extra in [layout for layout in LAYOUTS if not only or layout[0] in only]:
         memory = estimate(world, extra)
         ranks = measure(world, extra)
@@ -174,7 +175,8 @@ def main(only: list[str]) -> None:
             parts += f", accumulated grads {worst['accumulated_grads'] / mib:.1f}"
         print(f"{name:<26}{memory.total / mib:>13.1f}{peak / mib:>13.1f}{memory.total / peak:>7.2f}"
               f"{max(r['step_peak'] for r in ranks) / mib:>10.1f}   {parts}; estimate params+gathered {memory.params / mib:.1f}, "
-              f"optimizer {memory.optimizer / mib:.1f}, grads {memory.grads / mib:.1f}, activations {memory.activations / mib:.1f}")
+              f"optimizer {memory.optimizer / mib:.1f}, grads {memory.grads / mib:.1f}, "
+              f"activations {memory.activations / mib:.1f}")
 
 
 if __name__ == "__main__":

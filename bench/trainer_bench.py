@@ -12,7 +12,8 @@ What it measures: the mean wall-clock time of one optimizer step (a global batch
    forward/backward per micro-batch, grad clipping, torch AdamW, LambdaLR; batches in memory.
 3. HF `Trainer` with the very DeepSpeed config dstrain builds (`ds_config`), and without DeepSpeed
    as a second reference. dstrain's AdamW, LambdaLR and batch order replace HF's defaults (its
-   fused AdamW, linear schedule, shuffled rows), so all engines do the same arithmetic. A step is the time between consecutive `on_step_end` callbacks, so
+   fused AdamW, linear schedule, shuffled rows), so all engines do the same arithmetic. A step is
+   the time between consecutive `on_step_end` callbacks, so
    HF's batch fetch and collation (done before `on_step_begin`) count as dstrain's data wait does.
 
 Why: the trainer should cost next to nothing over the bare loop (target <= 1.05x) and less than
@@ -321,7 +322,8 @@ def print_table(runs: dict[str, list[Result] | str], zero_stage: int) -> None:
         wait = "-" if first.wait is None else f"{100 * statistics.fmean(w for run in result for w in run.wait[WARMUP:]):.2f}%"
         same = "" if isinstance(ours, str) or first.digests == ours[0].digests else "  (other batches than dstrain!)"
         print(f"{name:34}{statistics.fmean(times):>8.3f}{per_run:>13}{statistics.median(times):>8.3f}"
-              f"{GLOBAL_BATCH * SEQ_LEN / statistics.fmean(times):>7.0f}{wait:>11}{first.loss[0]:>9.4f}{first.loss[-1]:>9.4f}{same}")
+              f"{GLOBAL_BATCH * SEQ_LEN / statistics.fmean(times):>7.0f}{wait:>11}"
+              f"{first.loss[0]:>9.4f}{first.loss[-1]:>9.4f}{same}")
     print("data wait: dstrain's data_wait_frac; HF: the time before on_step_begin (fetch + collate); bare: batches in memory")
     # Same init and batches, so the losses agree to the printed digits; they may still drift in the last
     # ones: DeepSpeed clips with its own norm code and scales by 1/accumulation inside backward, HF sums token

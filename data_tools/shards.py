@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+from data_tools.storage import atomic_file
 
 Sample = tuple[str, dict[str, bytes]]  # key, {extension: payload}
 
@@ -47,23 +48,14 @@ class _HashingWriter(io.RawIOBase):
 
 def write_tar(path: str | Path, samples: Iterable[Sample]) -> tuple[int, str]:
     """Write samples to `path` atomically; return (bytes, sha256) of the finished file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as raw:
-            sink = _HashingWriter(raw)
-            with tarfile.open(fileobj=sink, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for key, members in samples:
-                    for ext, payload in members.items():
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size, info.mode, info.mtime = len(payload), 0o644, 0
-                        tar.addfile(info, io.BytesIO(payload))
-            raw.flush()
-            os.fsync(raw.fileno())
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk keeps no half shard (and gets its space back)
-        raise
-    os.replace(tmp, path)
+    with atomic_file(path) as raw:
+        sink = _HashingWriter(raw)
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for key, members in samples:
+                for ext, payload in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mode, info.mtime = len(payload), 0o644, 0
+                    tar.addfile(info, io.BytesIO(payload))
     return sink.size, sink.sha.hexdigest()
 
 

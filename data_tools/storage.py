@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 from data_tools.common import DataError, first_line
 
@@ -155,36 +155,30 @@ def retrying(url: str, what: str, call: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
+def _on_store(url: str, what: str, call: Callable[[Any, str], T]) -> T:
+    """`call(filesystem, path)` for an object-store URL, through `retrying`: every URL request goes through here."""
+    fs, path = _fs_path(url)
+    return retrying(url, what, lambda: call(fs, path))
+
+
 # ------------------------------------------------------------------------------------------ reading
 
 
 def exists(loc: str | os.PathLike) -> bool:
-    if not is_url(loc):
-        return Path(loc).exists()
-    fs, path = _fs_path(loc)
-    return retrying(loc, "exists", lambda: fs.exists(path))
+    return _on_store(loc, "exists", lambda fs, path: fs.exists(path)) if is_url(loc) else Path(loc).exists()
 
 
 def is_dir(loc: str | os.PathLike) -> bool:
-    if not is_url(loc):
-        return Path(loc).is_dir()
-    fs, path = _fs_path(loc)
-    return retrying(loc, "isdir", lambda: fs.isdir(path))
+    return _on_store(loc, "isdir", lambda fs, path: fs.isdir(path)) if is_url(loc) else Path(loc).is_dir()
 
 
 def size(loc: str | os.PathLike) -> int:
     """Bytes in a file or object; FileNotFoundError for a local file that is not there (callers word it)."""
-    if not is_url(loc):
-        return Path(loc).stat().st_size
-    fs, path = _fs_path(loc)
-    return int(retrying(loc, "size", lambda: fs.size(path)))
+    return int(_on_store(loc, "size", lambda fs, path: fs.size(path))) if is_url(loc) else Path(loc).stat().st_size
 
 
 def read_bytes(loc: str | os.PathLike) -> bytes:
-    if not is_url(loc):
-        return Path(loc).read_bytes()
-    fs, path = _fs_path(loc)
-    return retrying(loc, "read", lambda: fs.cat_file(path))
+    return _on_store(loc, "read", lambda fs, path: fs.cat_file(path)) if is_url(loc) else Path(loc).read_bytes()
 
 
 def read_text(loc: str | os.PathLike) -> str:
@@ -196,8 +190,7 @@ def read_range(loc: str | os.PathLike, offset: int, length: int) -> bytes:
     if not is_url(loc):
         with open(loc, "rb") as f:
             return os.pread(f.fileno(), length, offset)
-    fs, path = _fs_path(loc)
-    return retrying(loc, "ranged read", lambda: fs.cat_file(path, start=offset, end=offset + length))
+    return _on_store(loc, "ranged read", lambda fs, path: fs.cat_file(path, start=offset, end=offset + length))
 
 
 class _RangedFile(IO[bytes]):
@@ -312,9 +305,8 @@ def mapped(loc: str | os.PathLike) -> Iterator[bytes]:
 
 def glob(pattern: str) -> list[Url]:
     """Sorted URLs that match a glob over an object store."""
-    fs, path = _fs_path(pattern)
     protocol = pattern.partition("://")[0]
-    return [Url(f"{protocol}://{match}") for match in sorted(retrying(pattern, "list", lambda: fs.glob(path)))]
+    return [Url(f"{protocol}://{match}") for match in sorted(_on_store(pattern, "list", lambda fs, path: fs.glob(path)))]
 
 
 def list_files(loc: str | os.PathLike) -> list[str]:
@@ -322,49 +314,61 @@ def list_files(loc: str | os.PathLike) -> list[str]:
     if not is_url(loc):
         root = Path(loc)
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    fs, path = _fs_path(loc)
-    found = retrying(loc, "list", lambda: fs.find(path))
-    return sorted(f[len(path.rstrip("/")) + 1 :] for f in found)
+    prefix = len(str(loc).partition("://")[2].rstrip("/")) + 1  # the bucket/key part fsspec's paths start with
+    return sorted(f[prefix:] for f in _on_store(loc, "list", lambda fs, path: fs.find(path)))
 
 
 # ------------------------------------------------------------------------------------------ writing
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A local file written as `<path>.tmp`, synced to disk and renamed over `path` when the block ends.
+
+    Why: a reader sees the old file or the whole new one, never half, and a killed or failed write
+    (a full disk) leaves no file under `path`; the temporary one is removed, so the space comes back.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def write_bytes(loc: str | os.PathLike, data: bytes) -> None:
     """Write a whole file: a local temp file renamed over the target, or one PUT (a reader never sees half an object)."""
-    if not is_url(loc):
-        path = Path(loc)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+    if is_url(loc):
+        _on_store(loc, "write", lambda fs, path: fs.pipe_file(path, data))
         return
-    fs, path = _fs_path(loc)
-    retrying(loc, "write", lambda: fs.pipe_file(path, data))
+    Path(loc).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(loc) as f:
+        f.write(data)
 
 
 def upload(local: Path, loc: str | os.PathLike) -> None:
     """Copy one local file to a location, whole (multipart uploads too become visible only when complete)."""
-    if not is_url(loc):
-        import shutil
-
-        target = Path(loc)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, target)
+    if is_url(loc):
+        _on_store(loc, "upload", lambda fs, path: fs.put_file(str(local), path))
         return
-    fs, path = _fs_path(loc)
-    retrying(loc, "upload", lambda: fs.put_file(str(local), path))
+    import shutil
+
+    Path(loc).parent.mkdir(parents=True, exist_ok=True)
+    with open(local, "rb") as source, atomic_file(loc) as target:
+        shutil.copyfileobj(source, target)
 
 
 def remove(loc: str | os.PathLike) -> None:
     if not is_url(loc):
         Path(loc).unlink(missing_ok=True)
         return
-    fs, path = _fs_path(loc)
     with contextlib.suppress(FileNotFoundError):
-        retrying(loc, "delete", lambda: fs.rm_file(path))
+        _on_store(loc, "delete", lambda fs, path: fs.rm_file(path))
 
 
 # ------------------------------------------------------------------------------------------ checks at start
@@ -372,9 +376,7 @@ def remove(loc: str | os.PathLike) -> None:
 
 def _check_bucket(url: str) -> None:
     """Fail with one line for a missing bucket or denied access; the bucket listing needs the List right."""
-    fs, path = _fs_path(url)
-    bucket = path.split("/", 1)[0]
-    retrying(url, "list", lambda: fs.ls(bucket, refresh=True))
+    _on_store(url, "list", lambda fs, path: fs.ls(path.split("/", 1)[0], refresh=True))
 
 
 def check_readable(loc: str | os.PathLike) -> None:
@@ -384,8 +386,7 @@ def check_readable(loc: str | os.PathLike) -> None:
             raise DataError(f"{loc}: no such file or directory")
         return
     _check_bucket(loc)
-    fs, path = _fs_path(loc)
-    if not retrying(loc, "exists", lambda: fs.exists(path)):
+    if not exists(loc):
         raise DataError(f"{loc}: no such key or prefix; fix the URL or write the data first")
 
 

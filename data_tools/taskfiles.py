@@ -6,27 +6,20 @@ one output shard) from every earlier task's files, so their memory follows the s
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from data_tools.storage import atomic_file
 
 MAX_OPEN = 256  # each memory map holds a file descriptor
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
     """np.save under a temporary name, then rename: a killed or failed write leaves no file under `path`."""
-    tmp = path.with_name(path.name + ".tmp.npy")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk keeps no half file (and gets its space back)
-        raise
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def load_npy(path: Path) -> np.ndarray:

@@ -309,7 +309,9 @@ def _check(config: Config, where: str) -> None:
         if value <= 0:
             raise ConfigError(f"{where}: '{key}' must be positive, got {value}")
     if (config.train.gpu_memory_gb or 0) < 0:
-        raise ConfigError(f"{where}: 'train.gpu_memory_gb' must be positive (or 0: no memory check), got {config.train.gpu_memory_gb}")
+        raise ConfigError(
+            f"{where}: 'train.gpu_memory_gb' must be positive (or 0: no memory check), got {config.train.gpu_memory_gb}"
+        )
     if not 0 <= config.distill.alpha <= 1 or config.distill.temperature <= 0:
         raise ConfigError(f"{where}: 'distill.alpha' must lie in [0, 1] and 'distill.temperature' be positive")
     if config.train.max_steps is None and config.train.max_tokens is None:
@@ -341,8 +343,8 @@ def _check_multitask(config: Config, where: str) -> None:
     """A multi-task run's sources carry their own valid splits and names; names become metric and export paths."""
     data = config.data
     if isinstance(data.train, str):
-        raise ConfigError(f"{where}: task.type multitask needs 'data.train' as a list of sources ({{path, weight, valid, name}}), "
-                          "one per task")
+        raise ConfigError(f"{where}: task.type multitask needs 'data.train' as a list of sources "
+                          "({path, weight, valid, name}), one per task")
     if data.valid:
         raise ConfigError(f"{where}: 'data.valid' is not read by task.type multitask; put 'valid:' on each data.train source")
     if config.peft.method != "none":

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import torch
 
 from data_tools.manifest import ManifestError, load_manifest
-from trainer.config import Config, ConfigError, EngineConfig, ModelConfig, load_config
+from trainer.config import Config, ConfigError, EngineConfig, FreezeConfig, ModelConfig, load_config
 from trainer.models import _llama_ffn
 
 GIB = 2**30
@@ -328,15 +328,17 @@ def check_memory(config: Config, world_size: int, vocab_size: int, seq_len: int)
     start, not in an out-of-memory error after the model, the engine and the first batch are built.
 
     On CPU no memory size is known, so nothing is refused unless the key is set; 0 turns the check
-    off. Only what plan estimates is checked: llama and gpt2 built from sizes, data-parallel layouts
-    (a tp/pp/cp/HSDP mesh is `plan`'s own table, `trainer.plan_mesh`).
+    off. Only what plan estimates is checked: llama and gpt2 built from sizes, every parameter
+    trained (PEFT and freezing need less), data-parallel layouts (a tp/pp/cp/HSDP mesh is `plan`'s
+    own table, `trainer.plan_mesh`).
     """
     memory = config.train.gpu_memory_gb
     if memory is None and torch.cuda.is_available():
         memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
     parallel = config.parallel
-    mesh = parallel.dp_replicate * parallel.cp * parallel.tp * parallel.pp > 1
-    if not memory or config.model.pretrained or config.model.arch not in PLANNED_ARCHS or mesh:
+    planned = (not config.model.pretrained and config.model.arch in PLANNED_ARCHS and config.peft.method == "none"
+               and config.freeze == FreezeConfig() and parallel.dp_replicate * parallel.cp * parallel.tp * parallel.pp == 1)
+    if not memory or not planned:
         return
     try:
         check_fits(config, world_size, memory, vocab_size=vocab_size, seq_len=seq_len, where="memory check")

@@ -54,7 +54,8 @@ def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_metrics(tmp_pa
 TIMEOUT_S = 10
 
 
-@pytest.mark.parametrize(("engine", "sig"), [("deepspeed", signal.SIGKILL), ("deepspeed", signal.SIGSTOP), ("fsdp2", signal.SIGSTOP)],
+@pytest.mark.parametrize(("engine", "sig"),
+                         [("deepspeed", signal.SIGKILL), ("deepspeed", signal.SIGSTOP), ("fsdp2", signal.SIGSTOP)],
                          ids=["killed", "stalled", "stalled-fsdp2"])
 def test_a_dead_or_stalled_rank_ends_the_run_within_the_collective_timeout(tmp_path, config_file, request, engine, sig):
     """FSDP2's collectives (all-gather, reduce-scatter) wait on a stalled peer like DeepSpeed's: both end

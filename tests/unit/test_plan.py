@@ -139,8 +139,9 @@ def test_the_loops_memory_check_refuses_only_a_known_memory_size_it_exceeds():
     assert not torch.cuda.is_available()  # on a GPU the device's own memory is the default (that case is not run here)
     config = load_config(example("llama-8b-fsdp2"))
     check_memory(config, 8, 128256, 2048)
-    for memory in ("0", "80"):
-        check_memory(load_config(example("llama-8b-fsdp2"), [f"train.gpu_memory_gb={memory}"]), 32, 128256, 2048)
+    for overrides in (["train.gpu_memory_gb=0"], ["train.gpu_memory_gb=24", "peft.method=lora"]):  # lora: plan counts full
+        check_memory(load_config(example("llama-8b-fsdp2"), overrides), 8, 128256, 2048)  # training; it would refuse
+    check_memory(load_config(example("llama-8b-fsdp2"), ["train.gpu_memory_gb=80"]), 32, 128256, 2048)
     tight = load_config(example("llama-8b-fsdp2"), ["train.gpu_memory_gb=24"])
     with pytest.raises(ConfigError, match=r"^memory check: FSDP2 on 8 GPUs needs ~\d+\.\d GiB per GPU, more than the 24 GiB "
                                           r"available.*; or give train.gpu_memory_gb \(0: no check\) if the estimate is wrong"):

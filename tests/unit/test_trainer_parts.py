@@ -38,7 +38,8 @@ def test_overrides_are_typed_and_validated():
         (["optim.lr"], "expected key=value"),
         (["engine.type=fsdp2", "engine.zero_stage=3"], "'engine.zero_stage' is a deepspeed option, but engine.type is fsdp2"),
         (["engine.type=fsdp2", "engine.zero_stage=null", "engine.ds_config=x.json"], "'engine.ds_config' is a deepspeed option"),
-        (["engine.activation_checkpointing=true"], "'engine.activation_checkpointing' is a fsdp2 option, but engine.type is deepspeed"),
+        (["engine.activation_checkpointing=true"],
+         "'engine.activation_checkpointing' is a fsdp2 option, but engine.type is deepspeed"),
         (["engine.compile=true"], "'engine.compile' is a fsdp2 option"),
     ],
 )
@@ -124,7 +125,8 @@ def test_resume_from_previous_goes_back_one_and_rewind_moves_the_newer_aside(tmp
     assert checkpoints.resume_tag("latest") == tag(300)
     assert checkpoints.resume_tag("previous") == tag(200)
     assert checkpoints.resume_tag(tag(100)) == tag(100)
-    with pytest.raises(CheckpointError, match="step_000150: --resume-from step_000150: not a complete checkpoint here; complete ones: "):
+    with pytest.raises(CheckpointError,
+                       match="step_000150: --resume-from step_000150: not a complete checkpoint here; complete ones: "):
         checkpoints.resume_tag(tag(150))
     checkpoints.rewind(tag(200))
     assert checkpoints.latest() == tag(200) and (tmp_path / "abandoned" / tag(300) / "COMPLETE").exists()

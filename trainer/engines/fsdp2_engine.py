@@ -57,8 +57,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         return found
 
 
-_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                     ("collections", "OrderedDict")}
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                     ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
 
 
 def verify_dcp(directory: Path) -> None:
