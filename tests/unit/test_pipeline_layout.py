@@ -42,7 +42,6 @@ def test_micro_batches_default_to_the_accumulation_steps():
         (["parallel.pp_microbatches=1"], tiny_llama(), "1f1b needs at least parallel.pp = 2 micro-batches, got 1"),
         (["parallel.pp_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=2"], tiny_llama(layers=3),
          "3 layers do not fill parallel.pp × parallel.pp_stages_per_rank = 2 × 2 = 4 stages of at least one layer"),
-        (["engine.activation_checkpointing=true"], tiny_llama(), "engine.activation_checkpointing is not pipelined yet"),
         ([], tiny_llama(tied=True), "set model.tie_embeddings=false"),
         (["task.type=mlm"], tiny_llama(), "causal-LM pretraining only, not task.type mlm"),
         (["optim.layer_decay=0.9"], tiny_llama(), "layer-wise LR"),

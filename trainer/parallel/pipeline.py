@@ -66,8 +66,6 @@ def check_layout(config: Config, model: torch.nn.Module, pp: int, local_batch: i
     if config.optim.layer_decay != 1 or config.optim.head_lr is not None or config.freeze.unfreeze_every is not None:
         raise ConfigError(f"parallel.pp {pp}: layer-wise LR (optim.layer_decay, optim.head_lr, freeze.unfreeze_every) "
                           "needs the whole model on each rank; unset them or set parallel.pp=1")
-    if config.engine.activation_checkpointing:
-        raise ConfigError(f"parallel.pp {pp}: engine.activation_checkpointing is not pipelined yet; turn it off")
     decoder = getattr(model, "model", None)
     parts = ("embed_tokens", "layers", "norm", "rotary_emb")
     if not all(hasattr(decoder, name) for name in parts) or not hasattr(model, "lm_head"):
