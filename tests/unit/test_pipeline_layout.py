@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from trainer.config import ConfigError, load_config
 from trainer.parallel.pipeline import check_layout, stage_layers
 from trainer.plan import Shape
-from trainer.plan_mesh import Mesh, in_flight, layers_of_rank
+from trainer.plan_mesh import Mesh, in_flight, layers_of_rank, layouts
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"  # global batch 16, micro-batch 4
 PP2 = ("engine.type=fsdp2", "parallel.pp=2")
@@ -108,3 +108,10 @@ def test_a_checkpoint_with_optimizer_state_in_param_groups_still_loads(tmp_path,
     for name, value in {**want[0], **want[1]}.items():
         loaded = {**got[0], **got[1]}[name]
         assert torch.equal(loaded.full_tensor(), value.full_tensor()) if hasattr(value, "full_tensor") else loaded == value, name
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_plan_search_offers_pipelines_only_with_untied_embeddings(tied):
+    config = load_config(DEMO, ["engine.type=fsdp2", f"model.tie_embeddings={str(tied).lower()}"])
+    pipelined = [mesh for mesh in layouts(Shape.of(config.model, 64, 8), config, 8, 8, 8) if mesh.pp > 1]
+    assert bool(pipelined) is not tied
