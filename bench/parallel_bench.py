@@ -3,8 +3,9 @@
 
 Every layout runs `torchrun --nproc-per-node 4 -m trainer` (engine fsdp2, fp32) on the same token
 shards (BPE-4096, 256-token rows from the sample WARCs), global batch 16 in micro-batches of 4 rows
-(a layout with fewer data-parallel ranks accumulates more micro-batches per step). step_s and
-peak_mem_gb (rank 0's peak resident set) come from metrics.jsonl; the first WARMUP steps are left
+(a layout with fewer data-parallel ranks accumulates more micro-batches per step; a pipeline runs
+them through its schedule), embeddings untied in every layout, as pipeline stages need. step_s and
+peak_mem_gb (rank 0's peak resident set: under pp the first stage's) come from metrics.jsonl; the first WARMUP steps are left
 out. With ROUNDS > 1 the layouts alternate, so a change in the shared machine's load hits all. On
 CPU tensor parallel only adds collectives (gloo, no fast interconnect, no kernel that gets faster
 on a smaller shard): the table shows its cost here, not its benefit on GPUs.
@@ -29,6 +30,8 @@ LAYOUTS = {
     "HSDP (dp_replicate 2 × dp_shard 2)": ["parallel.dp_replicate=2"],
     "dp_shard 2 × tp 2": ["parallel.tp=2"],
     "tp 4": ["parallel.tp=4"],
+    "dp_shard 2 × pp 2 (1F1B)": ["parallel.pp=2"],
+    "tp 2 × pp 2 (1F1B)": ["parallel.tp=2", "parallel.pp=2"],
 }
 
 
@@ -42,7 +45,8 @@ def prepare(out: Path) -> Path:
 def measure(data: Path, run_dir: Path, layout: list[str]) -> tuple[list[float], float]:
     overrides = [
         f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}", f"data.train={data}", "engine.type=fsdp2",
-        "model.arch=llama", "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "data.lanes=4",
+        "model.arch=llama", "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "model.tie_embeddings=false",
+        "data.lanes=4",
         "train.global_batch=16", "train.micro_batch=4", f"train.max_steps={STEPS}", "train.log_every=1",
         "train.ckpt_every=100000", *layout,
     ]

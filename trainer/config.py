@@ -196,7 +196,7 @@ class ParallelConfig:
     cp: int = 1  # context parallel (ring attention over the sequence)
     tp: int = 1  # tensor parallel with sequence-parallel norms
     pp: int = 1  # pipeline stages over ranks
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs"] = "1f1b"
     pp_microbatches: int | None = None  # micro-batches per step through the pipeline; unset: the accumulation steps
     pp_stages_per_rank: int = 1  # > 1 for interleaved schedules (virtual stages)
 

@@ -291,17 +291,22 @@ def train_step(run: Run, rows: np.ndarray) -> float | None:
     config, engine, progress = run.config, run.engine, run.progress
     micro_batch = config.train.micro_batch
     batch = torch.from_numpy(rows).to(distributed.device())
+    poisoned = progress.step + 1 in config.debug.nan_at_steps  # micro-batch 0's loss made NaN
+    if engine.pipelined:  # the engine's schedule runs all micro-batches (trainer.parallel.pipeline)
+        step_loss, non_finite = engine.forward_backward(run.task.inputs(batch, progress.step, train=True), poisoned)
+        if non_finite and not skip_nonfinite(run, non_finite, f"{non_finite} of the pipeline's micro-batches"):
+            return None
+        engine.step()
+        return step_loss
     step_loss = 0.0
     for micro in range(run.accum):
         inputs = run.task.inputs(batch[micro * micro_batch : (micro + 1) * micro_batch], progress.step, micro, train=True)
         output = engine.forward(**inputs)
         loss = run.loss_of(inputs, output)
-        if progress.step + 1 in config.debug.nan_at_steps and micro == 0:
+        if poisoned and micro == 0:
             loss = loss * float("nan")
         if distributed.all_reduce([float(torch.isfinite(loss))], distributed.dist.ReduceOp.MIN).item() < 1:
-            progress.nan_skips += 1
-            log.warning("step %d: non-finite loss in micro-batch %d (%d so far)", progress.step + 1, micro, progress.nan_skips)
-            if config.train.nan_policy == "stop" or progress.nan_skips > config.train.max_nan_skips:
+            if not skip_nonfinite(run, 1, f"micro-batch {micro}"):
                 return None
             loss = output.logits.float().sum() * 0.0  # a zero gradient keeps every rank's engine in step
         else:
@@ -309,6 +314,14 @@ def train_step(run: Run, rows: np.ndarray) -> float | None:
         engine.backward(loss)
         engine.step()
     return step_loss
+
+
+def skip_nonfinite(run: Run, count: int, where: str) -> bool:
+    """Count `count` non-finite micro-batch losses; whether `train.nan_policy` lets the step go on without them."""
+    progress = run.progress
+    progress.nan_skips += count
+    log.warning("step %d: non-finite loss in %s (%d so far)", progress.step + 1, where, progress.nan_skips)
+    return run.config.train.nan_policy != "stop" and progress.nan_skips <= run.config.train.max_nan_skips
 
 
 def stop_on_nonfinite(run: Run) -> int:

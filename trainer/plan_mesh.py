@@ -10,7 +10,7 @@ m micro-batches per step, n = dp_shard × cp (FSDP shards over both, as torchtit
 Memory of pipeline rank r (the table shows the fullest rank):
   - model states: `trainer.plan.model_states` (FSDP2 row) for the rank's own parameters: its
     layers (L/(p·v) per virtual stage, rank r holding stages r, r+p, …), the first rank the
-    embeddings, the last the final norm and head (a tied head is a second copy once p > 1); every
+    embeddings, the last the final norm and head (the engine refuses tied ones once p > 1); every
     matrix split over t (column/row-wise, vocab-parallel embedding and head), norms and row-wise
     biases replicated; sharded over n, replicated over dp_replicate (HSDP).
   - activations of one micro-batch and layer: `trainer.plan.layer_activation_bytes` with s/c
@@ -21,8 +21,9 @@ Memory of pipeline rank r (the table shows the fullest rank):
     (every forward before any backward); 1F1B min(p − r, m) (Narayanan et al. 2021, §2.2: at most
     p on the first stage); interleaved 1F1B min(2·(p − r − 1) + (v − 1)·p + 1, m·v) chunks of
     L/(p·v) layers (Megatron-LM's warm-up count; on rank 0 that is Korthikanti et al. §4.2.3's
-    L·(1 + (p − 1)/(p·v)) layers). The fp32 logits 4·s·b·V/(t·c) live on the last rank, one
-    micro-batch at a time, all m under GPipe.
+    L·(1 + (p − 1)/(p·v)) layers); looped BFS m·v (every chunk's forwards before its backwards).
+    The fp32 logits 4·s·b·V/(t·c) live on the last rank, one micro-batch at a time, all m under
+    GPipe and looped BFS.
 
 Pipeline bubble, as a fraction of the step: (p − 1)/(v·m + p − 1), i.e. (p − 1)/(v·m) of the
 compute time (Narayanan et al. 2021, §2.2 and §2.2.2: interleaving divides it by v).
@@ -65,6 +66,7 @@ import math
 from dataclasses import dataclass, replace
 
 from trainer.config import Config, ConfigError
+from trainer.parallel.mesh import MULTI_STAGE
 from trainer.plan import GIB, Layout, Memory, ParamCount, Shape, count_params, flops_per_token, layer_activation_bytes
 from trainer.plan import model_states
 
@@ -126,7 +128,7 @@ class Mesh:
         if train.global_batch % (dp * microbatches) or not microbatches:
             raise ConfigError(f"train.global_batch {train.global_batch} must be a multiple of the data-parallel size {dp} × "
                               f"micro-batches {microbatches}; change train.micro_batch or parallel.pp_microbatches")
-        stages = par.pp_stages_per_rank if par.pp_schedule == "interleaved_1f1b" else 1
+        stages = par.pp_stages_per_rank if par.pp_schedule in MULTI_STAGE else 1
         return cls(par.dp_replicate, dp_shard, par.cp, par.tp, par.pp, par.pp_schedule, stages, microbatches,
                    train.global_batch // (dp * microbatches), bool(config.engine.activation_checkpointing))
 
@@ -169,8 +171,8 @@ def in_flight(mesh: Mesh, rank: int) -> int:
     p, m, v = mesh.pp, mesh.microbatches, mesh.stages_per_rank
     if p == 1:
         return 1
-    if mesh.schedule == "gpipe":
-        return m
+    if mesh.schedule in ("gpipe", "looped_bfs"):
+        return m * v
     if mesh.schedule == "1f1b":
         return min(p - rank, m)
     return min(2 * (p - rank - 1) + (v - 1) * p + 1, m * v)
@@ -211,7 +213,8 @@ def _rank_memory(shape: Shape, mesh: Mesh, rank: int, seq_len: int, precision: s
     chunk_layers = layers_of_rank(shape, mesh, rank) / mesh.stages_per_rank
     held = in_flight(mesh, rank) * chunk_layers
     blocks = held * 2 * mesh.rows * seq_len // mesh.cp * shape.hidden / mesh.tp + layer if mesh.checkpointing else held * layer
-    logits_live = (mesh.microbatches if mesh.schedule == "gpipe" and mesh.pp > 1 else 1) if rank == mesh.pp - 1 else 0
+    every_forward_first = mesh.schedule in ("gpipe", "looped_bfs") and mesh.pp > 1
+    logits_live = (mesh.microbatches if every_forward_first else 1) if rank == mesh.pp - 1 else 0
     logits = logits_live * 4 * mesh.rows * seq_len // mesh.cp * shape.vocab / mesh.tp
     return Memory(*states, blocks * (2 if precision == "fp32" else 1) + logits)
 
@@ -309,13 +312,14 @@ def layouts(shape: Shape, config: Config, world: int, gpus_per_node: int, seq_le
     """Every layout of `world` GPUs the trainer can run: TP inside a node and dividing the heads, kv heads
     and vocabulary; CP dividing seq_len into 2·cp load-balanced chunks; data-parallel size dividing
     data.lanes and the global batch; micro-batches of 1, 2, 4, 8 or 16 rows, at least pp of them (a
-    multiple of pp when interleaved, 2 stages per rank); recomputation off and on."""
+    multiple of pp when interleaved, 2 stages per rank; pp only with untied embeddings); recomputation off and on."""
     out = []
     batch, lanes = config.train.global_batch, config.data.lanes
     tps = [t for t in _divisors(gpus_per_node) if not (shape.heads % t or shape.kv_heads % t or shape.vocab % t)]
     for t in tps:
         for c in (c for c in _divisors(world // t) if seq_len % (2 * c) == 0 or c == 1):
-            for p in (p for p in _divisors(world // (t * c)) if p <= shape.layers):
+            # pipeline stages need untied embeddings (the engine refuses a head tied across the first and last stage)
+            for p in (p for p in _divisors(world // (t * c)) if p <= shape.layers and (p == 1 or not shape.tied)):
                 dp = world // (t * c * p)
                 if lanes % dp or batch % dp:
                     continue

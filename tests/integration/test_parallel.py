@@ -1,4 +1,4 @@
-"""Tensor, sequence and hybrid-sharded data parallel on the device mesh (FSDP2 engine): 4 processes over gloo.
+"""Tensor, sequence, pipeline and hybrid-sharded data parallel on the device mesh (FSDP2 engine): 4 processes over gloo.
 
 Every layout trains on the same global batches, so its losses and grad norms must be the
 1-process run's up to fp32 reduction order; a checkpoint written at one layout continues at another.
@@ -13,6 +13,8 @@ from tests.integration.trainer_runs import digests, losses, metrics, rewind, tra
 
 RTOL = 1e-5
 TINY = ("engine.type=fsdp2", "model.num_heads=4")  # 4 heads: tp up to 4
+# 4 layers: 2 stages of 2, or 2 ranks × 2 interleaved stages of 1; tied embeddings would live on the first and last stage
+PIPE = (*TINY, "model.num_layers=4", "model.tie_embeddings=false", "train.ckpt_every=2")
 
 
 def grad_norms(run_dir) -> dict[int, float]:
@@ -54,6 +56,40 @@ def test_hsdp_2x2_matches_one_process_and_resumes_on_one_process(config_file, re
     rewind(run, resumed, 4)
     train(config_file, 1, resumed, *TINY)
     assert_same_curve(resumed, reference, range(1, STEPS + 1))  # steps 1-4 at hsdp 2×2, 5-8 on one process
+
+
+def eval_losses(run_dir) -> dict[int, float]:
+    return {m["step"]: m["eval_loss"] for m in metrics(run_dir) if "eval_loss" in m}
+
+
+@pytest.fixture(scope="module")
+def pipe_reference(config_file, tmp_path_factory):
+    run = tmp_path_factory.mktemp("parallel") / "one"
+    train(config_file, 1, run, *PIPE)
+    return run
+
+
+def test_tp2_pp2_matches_one_process_and_resumes_at_dp2_tp2_then_on_one_process(config_file, pipe_reference, tmp_path):
+    """1F1B over 2 stages, each tensor parallel over 2 ranks; its step-4 checkpoint continues at dp2×tp2, whose
+    step-6 checkpoint continues on one process: one curve, the uninterrupted run's."""
+    run = tmp_path / "tp2pp2"
+    train(config_file, 4, run, *PIPE, "parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=1f1b")
+    assert_same_curve(run, pipe_reference, range(1, STEPS + 1))
+    assert eval_losses(run) == pytest.approx(eval_losses(pipe_reference), rel=RTOL)  # the forward-only pass through the stages
+    assert (run / "export" / "config.json").exists()
+    dp2tp2, one = tmp_path / "dp2tp2", tmp_path / "one"
+    rewind(run, dp2tp2, 4)
+    train(config_file, 4, dp2tp2, *PIPE, "parallel.tp=2")
+    rewind(dp2tp2, one, 6)
+    train(config_file, 1, one, *PIPE)
+    assert_same_curve(one, pipe_reference, range(1, STEPS + 1))  # steps 1-4 at tp2×pp2, 5-6 at dp2×tp2, 7-8 on one process
+
+
+def test_dp2_pp2_interleaved_matches_one_process(config_file, pipe_reference, tmp_path):
+    """Interleaved 1F1B, 2 stages of 1 layer on each pipeline rank, each stage sharded over 2 data-parallel ranks."""
+    run = tmp_path / "dp2pp2"
+    train(config_file, 4, run, *PIPE, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=2")
+    assert_same_curve(run, pipe_reference, range(1, STEPS + 1))
 
 
 def test_a_world_size_the_layout_does_not_divide_is_one_line(config_file, tmp_path):

@@ -21,11 +21,16 @@ class Engine(Protocol):
     plain FSDP they are the process rank and world size; a mesh with tensor or pipeline dimensions
     makes them smaller than the world. `data_leader` is true on one process of each data rank, the one
     that counts its rows' tokens and lane digests in sums over all processes.
+
+    `pipelined` engines (FSDP2 with parallel.pp > 1) own the micro-batch schedule: the loop hands the
+    whole step's rows to `forward_backward(inputs, poison)`, which returns (mean loss, non-finite
+    micro-batches), then calls `step()` once; `forward` is then forward-only, for evaluation.
     """
 
     data_rank: int
     data_world: int
     data_leader: bool
+    pipelined: bool
 
     @property
     def module(self) -> torch.nn.Module: ...  # the wrapped model

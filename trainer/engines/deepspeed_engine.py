@@ -124,6 +124,7 @@ class DeepSpeedEngine:
         self.universal = resume_world not in (None, world_size) and config.engine.zero_stage > 0
         self.data_rank, self.data_world = dist.get_rank(), world_size  # ZeRO: every rank is a data-parallel rank
         self.data_leader = True
+        self.pipelined = False  # forward/backward per micro-batch, driven by the loop
         self.ds_config = ds_config(config, world_size, self.universal)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,

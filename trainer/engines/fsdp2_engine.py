@@ -6,7 +6,10 @@ dp_replicate when it is > 1 (HSDP). Each transformer block is sharded on its own
 parameters are gathered one block at a time. Mixed precision keeps fp32 master weights and
 computes in bf16 with fp32 gradient reduction unless told otherwise. Checkpoints are
 `torch.distributed.checkpoint` (DCP) directories — one file per rank plus metadata — which load
-at any world size: DCP reshards on read.
+at any world size: DCP reshards on read. With `parallel.pp > 1` the model is split into pipeline stages
+(trainer.parallel.pipeline), each tensor parallel over tp and sharded over the data-parallel ranks of its
+pp coordinate; optimizer state is saved keyed by parameter name, so a checkpoint of any stage layout
+loads into any other.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from data_tools.common import CheckpointError, first_line
@@ -32,6 +35,7 @@ from trainer.distributed import device
 from trainer.engines import adamw_with_schedule
 from trainer.parallel import tensor
 from trainer.parallel.mesh import Layout, Mesh
+from trainer.parallel.pipeline import Pipeline
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -61,9 +65,10 @@ _METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), 
                      ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
 
 
-def verify_dcp(directory: Path) -> None:
+def verify_dcp(directory: Path):
     """Refuse a DCP checkpoint whose `.metadata` or non-tensor items would unpickle more than records and plain
-    values (DCP reads both with full pickle, a pickle can run code), or that is unreadable, before `dcp.load`."""
+    values (DCP reads both with full pickle, a pickle can run code), or that is unreadable, before `dcp.load`;
+    return its metadata."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
     path = directory / ".metadata"
@@ -79,14 +84,19 @@ def verify_dcp(directory: Path) -> None:
                     torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError) as err:
         raise unreadable(path, err) from None
+    return metadata
+
+
+# Optimizer state and hyperparameters keyed by parameter name: a pipeline stage holds some of the parameters,
+# and a checkpoint written at one stage layout loads at any other (or into the whole model).
+BY_NAME = StateDictOptions(flatten_optimizer_state_dict=True)
+GROUPED = StateDictOptions()  # checkpoints written before: param groups as lists (`optim.param_groups.0.lr`)
 
 
 def _check_unsupported(parallel: ParallelConfig) -> None:
     """Dimensions this engine does not run yet, refused before any process group is built (cp on CPU: Layout.resolve)."""
     if parallel.cp > 1:
         raise ConfigError(f"parallel.cp {parallel.cp}: context parallel is not available in this engine yet; set parallel.cp=1")
-    if parallel.pp > 1:
-        raise ConfigError(f"parallel.pp {parallel.pp}: pipeline parallel is not available in this engine yet; set parallel.pp=1")
 
 
 class FSDP2Engine:
@@ -106,29 +116,45 @@ class FSDP2Engine:
         layout = Layout.resolve(config.parallel, world_size)
         self.mesh = Mesh(layout, device().type, dist.get_rank())
         self.data_rank, self.data_world, self.data_leader = self.mesh.data.rank, self.mesh.data.world, self.mesh.data.leader
-        self.tp = layout.tp
+        self.tp, self.compile, self.whole = layout.tp, engine.compile, model
         if self.tp > 1:
             # the grad norm of a parameter sharded over (dp, tp) reduces over both dims, one after the other: DTensor
             # warns that a flattened mesh would take one collective; the result is the same, so say it not on every step
             logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
             tensor.check(model, config, self.tp)
-            tensor.parallelize(model, self.mesh.tp)
         self.sharding = {"mesh": self.mesh.dp, "mp_policy": mixed, "offload_policy": offload}
-        for block in transformer_blocks(model):
-            if engine.compile:
-                block.compile()
-            fully_shard(block, **self.sharding)
-        fully_shard(model, **self.sharding)
-        self.model = model
-        self.optimizer, self.scheduler = adamw_with_schedule(model, config, total_steps)
+        self.pipeline: Pipeline | None = None
+        if layout.pp > 1:  # the stages of this pp rank, each tensor parallel and sharded over its data-parallel ranks
+            self.pipeline = Pipeline(model, config, self.mesh, config.train.global_batch // self.data_world, device(),
+                                     self._parallelize, self._shard)
+            self.model = self.pipeline.local
+        else:
+            self._parallelize(model)
+            self._shard(model)
+            self.model = model
+        self.pipelined = self.pipeline is not None
+        self.optimizer, self.scheduler = adamw_with_schedule(self.model, config, total_steps)
         self.accum = config.train.accumulation(self.data_world)
         self.clip = config.optim.grad_clip
         self.micro = 0
         self._grad_norm: float | None = None
 
+    def _parallelize(self, model: torch.nn.Module) -> None:
+        if self.tp > 1:
+            tensor.parallelize(model, self.mesh.tp)
+
+    def _shard(self, model: torch.nn.Module) -> None:
+        """FSDP over the data-parallel mesh: each transformer block, then `model` as the root."""
+        for block in transformer_blocks(model):
+            if self.compile:
+                block.compile()
+            fully_shard(block, **self.sharding)
+        fully_shard(model, **self.sharding)
+
     @property
     def module(self) -> torch.nn.Module:
-        return self.model
+        """The whole model (its config, its size); under pipelining this rank holds only its stages' parts of it."""
+        return self.whole
 
     def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A model that only runs forwards (a distillation teacher), sharded as the student is: each
@@ -141,11 +167,18 @@ class FSDP2Engine:
         return model
 
     def forward(self, **inputs: torch.Tensor):
+        if self.pipeline:  # forward only: evaluation
+            return self.pipeline.forward(inputs["input_ids"], inputs.get("labels"))
         with tensor.loss_context(self.tp):  # under tp the model's own loss is vocab-parallel
             output = self.model(**inputs)
         if isinstance(output.loss, DTensor):  # replicated: the same scalar on every tp rank
             output.loss = output.loss.to_local()
         return output
+
+    def forward_backward(self, inputs: dict[str, torch.Tensor], poison: bool = False) -> tuple[float, int]:
+        """Pipelined: the step's forward and backward over all of the rank's rows; (mean loss, non-finite micro-batches).
+        `poison` makes micro-batch 0's loss NaN (debug.nan_at_steps)."""
+        return self.pipeline.forward_backward(inputs, poison)
 
     def backward(self, loss: torch.Tensor) -> None:
         # Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate locally.
@@ -155,10 +188,14 @@ class FSDP2Engine:
 
     def step(self) -> None:
         self.micro += 1
-        if self.micro < self.accum:
+        if self.micro < self.accum and not self.pipeline:
             return
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip if self.clip > 0 else float("inf"))
-        self._grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        max_norm = self.clip if self.clip > 0 else float("inf")
+        if self.pipeline:
+            self._grad_norm = self.pipeline.clip_grad_norm(max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            self._grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -173,20 +210,22 @@ class FSDP2Engine:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, root: Path, tag: str) -> None:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=BY_NAME)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(root / tag / "dcp"))
         if dist.get_rank() == 0:
             (root / tag / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
 
     def load(self, root: Path, tag: str) -> None:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        metadata = verify_dcp(root / tag / "dcp")
+        options = GROUPED if "optim.param_groups.0.lr" in metadata.state_dict_metadata else BY_NAME
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=options)
         state = {"model": model_state, "optim": optim_state}
-        verify_dcp(root / tag / "dcp")
         try:
             dcp.load(state, checkpoint_id=str(root / tag / "dcp"))
         except Exception as err:  # DCP wraps shape and key mismatches in CheckpointException
             raise CheckpointError(f"{root / tag}: cannot load into this model ({first_line(err, 200)})") from None
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=options)
         self.scheduler.load_state_dict(json.loads((root / tag / "scheduler.json").read_text()))
 
     def eval(self) -> None:

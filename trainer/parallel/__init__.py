@@ -1,2 +1,2 @@
-"""Parallelism beyond plain data parallel for the FSDP2 engine: the device mesh (mesh) and tensor +
-sequence parallel plans (tensor)."""
+"""Parallelism beyond plain data parallel for the FSDP2 engine: the device mesh (mesh), tensor +
+sequence parallel plans (tensor) and pipeline stages with their schedules (pipeline)."""

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from trainer.config import Config, ConfigError, ParallelConfig
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+# pipeline schedules that run several stages per rank (parallel.pp_stages_per_rank > 1)
+MULTI_STAGE = ("interleaved_1f1b", "looped_bfs")
 
 
 @dataclass(frozen=True)
