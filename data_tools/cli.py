@@ -68,7 +68,7 @@ def prepare(args: argparse.Namespace) -> int:
     if args.task_mb <= 0:
         raise DataError(f"--task-mb {args.task_mb}: must be positive")
     work = work_dir(args.output, args.work_dir)
-    published = storage.is_url(args.output) or work.resolve() != Path(args.output).resolve()
+    published = is_published_elsewhere(args.output, work)
     if published:
         storage.check_writable(args.output)
     if args.input_list:
@@ -152,6 +152,11 @@ def work_dir(output: str, given: Path | None) -> Path:
     if storage.is_url(output):
         return Path("dstrain-work") / output.partition("://")[2].strip("/")
     return Path(output)
+
+
+def is_published_elsewhere(output: str, work: Path) -> bool:
+    """Whether the products are copied from the work directory to --output at the end (`data_tools publish`)."""
+    return storage.is_url(output) or work.resolve() != Path(output).resolve()
 
 
 def publish_job(args: argparse.Namespace) -> int:
