@@ -189,11 +189,13 @@ def inspect(args: argparse.Namespace) -> int:
     from data_tools.manifest import iter_blocks, load_manifest
     from data_tools.report import stage_table
 
-    out = Path(args.dir)
+    out = storage.location(args.dir)  # a directory or a published s3:// prefix
     stats_path = out / "stats.json"
-    if not stats_path.exists():
+    if storage.is_url(out):
+        storage.check_readable(out)
+    if not storage.exists(stats_path):
         raise DataError(f"{out}: no stats.json; the job has not finished (rerun the same prepare command)")
-    stats = json.loads(stats_path.read_text())
+    stats = json.loads(storage.read_text(stats_path))
     print(stage_table(stats))
     for split in ("train", "valid"):
         m = load_manifest(out / "tokens" / split)
@@ -206,7 +208,7 @@ def inspect(args: argparse.Namespace) -> int:
         from tokenizers import Tokenizer
 
         rows, meta = next(iter_blocks(out / "tokens" / "train" / train.shards[0].path))
-        tokenizer = Tokenizer.from_file(str(out / "tokens" / "train" / train.tokenizer.path))
+        tokenizer = Tokenizer.from_str(storage.read_text(out / "tokens" / "train" / train.tokenizer.path))
         print(f"\nsample row (shard {train.shards[0].path}, row 0, documents start at {meta['doc_starts'][0]}):")
         print(tokenizer.decode(rows[0].tolist(), skip_special_tokens=False)[: args.chars])
     return 0
@@ -279,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=publish_job)
 
     p = sub.add_parser("inspect", help="manifest summary, stage stats and a decoded sample row")
-    p.add_argument("dir")
+    p.add_argument("dir", help="the job's output: a directory or an object-store URL (s3://bucket/prefix)")
     p.add_argument("--chars", type=int, default=600, help="characters of the sample row to show")
     p.set_defaults(func=inspect)
 
