@@ -26,19 +26,20 @@ def run_stage_task(out: str, stage: str, index: int, progress=lambda n: None) ->
 
 
 def run_job(out: Path, workers: int) -> None:
-    from data_tools.executor import run_tasks
+    from data_tools.executor import run_tasks, worker_pool
     from data_tools.pipeline import PER_TASK_STAGES, STAGES, Job
 
     job = Job(out)
-    for stage in STAGES:
-        if stage in PER_TASK_STAGES:
-            pending = job.pending(stage)
-            if pending:
-                log.info("%s: %d of %d tasks to run", stage, len(pending), job.task_count(stage))
-                run_tasks(partial(run_stage_task, str(out), stage), pending, workers, stage)
-        elif not job.is_done(stage):
-            log.info("%s", stage)
-            getattr(job, f"run_{stage}")()
+    with worker_pool(workers) as pool:
+        for stage in STAGES:
+            if stage in PER_TASK_STAGES:
+                pending = job.pending(stage)
+                if pending:
+                    log.info("%s: %d of %d tasks to run", stage, len(pending), job.task_count(stage))
+                    run_tasks(partial(run_stage_task, str(out), stage), pending, pool, stage)
+            elif not job.is_done(stage):
+                log.info("%s", stage)
+                getattr(job, f"run_{stage}")()
 
 
 def prepare(args: argparse.Namespace) -> int:
