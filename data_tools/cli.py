@@ -26,19 +26,20 @@ def run_stage_task(out: str, stage: str, index: int, progress=lambda n: None) ->
 
 
 def run_job(out: Path, workers: int) -> None:
-    from data_tools.executor import run_tasks
+    from data_tools.executor import run_tasks, worker_pool
     from data_tools.pipeline import PER_TASK_STAGES, STAGES, Job
 
     job = Job(out)
-    for stage in STAGES:
-        if stage in PER_TASK_STAGES:
-            pending = job.pending(stage)
-            if pending:
-                log.info("%s: %d of %d tasks to run", stage, len(pending), job.task_count(stage))
-                run_tasks(partial(run_stage_task, str(out), stage), pending, workers, stage)
-        elif not job.is_done(stage):
-            log.info("%s", stage)
-            getattr(job, f"run_{stage}")()
+    with worker_pool(workers) as pool:
+        for stage in STAGES:
+            if stage in PER_TASK_STAGES:
+                pending = job.pending(stage)
+                if pending:
+                    log.info("%s: %d of %d tasks to run", stage, len(pending), job.task_count(stage))
+                    run_tasks(partial(run_stage_task, str(out), stage), pending, pool, stage)
+            elif not job.is_done(stage):
+                log.info("%s", stage)
+                getattr(job, f"run_{stage}")()
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -68,7 +69,7 @@ def prepare(args: argparse.Namespace) -> int:
     if args.task_mb <= 0:
         raise DataError(f"--task-mb {args.task_mb}: must be positive")
     work = work_dir(args.output, args.work_dir)
-    published = storage.is_url(args.output) or work.resolve() != Path(args.output).resolve()
+    published = is_published_elsewhere(args.output, work)
     if published:
         storage.check_writable(args.output)
     if args.input_list:
@@ -154,6 +155,11 @@ def work_dir(output: str, given: Path | None) -> Path:
     return Path(output)
 
 
+def is_published_elsewhere(output: str, work: Path) -> bool:
+    """Whether the products are copied from the work directory to --output at the end (`data_tools publish`)."""
+    return storage.is_url(output) or work.resolve() != Path(output).resolve()
+
+
 def publish_job(args: argparse.Namespace) -> int:
     from data_tools.publish import publish
 
@@ -184,11 +190,13 @@ def inspect(args: argparse.Namespace) -> int:
     from data_tools.manifest import iter_blocks, load_manifest
     from data_tools.report import stage_table
 
-    out = Path(args.dir)
+    out = storage.location(args.dir)  # a directory or a published s3:// prefix
     stats_path = out / "stats.json"
-    if not stats_path.exists():
+    if storage.is_url(out):
+        storage.check_readable(out)
+    if not storage.exists(stats_path):
         raise DataError(f"{out}: no stats.json; the job has not finished (rerun the same prepare command)")
-    stats = json.loads(stats_path.read_text())
+    stats = json.loads(storage.read_text(stats_path))
     print(stage_table(stats))
     for split in ("train", "valid"):
         m = load_manifest(out / "tokens" / split)
@@ -201,7 +209,7 @@ def inspect(args: argparse.Namespace) -> int:
         from tokenizers import Tokenizer
 
         rows, meta = next(iter_blocks(out / "tokens" / "train" / train.shards[0].path))
-        tokenizer = Tokenizer.from_file(str(out / "tokens" / "train" / train.tokenizer.path))
+        tokenizer = Tokenizer.from_str(storage.read_text(out / "tokens" / "train" / train.tokenizer.path))
         print(f"\nsample row (shard {train.shards[0].path}, row 0, documents start at {meta['doc_starts'][0]}):")
         print(tokenizer.decode(rows[0].tolist(), skip_special_tokens=False)[: args.chars])
     return 0
@@ -274,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=publish_job)
 
     p = sub.add_parser("inspect", help="manifest summary, stage stats and a decoded sample row")
-    p.add_argument("dir")
+    p.add_argument("dir", help="the job's output: a directory or an object-store URL (s3://bucket/prefix)")
     p.add_argument("--chars", type=int, default=600, help="characters of the sample row to show")
     p.set_defaults(func=inspect)
 

@@ -1,9 +1,11 @@
 """Run a stage's tasks: inline for one worker, else in a spawned process pool, with a progress bar.
 
-Workers report processed documents through a queue; the parent turns that into one tqdm bar per
-stage (docs/s). A task that fails stops the stage with its own error; finished tasks keep their
-markers, so the rerun starts from them. A worker killed from outside (the OOM killer, a SIGKILL)
-ends the stage with one line saying so, not a pool traceback.
+One pool serves every stage of a job (`worker_pool`): a worker imports the pipeline, loads the
+language model and the tokenizer once, not once per stage. Workers report processed documents
+through a queue; the parent turns that into one tqdm bar per stage (docs/s). A task that fails
+stops the stage with its own error; finished tasks keep their markers, so the rerun starts from
+them. A worker killed from outside (the OOM killer, a SIGKILL) ends the stage with one line saying
+so, not a pool traceback.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -21,6 +25,12 @@ from data_tools.errors import DataError
 
 TaskFn = Callable[..., None]  # fn(index, progress)
 _progress_queue: mp.Queue | None = None
+
+
+@dataclass
+class WorkerPool:
+    executor: ProcessPoolExecutor
+    progress: mp.Queue
 
 
 def _init_worker(progress_queue: mp.Queue, log_level: int) -> None:
@@ -37,32 +47,40 @@ def _run(fn: TaskFn, index: int) -> None:
     fn(index, _report)
 
 
-def run_tasks(fn: TaskFn, indices: list[int], workers: int, desc: str) -> None:
-    """Run `fn(index, progress)` for every index; `fn` must be picklable for workers > 1."""
+@contextmanager
+def worker_pool(workers: int) -> Iterator[WorkerPool | None]:
+    """`workers` spawned processes for all the stages run inside the block; None for one worker (tasks run inline)."""
+    if workers <= 1:
+        yield None
+        return
+    ctx = mp.get_context("spawn")
+    progress_queue = ctx.Queue()
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue, level)) as executor:
+        yield WorkerPool(executor, progress_queue)
+
+
+def run_tasks(fn: TaskFn, indices: list[int], pool: WorkerPool | None, desc: str) -> None:
+    """Run `fn(index, progress)` for every index, in `pool` (then `fn` must be picklable) or inline without one."""
     with tqdm(desc=desc, unit=" docs", disable=None, dynamic_ncols=True) as bar:
-        if workers <= 1 or len(indices) <= 1:
+        if pool is None or len(indices) <= 1:
             for index in indices:
                 fn(index, bar.update)
             return
-        ctx = mp.get_context("spawn")
-        progress_queue = ctx.Queue()
-        level = logging.getLogger().getEffectiveLevel()
-        pool_args = {"mp_context": ctx, "initializer": _init_worker, "initargs": (progress_queue, level)}
-        with ProcessPoolExecutor(min(workers, len(indices)), **pool_args) as pool:
-            futures = [pool.submit(_run, fn, index) for index in indices]
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-                _drain(progress_queue, bar)
-                for future in done:
-                    if (error := future.exception()) is not None:
-                        for other in pending:
-                            other.cancel()
-                        if isinstance(error, BrokenProcessPool):
-                            raise DataError(f"{desc}: a worker process died (killed by a signal or out of memory); "
-                                            "finished tasks are kept, run the same command to resume") from None
-                        raise error
-            _drain(progress_queue, bar)
+        futures = [pool.executor.submit(_run, fn, index) for index in indices]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            _drain(pool.progress, bar)
+            for future in done:
+                if (error := future.exception()) is not None:
+                    for other in pending:
+                        other.cancel()
+                    if isinstance(error, BrokenProcessPool):
+                        raise DataError(f"{desc}: a worker process died (killed by a signal or out of memory); "
+                                        "finished tasks are kept, run the same command to resume") from None
+                    raise error
+        _drain(pool.progress, bar)
 
 
 def _drain(progress_queue: mp.Queue, bar: tqdm) -> None:

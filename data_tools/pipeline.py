@@ -44,7 +44,8 @@ STAGES = ("extract", "bucket", "cluster", "tokenizer", "tokenize", "pack", "mani
 PER_TASK_STAGES = ("extract", "bucket", "tokenize", "pack")  # the others run once
 BASE_MB = 100  # a task process before its data: the interpreter, numpy, tokenizers, the language model
 REPORT_MB = 150  # torch, imported by the manifest step's tensorboard writer
-DOC_BYTES = 2048  # input bytes per document the memory estimate assumes (real documents are larger: it over-counts)
+TEXT_BYTES_PER_TOKEN = 4  # cleaned text per token, for the rows the pack estimate assumes
+TEXT_BYTES_PER_DOC = 4096  # cleaned text of a document, whatever its input kind (a WARC record is mostly markup)
 Progress = Callable[[int], None]
 
 
@@ -81,10 +82,14 @@ def expected_peak_mb(plan: Plan) -> dict[str, int]:
     except bucket (÷ buckets_per_band) and cluster (duplicate pairs), which the knobs scale out."""
     from data_tools.dedup import PAIR_BATCH
 
+    from data_tools.listing import assumed_docs
+
     dedup, pack, mib = plan.config.dedup, plan.config.pack, 2**20
     perm = dedup.bands * dedup.rows_per_band
-    docs = len(plan.tasks) * plan.task_mb * mib / DOC_BYTES  # at most; whole small files count as one task each
-    rows = docs * DOC_BYTES / 4 / plan.seq_len  # about 4 bytes of text per token
+    # Documents of a task of --task-mb by its input kind (listing.assumed_docs: ~30 KiB a WARC record, ~1.5 KiB a
+    # compressed JSONL line); at most, as whole small files count as one task each and the filters drop none.
+    docs = sum(assumed_docs(Path(task["path"]).name, task["format"], plan.task_mb) for task in plan.tasks)
+    rows = docs * TEXT_BYTES_PER_DOC / TEXT_BYTES_PER_TOKEN / plan.seq_len
     estimates = {
         "extract": 2 * plan.task_mb,  # one document at a time, signatures of the task
         "bucket": docs / dedup.buckets_per_band * 48 / mib + PAIR_BATCH * perm * 8 / mib,
@@ -125,6 +130,7 @@ class Job:
         self.done = self.out / "_done"
         self.work = self.out / "_work"
         self._plan: Plan | None = None
+        self._name_width: int | None = None
 
     # ----------------------------------------------------------------- plan and markers
 
@@ -162,7 +168,12 @@ class Job:
         self._plan = plan
 
     def task_name(self, index: int) -> str:
-        return f"t{index:05d}"
+        """`t00042`: zero-padded to the widest task index of any stage (at least 5 digits, so names sort as numbers
+        and a small job's names never change), a function of the plan alone."""
+        if self._name_width is None:
+            most = max(task_count(self.plan, stage) for stage in PER_TASK_STAGES)
+            self._name_width = max(5, len(str(most - 1)))
+        return f"t{index:0{self._name_width}d}"
 
     def marker(self, stage: str, index: int | None = None) -> Path:
         suffix = "" if index is None else "-" + self.task_name(index)

@@ -36,11 +36,17 @@ def product_files(work: Path) -> list[str]:
     return sorted(files, key=lambda rel: (rel.endswith("manifest.json"), rel))
 
 
+def is_published(work: Path, output: str) -> bool:
+    """Whether the local marker says the products of the job in `work` were published to `output`."""
+    marker = work / "_done" / "publish.json"
+    return marker.exists() and json.loads(marker.read_text()).get("output") == output
+
+
 def publish(work: Path, output: str) -> None:
     """Upload the products of the job in `work` to `output`, unless its local marker says that is done."""
-    marker = work / "_done" / "publish.json"
-    if marker.exists() and json.loads(marker.read_text()).get("output") == output:
+    if is_published(work, output):
         return
+    marker = work / "_done" / "publish.json"
     start, target = time.perf_counter(), storage.location(output)
     files = product_files(work)
     for rel in files:

@@ -116,7 +116,7 @@ def slurm_data(args: argparse.Namespace, prepare_args: list[str]) -> int:
     code = jobs.plan()
     if code:
         return code
-    steps = pending_steps(jobs.out)
+    steps = pending_steps(jobs.out, jobs.output)
     if not steps:
         print(f"{jobs.out}: every stage is done; nothing to submit")
     elif args.dry_run:

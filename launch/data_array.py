@@ -9,6 +9,9 @@ starts it when the previous one succeeded, and cancels it if that failed), so no
 the login node. Running the same command again submits only what has no marker yet: after a
 failed or cancelled array element, that task and the steps after it.
 
+When the products go elsewhere than the work directory (an `s3://` --output, or --work-dir given), the
+last job also publishes them (`data_tools publish`, skipped once its marker says it is done).
+
 A stage larger than the cluster's `MaxArraySize` (`--max-array-size`, 1001 by default) is split
 into several arrays, at most `--array-parallelism` elements running in all (data_tools.arrays);
 the next job waits for every one of them.
@@ -25,6 +28,7 @@ from data_tools.arrays import ArrayChunk, split_array
 from launch import sbatch
 
 ELEMENTS_SHOWN = 3  # a dry run lists the first and last few elements of each array
+PUBLISH = "publish"  # the step after the stages that copies the products to --output (data_tools.publish)
 
 
 @dataclass
@@ -39,17 +43,20 @@ class Step:
         return "+".join(self.stages)
 
 
-def pending_steps(out: Path) -> list[Step]:
-    """The jobs still to run for the data job in `out`, from its plan and completion markers."""
+def pending_steps(out: Path, output: str | None = None) -> list[Step]:
+    """The jobs still to run for the data job in `out`, from its plan and completion markers; `output` is where the
+    products are published at the end, or None when `out` is the output itself."""
     from data_tools.pipeline import PER_TASK_STAGES, STAGES, Job
+    from data_tools.publish import is_published
 
     job = Job(out)
+    publish = output is not None and not is_published(out, output)
     steps: list[Step] = []
-    for stage in STAGES:
+    for stage in (*STAGES, PUBLISH):
         if stage in PER_TASK_STAGES:
             if pending := job.pending(stage):
                 steps.append(Step((stage,), pending))
-        elif not job.is_done(stage):
+        elif publish if stage == PUBLISH else not job.is_done(stage):
             if steps and steps[-1].tasks is None:
                 steps[-1].stages += (stage,)
             else:
@@ -57,18 +64,21 @@ def pending_steps(out: Path) -> list[Step]:
     return steps
 
 
-def stage_args(out: str, stage: str, task: int | None) -> list[str]:
-    """The `python -m data_tools` arguments that run one stage (one task of it)."""
+def stage_args(out: str, stage: str, task: int | None, output: str | None = None) -> list[str]:
+    """The `python -m data_tools` arguments that run one stage (one task of it), or publish the products to `output`."""
+    if stage == PUBLISH:
+        return [PUBLISH, out, "--output", output]
     return ["run", out, "--stage", stage, *(["--task", str(task)] if task is not None else [])]
 
 
-def run_step(out: str, stages: tuple[str, ...], task: int | None) -> None:
-    """What a job (or one array element) runs: `python -m data_tools run` for each stage."""
+def run_step(out: str, stages: tuple[str, ...], task: int | None, output: str | None = None) -> None:
+    """What a job (or one array element) runs: `python -m data_tools run` for each stage, then maybe `publish`."""
     from data_tools.cli import main
 
     for stage in stages:
-        if main(stage_args(out, stage, task)):
-            raise RuntimeError(f"python -m data_tools {shlex.join(stage_args(out, stage, task))} failed (the error is above)")
+        args = stage_args(out, stage, task, output)
+        if main(args):
+            raise RuntimeError(f"python -m data_tools {shlex.join(args)} failed (the error is above)")
 
 
 @dataclass
@@ -81,10 +91,11 @@ class DataJobs:
     max_array_size: int = 1001
 
     def __post_init__(self) -> None:
-        from data_tools.cli import build_parser, work_dir
+        from data_tools.cli import build_parser, is_published_elsewhere, work_dir
 
         args = build_parser().parse_args(["prepare", *self.prepare_args])
         self.out: Path = work_dir(args.output, args.work_dir).resolve()  # the job directory the stages run in
+        self.output: str | None = args.output if is_published_elsewhere(args.output, self.out) else None  # to publish to
 
     def plan(self) -> int:
         """Write (or check) plan.json; the exit code of `data_tools prepare --plan-only`."""
@@ -130,8 +141,8 @@ class DataJobs:
                         lines.append(f"# elements {element}-{len(tasks) - ELEMENTS_SHOWN - 1}: likewise")
                     continue
                 prefix = f"# element {element}: " if chunk else "# runs: "
-                lines.append(prefix + "; ".join(f"python -m data_tools {shlex.join(stage_args(str(self.out), s, task))}"
-                                                 for s in step.stages))
+                runs = (shlex.join(stage_args(str(self.out), s, task, self.output)) for s in step.stages)
+                lines.append(prefix + "; ".join(f"python -m data_tools {args}" for args in runs))
             return f"<job id of {name}>"
 
         self.chain(steps, show)
@@ -143,7 +154,7 @@ class DataJobs:
 
         def send(step: Step, chunk: ArrayChunk | None, name: str, params: dict) -> str:
             if chunk is None:
-                job_id = first = sbatch.submit(self.out, params, run_step, str(self.out), step.stages, None)
+                job_id = first = sbatch.submit(self.out, params, run_step, str(self.out), step.stages, None, self.output)
                 tasks = None
             else:
                 tasks = step.tasks[chunk.first : chunk.first + chunk.count]

@@ -25,19 +25,18 @@ from data_tools.pipeline import PER_TASK_STAGES, STAGES, Job
 
 pytestmark = pytest.mark.slow
 
-ARGS = ("--workers", "2", "--task-mb", "0.25", "--valid-fraction", "0.05")  # 15 extract, tokenize and pack tasks
-SMALL_SHARDS = "pack: {rows_per_shard: 256, rows_per_sample: 64}\n"  # a dozen train shards: most pack tasks write one
-BUCKETS = 116  # (28 bands + the exact key) × 4 hash ranges
+ARGS = ("--workers", "2", "--task-mb", "0.3", "--valid-fraction", "0.05")  # 3 ranges of each WARC: 6 tasks a stage
+TASKS = 6
+CONFIG = ("pack: {rows_per_shard: 64, rows_per_sample: 16}\n"  # 11 train shards: a pack task writes one or two
+          "dedup: {buckets_per_band: 1}\n")  # a bucket task per band and one for the exact key
+BUCKETS = 29  # 28 bands + the exact key
 _rng = random.Random(3)
-KILLS = [  # (stage, tasks to finish first, then a delay in s, whole job or one worker)
-    ("extract", _rng.randint(1, 5), _rng.uniform(0, 0.3), "worker"),
-    ("extract", _rng.randint(1, 4), _rng.uniform(0, 0.3), "job"),
-    ("bucket", _rng.randint(1, 40), _rng.uniform(0, 0.1), "worker"),
+KILLS = [  # (stage, tasks to finish first, then a delay in s, whole job or one worker): every stage once
+    ("extract", _rng.randint(1, 3), _rng.uniform(0, 0.3), "worker"),
+    ("bucket", _rng.randint(1, 20), _rng.uniform(0, 0.1), "worker"),
     ("bucket", BUCKETS, 0.0, "job"),  # the rest of them: lands in cluster or just after
-    ("tokenize", _rng.randint(1, 5), _rng.uniform(0, 0.3), "worker"),
-    ("tokenize", _rng.randint(1, 4), _rng.uniform(0, 0.3), "job"),
-    ("pack", _rng.randint(1, 5), _rng.uniform(0, 0.1), "worker"),
-    ("pack", _rng.randint(1, 4), _rng.uniform(0, 0.1), "job"),
+    ("tokenize", _rng.randint(1, 3), _rng.uniform(0, 0.3), "job"),
+    ("pack", _rng.randint(1, 3), _rng.uniform(0, 0.1), "worker"),
 ]
 
 
@@ -60,12 +59,14 @@ def finished(out: Path, stage: str) -> int:
 
 def test_killed_workers_then_rerun_give_the_uninterrupted_shards(tmp_path, corpora, gpt2_dir):
     reference, out, config = tmp_path / "reference", tmp_path / "job", tmp_path / "pipeline.yaml"
-    config.write_text(SMALL_SHARDS)
-    assert run(prepare_cmd(corpora, reference, "--tokenizer", str(gpt2_dir), "--config", str(config), *ARGS)).returncode == 0
+    config.write_text(CONFIG)
+    assert run(prepare_cmd(corpora, reference, "--tokenizer", str(gpt2_dir), "--config", str(config), *ARGS,
+                           inputs=WARCS)).returncode == 0
+    command = prepare_cmd(corpora, out, "--tokenizer", str(gpt2_dir), "--config", str(config), *ARGS, inputs=WARCS)
     assert len(load_manifest(reference / "tokens" / "train").shards) >= 8
-    command = prepare_cmd(corpora, out, "--tokenizer", str(gpt2_dir), "--config", str(config), *ARGS)
+    assert len(Job(reference).plan.tasks) == TASKS
     for stage, tasks, delay, what in KILLS:
-        target = min(finished(out, stage) + tasks, BUCKETS if stage == "bucket" else 15)
+        target = min(finished(out, stage) + tasks, BUCKETS if stage == "bucket" else TASKS)
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         deadline = time.monotonic() + 300
         while not (finished(out, stage) >= target and (what == "job" or workers(proc.pid))):

@@ -170,6 +170,18 @@ def test_a_transient_error_is_retried_with_backoff_and_logged(jobs, s3_server, m
         proxy.close()
 
 
+def test_inspect_reads_a_published_job_from_its_url(jobs, s3_env):
+    """`inspect s3://…` prints what it prints for the local job; a prefix with nothing there is one line naming it."""
+    local, remote = jobs
+    shown = [subprocess.run([sys.executable, "-m", "data_tools", "-q", "inspect", str(where)], capture_output=True, text=True,
+                            env={**os.environ, **s3_env}, timeout=120) for where in (local, remote, remote / "nothing")]
+    assert shown[1].returncode == 0, shown[1].stderr[-2000:]
+    manifests_and_row = [result.stdout.partition("\ntrain:")[2] for result in shown[:2]]  # stage seconds differ
+    assert "sample row" in manifests_and_row[1] and manifests_and_row[1] == manifests_and_row[0]
+    assert shown[2].returncode == 2 and shown[2].stderr.startswith(f"error: {remote}/nothing: no such key or prefix")
+    assert shown[2].stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize("who, url, message", [
     ("admin", "s3://no-such-bucket/warc/*.warc.gz", "no bucket 'no-such-bucket'"),
     ("stranger", "s3://corpus/warc/*.warc.gz", "access denied"),

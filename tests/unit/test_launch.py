@@ -317,6 +317,20 @@ def test_data_dry_run_shows_each_job_and_its_dependency(planned, no_slurm, capsy
     assert not (planned / "slurm").exists()
 
 
+def test_a_data_job_published_elsewhere_ends_with_the_publish_step(planned, no_slurm, capsys, corpora, tmp_path):
+    """With --work-dir (as for an s3:// --output), the last job publishes the products; its marker removes the step."""
+    products = tmp_path / "products"
+    code = main(["slurm", "data", "--time", "01:00:00", "--dry-run", *inputs(corpora), "--output", str(products),
+                 "--work-dir", str(planned), "--train-tokenizer", "512", "--seq-len", "64", "--task-mb", "1"])
+    sections = capsys.readouterr().out.split("# ---- ")[1:]
+    assert code == 0 and sections[-1].splitlines()[0] == "manifest+publish: one job ----"
+    assert (f"# runs: python -m data_tools run {planned} --stage manifest; "
+            f"python -m data_tools publish {planned} --output {products}") in sections[-1]
+    mark_done(planned, "manifest")
+    assert pending_steps(planned, str(products))[-1] == Step(("publish",))
+    (planned / "_done" / "publish.json").write_text(json.dumps({"output": str(products)}))
+    assert pending_steps(planned, str(products))[-1] == Step(("pack",), [0, 1, 2])
+
 # ---------------------------------------------------------------------- status and the local launcher
 
 

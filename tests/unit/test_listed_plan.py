@@ -52,6 +52,9 @@ def test_a_snapshot_listing_is_planned_with_arrays_and_estimates(snapshot_listin
         assert stages[name]["slurm_arrays"] == ["0-1000%64"] * 89 + ["0-910%64"]  # 89 × 1001 + 911
         assert stages[name]["array_first_tasks"][:3] == [0, 1001, 2002]
     assert all(stage["peak_mib_per_task"] > 0 for stage in stages.values())
+    # 35,000 documents a WARC (~30 KiB each), 3.15e9 in all: a bucket task of 4 per band holds a quarter of their hashes
+    assert 30 * 1024 < stages["bucket"]["peak_mib_per_task"] < 40 * 1024
+    assert stages["cluster"]["peak_mib_per_task"] < 100 * 1024
     assert all(stage["core_hours"] > 0 for name, stage in stages.items() if name != "tokenizer")  # a given tokenizer: no cost
     assert stages["extract"]["intermediate_gib"] > 0 and stages["pack"]["final_gib"] > 0
     volume = plan["estimate"]["volume"]

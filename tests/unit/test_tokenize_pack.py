@@ -364,12 +364,31 @@ def test_plan_records_the_expected_peak_memory_of_each_stage():
     from data_tools.config import DedupConfig, PackConfig, PipelineConfig
     from data_tools.pipeline import STAGES, Plan
 
-    def peak(n_tasks=10, **sections):
+    def peak(n_tasks=10, name="x.jsonl", fmt="jsonl", **sections):
         config = PipelineConfig(**sections)
-        return Plan([{"path": "x", "format": "jsonl", "start": 0, "end": None}] * n_tasks, 2048, config=config).peak_mb
+        return Plan([{"path": name, "format": fmt, "start": 0, "end": None}] * n_tasks, 2048, config=config).peak_mb
 
     base = peak()
     assert list(base) == list(STAGES) and all(v >= 100 for v in base.values())
     assert peak(10_000)["extract"] == base["extract"] and peak(10_000)["tokenize"] == base["tokenize"]
     assert peak(10_000, dedup=DedupConfig(buckets_per_band=64))["bucket"] < peak(10_000)["bucket"]
     assert peak(pack=PackConfig(rows_per_shard=65536))["pack"] > base["pack"]
+    # documents per MiB follow the input kind: a WARC record (~30 KiB) is ~20× a compressed JSONL line (~1.5 KiB)
+    warc = peak(10_000, "crawl.warc.gz", "warc")
+    assert 10 * (warc["cluster"] - 100) < peak(10_000)["cluster"] - 100 < 30 * (warc["cluster"] - 100)
+
+
+def test_task_names_sort_and_stay_unique_past_99999_tasks(tmp_path):
+    """Names are padded to the widest task index of the plan: a small job keeps its 5-digit names, a large one
+    gets wider names that still sort in task order."""
+    from data_tools.pipeline import Job, Plan
+
+    def names(n_tasks: int, indices: list[int]) -> list[str]:
+        job = Job(tmp_path / str(n_tasks))
+        job._plan = Plan([{"path": "x.jsonl", "format": "jsonl", "start": 0, "end": None}] * n_tasks, 2048)
+        return [job.task_name(i) for i in indices]
+
+    assert names(10, [0, 3, 9]) == ["t00000", "t00003", "t00009"]
+    assert names(100_000, [99_999]) == ["t99999"]
+    large = names(250_000, [0, 9_999, 99_999, 100_000, 249_999])
+    assert large == ["t000000", "t009999", "t099999", "t100000", "t249999"] and sorted(large) == large
