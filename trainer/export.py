@@ -119,13 +119,20 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
         raise CheckpointError(f"{where}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    checkpoint, out = Path(checkpoint), Path(out)
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The complete checkpoint directory `checkpoint` names: a step_N directory, or a checkpoints/ directory
+    (or its `latest` file) standing for the newest one."""
+    checkpoint = Path(checkpoint)
     if checkpoint.name == "latest" or (checkpoint / "latest").exists():
         root = checkpoint.parent if checkpoint.name == "latest" else checkpoint
         checkpoint = root / Checkpoints(root).latest()
     if not (checkpoint / "COMPLETE").exists():
         raise CheckpointError(f"{checkpoint}: not a complete checkpoint (no COMPLETE marker)")
+    return checkpoint
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    checkpoint, out = resolve_checkpoint(checkpoint), Path(out)
     hf_config, config = read_configs(checkpoint)
     model = rebuild(hf_config, config)
     load_weights(model, consolidated_state_dict(checkpoint, model), checkpoint)
