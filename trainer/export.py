@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from data_tools.common import CheckpointError, from_dict
@@ -94,12 +95,14 @@ def read_configs(checkpoint: Path) -> tuple[dict, Config]:
 
 
 def rebuild(hf_config: dict, config: Config) -> torch.nn.Module:
-    """The module tree the run trained, weights on the meta device: the class `architectures` names
+    """The module tree the run trained, parameters on the meta device: the class `architectures` names
     (checkpoints from before it was recorded: the task's auto class), peft applied again (outside
-    the meta context: prefix tuning keeps a plain tensor of token ids that no checkpoint restores)."""
+    the meta context: prefix tuning keeps a plain tensor of token ids that no checkpoint restores).
+    Buffers are built for real: a non-persistent one (rotary `inv_freq`) is in no checkpoint, and a
+    model that runs (`evaluate --checkpoint`, a distillation teacher) needs it."""
     model_config = AutoConfig.for_model(**hf_config)
     name = (model_config.architectures or [""])[0]
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         if config.task.type == "multitask":
             return MultiTaskModel.from_config(model_config)  # peft is refused for multitask runs
         if hasattr(transformers, name):
