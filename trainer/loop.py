@@ -230,7 +230,8 @@ def set_up(config: Config, resume_from: str) -> Run:
         )
     ctx = task_context(config, manifests, tokenizer, model)
     task = build_task(ctx)
-    evaluator = Evaluator(config, tokenizer, tok.eos_id, positions(model.config), validation_parts(task, ctx, manifests.named_valid))
+    parts = validation_parts(task, ctx, manifests.named_valid)
+    evaluator = Evaluator(config, tokenizer, tok.eos_id, positions(model.config), parts)
     engine = build_engine(adapt(model, config), config, world, steps_total, state.world_size if state else None)
     accum = config.train.accumulation(engine.data_world)
     # the model's loss, or mixed with a teacher's (distill)
@@ -267,8 +268,8 @@ def set_up(config: Config, resume_from: str) -> Run:
         engine_name = f"ZeRO-{config.engine.zero_stage}" if config.engine.type == "deepspeed" else "FSDP2"
         log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s", config.task.type,
                  steps_total, world, accum, config.train.micro_batch, data.seq_len, engine_name, config.precision)
-    return Run(config, rank, world, engine, loader, task, evaluator, loss_of, checkpoints, saver, metrics, StopSignal(), best, progress,
-               steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
+    return Run(config, rank, world, engine, loader, task, evaluator, loss_of, checkpoints, saver, metrics, StopSignal(), best,
+               progress, steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
 
 
 def resume_engine(config: Config, checkpoints: Checkpoints, resume: str, state: TrainerState, engine: Engine,

@@ -56,7 +56,7 @@ def lastword_examples(docs: list[dict], limit: int) -> list[dict]:
                 for i, sentence in enumerate(sentences):
                     match = LAST_WORD.match(sentence)
                     if match and len(sentence.split()) >= 8:
-                        before = [s for s in sentences[:i]]
+                        before = list(sentences[:i])
                         while before and len(" ".join([*before, match[1]])) > CONTEXT_CHARS:
                             before.pop(0)
                         examples.append({"context": " ".join([*before, match[1]]), "target": " " + match[2]})

@@ -83,7 +83,8 @@ def test_lm_eval_harness_scores_the_export_as_the_trainer_does(trained, tmp_path
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = json.loads(result.stdout.splitlines()[-1])
-    ours = evaluate_saved(run / "export", False, [str(tasks / "wiki-continuation.jsonl"), str(tasks / "wiki-lastword.jsonl")], None)
+    files = [str(tasks / name) for name in ("wiki-continuation.jsonl", "wiki-lastword.jsonl")]
+    ours = evaluate_saved(run / "export", False, files, None)
     choice, cloze = theirs["wiki_continuation"], theirs["wiki_lastword"]
     assert (ours["eval/wiki-continuation/acc"], ours["eval/wiki-continuation/acc_norm"]) == (choice["acc"], choice["acc_norm"])
     assert ours["eval/wiki-lastword/acc"] == cloze["acc"]
