@@ -53,7 +53,7 @@ def load_task(path: str | Path, max_examples: int | None = None) -> DownstreamTa
     """The examples of a task file (the first `max_examples` of them), checked line by line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"eval.tasks {path}: no such file; give a JSONL task file (README, 'Downstream evaluation')")
+        raise DataError(f"eval.tasks {path}: no such file; give a JSONL task file (README, Training: Evaluation)")
     examples, kinds = [], set()
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):

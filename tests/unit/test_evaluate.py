@@ -23,7 +23,7 @@ from data_tools.pack import Rows, write_shard
 from data_tools.tokenize import load_tokenizer
 from trainer.config import load_config
 from trainer.downstream import Scorer, encode_pair, load_task
-from trainer.evaluate import Evaluator, LoadedModel, validation_parts
+from trainer.evaluate import Evaluator, LoadedModel, evaluate_saved, validation_parts
 from trainer.tasks import TaskContext
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,3 +169,13 @@ def test_per_source_losses_equal_a_direct_computation(tmp_path, model, gpt2):
 def _rows(manifest: Manifest) -> np.ndarray:
     blocks = [rows for shard in manifest.shards for rows, _ in iter_blocks(manifest.shard_path(shard))]
     return np.concatenate(blocks).astype(np.int64)
+
+
+def test_evaluate_on_an_export_needs_tasks_and_scores_as_the_loop(tmp_path, model, gpt2):
+    model.save_pretrained(tmp_path)
+    gpt2.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ConfigError, match="nothing to score; give --tasks FILE"):
+        evaluate_saved(tmp_path, False, None, None)
+    config = config_for(f"eval.tasks=[{TASKS[1]}]", "eval.max_examples=5")
+    in_loop = Evaluator(config, gpt2, 50256, POSITIONS, []).evaluate(LoadedModel(model)).scalars
+    assert evaluate_saved(tmp_path, False, [str(TASKS[1])], 5) == {f"eval/{k}": v for k, v in in_loop.items()}
