@@ -1,10 +1,12 @@
 """`python -m trainer`: train (default), `plan --config …` (memory and FLOPs before a run), `export CHECKPOINT OUT_DIR`,
-`evaluate MODEL --data VALID_DIR`, or `compress prune|quantize MODEL … --out DIR` (trainer.compress).
+`evaluate MODEL --data VALID_DIR` or `evaluate --checkpoint DIR | --export DIR [--tasks FILE …]` (the eval/… scalars a
+run logs, trainer.evaluate), or `compress prune|quantize MODEL … --out DIR` (trainer.compress).
 
     python -m trainer --config examples/demo.yaml [--resume-from previous] [dotted.key=value …]
     deepspeed --num_gpus 2 -m trainer --config …      torchrun --nproc-per-node 2 -m trainer --config …
     python -m trainer plan --config examples/llama-8b-deepspeed.yaml --nodes 4 --gpus-per-node 8 --vocab-size 128256
     python -m trainer export runs/demo/checkpoints/step_000300 runs/demo/hf
+    python -m trainer evaluate --checkpoint runs/demo/checkpoints/step_000300 --tasks examples/eval/*.jsonl
     python -m trainer compress quantize runs/finetune/sentiment-minilm --method int8-dynamic --out runs/int8 --data VALID_DIR
 """
 

@@ -79,7 +79,8 @@ class DataSource:
 @dataclass
 class DataConfig:
     train: str | list[DataSource] = ""
-    valid: str | None = None
+    # a manifest (eval/loss), or name → manifest: one loss per validation source (eval/<name>/loss)
+    valid: str | dict[str, str] | None = None
     lanes: int = 8  # fixed for a run: world_size and global_batch must divide by it (ARCHITECTURE.md, "Contracts: lanes")
     prefetch: int = 4  # batches read ahead by the background thread
     verify: bool = True  # check each shard's size and sha256 against the manifest before use
@@ -92,6 +93,12 @@ class DataConfig:
     def has_valid(self) -> bool:
         """Whether the run evaluates: a data.valid split, or (multitask) a `valid:` on some source."""
         return bool(self.valid or any(s.valid for s in self.sources()))
+
+    def valid_sources(self) -> dict[str, str]:
+        """data.valid as name → manifest; the name "" stands for a single data.valid (logged as eval/loss)."""
+        if isinstance(self.valid, dict):
+            return dict(self.valid)
+        return {"": self.valid} if self.valid else {}
 
 
 @dataclass
@@ -125,6 +132,15 @@ class TrainConfig:
                 f"= {self.micro_batch} × {data_world}"
             )
         return self.global_batch // (self.micro_batch * data_world)
+
+
+@dataclass
+class EvalConfig:
+    """Downstream zero-shot tasks scored by log-likelihood at every train.eval_every (trainer.downstream)."""
+
+    tasks: list[str] = field(default_factory=list)  # JSONL task files; each file's stem names it: eval/<stem>/acc
+    max_examples: int | None = None  # score the first N examples of each task (unset: all)
+    batch_size: int = 16  # sequences per forward; an example's choices stay in one batch
 
 
 @dataclass
@@ -228,6 +244,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
@@ -304,6 +321,7 @@ def _check(config: Config, where: str) -> None:
         "train.log_every": config.train.log_every,
         "train.ckpt_every": config.train.ckpt_every,
         "train.eval_every": config.train.eval_every,
+        "eval.batch_size": config.eval.batch_size,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -333,6 +351,9 @@ def _check(config: Config, where: str) -> None:
             raise ConfigError(f"{where}: {', '.join(mesh)} needs the device-mesh engine; set engine.type=fsdp2")
     if not config.data.sources() or not config.data.sources()[0].path:
         raise ConfigError(f"{where}: 'data.train' is empty; give a manifest from `python -m data_tools prepare`")
+    for name in config.data.valid if isinstance(config.data.valid, dict) else ():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise ConfigError(f"{where}: 'data.valid' source name {name!r} is not a plain word (letters, digits, _ -)")
     if config.task.type == "multitask":
         _check_multitask(config, where)
     elif (given := next((i for i, s in enumerate(config.data.sources()) if s.valid), None)) is not None:

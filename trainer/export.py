@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from data_tools.common import CheckpointError, from_dict
@@ -94,12 +95,14 @@ def read_configs(checkpoint: Path) -> tuple[dict, Config]:
 
 
 def rebuild(hf_config: dict, config: Config) -> torch.nn.Module:
-    """The module tree the run trained, weights on the meta device: the class `architectures` names
+    """The module tree the run trained, parameters on the meta device: the class `architectures` names
     (checkpoints from before it was recorded: the task's auto class), peft applied again (outside
-    the meta context: prefix tuning keeps a plain tensor of token ids that no checkpoint restores)."""
+    the meta context: prefix tuning keeps a plain tensor of token ids that no checkpoint restores).
+    Buffers are built for real: a non-persistent one (rotary `inv_freq`) is in no checkpoint, and a
+    model that runs (`evaluate --checkpoint`, a distillation teacher) needs it."""
     model_config = AutoConfig.for_model(**hf_config)
     name = (model_config.architectures or [""])[0]
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         if config.task.type == "multitask":
             return MultiTaskModel.from_config(model_config)  # peft is refused for multitask runs
         if hasattr(transformers, name):
@@ -119,13 +122,20 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
         raise CheckpointError(f"{where}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    checkpoint, out = Path(checkpoint), Path(out)
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The complete checkpoint directory `checkpoint` names: a step_N directory, or a checkpoints/ directory
+    (or its `latest` file) standing for the newest one."""
+    checkpoint = Path(checkpoint)
     if checkpoint.name == "latest" or (checkpoint / "latest").exists():
         root = checkpoint.parent if checkpoint.name == "latest" else checkpoint
         checkpoint = root / Checkpoints(root).latest()
     if not (checkpoint / "COMPLETE").exists():
         raise CheckpointError(f"{checkpoint}: not a complete checkpoint (no COMPLETE marker)")
+    return checkpoint
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    checkpoint, out = resolve_checkpoint(checkpoint), Path(out)
     hf_config, config = read_configs(checkpoint)
     model = rebuild(hf_config, config)
     load_weights(model, consolidated_state_dict(checkpoint, model), checkpoint)

@@ -30,7 +30,9 @@ from trainer.data import LanesLoader, Source, batch_digest
 from trainer.distill import objective
 from trainer.early_stop import BestMetric
 from trainer.engines import Engine, build_engine
+from trainer.evaluate import Evaluator, validation_parts
 from trainer.metrics import TRAIN_TAGS, Metrics, peak_flops, peak_memory_gb
+from trainer.downstream import positions
 from trainer.models import base_model, build_model, flops_per_token
 from trainer.plan import check_memory
 from trainer.tasks import DATA_TASK, Task, TaskContext, build_task, model_vocab_size
@@ -59,6 +61,7 @@ class RunManifests(NamedTuple):
     train: list[Manifest]  # data.train's sources, in order
     valid: Manifest | None  # data.valid
     source_valid: list[Manifest | None]  # each source's own `valid:` (task.type multitask)
+    named_valid: dict[str, Manifest]  # data.valid as a mapping: name → manifest, a loss each
 
 
 def read_manifests(config: Config) -> RunManifests:
@@ -85,10 +88,10 @@ def read_manifests(config: Config) -> RunManifests:
         source_valid.append(load_manifest(source.valid) if source.valid else None)
         if source_valid[-1]:
             check_valid(f"data.train[{i}].valid {source.valid}", source_valid[-1], manifest)
-    valid = load_manifest(config.data.valid) if config.data.valid else None
-    if valid:
-        check_valid(f"data.valid {config.data.valid}", valid, first)
-    return RunManifests(sources, valid, source_valid)
+    valid = {name: load_manifest(path) for name, path in config.data.valid_sources().items()}
+    for name, path in config.data.valid_sources().items():
+        check_valid(f"data.valid{'.' + name if name else ''} {path}", valid[name], first)
+    return RunManifests(sources, valid.pop("", None), source_valid, valid)
 
 
 def check_valid(where: str, valid: Manifest, train: Manifest) -> None:
@@ -102,6 +105,12 @@ def check_valid(where: str, valid: Manifest, train: Manifest) -> None:
         )
     if valid.labels and valid.labels != train.labels:
         raise ConfigError(f"{where}: label ids differ from data.train's; prepare both splits in one run")
+
+
+def task_context(config: Config, manifests: RunManifests, tokenizer: Tokenizer, model: torch.nn.Module) -> TaskContext:
+    data = manifests.train[0]
+    return TaskContext(config, data.seq_len, tokenizer, data.tokenizer.eos_id, model.config.pad_token_id, data.labels,
+                       manifests.valid, manifests.train, manifests.source_valid)
 
 
 def total_steps(config: Config, seq_len: int) -> int:
@@ -178,6 +187,7 @@ class Run:
     engine: Engine
     loader: LanesLoader
     task: Task
+    evaluator: Evaluator
     loss_of: Callable
     checkpoints: Checkpoints
     saver: Saver
@@ -220,8 +230,10 @@ def set_up(config: Config, resume_from: str) -> Run:
             f"{checkpoints.root / resume}: checkpoint of model {state.model_shape}, this run builds {model_shape(model)}; "
             "use a new run.name or the old model settings"
         )
-    task = build_task(TaskContext(config, data.seq_len, tokenizer, tok.eos_id, model.config.pad_token_id, data.labels,
-                                  manifests.valid, manifests.train, manifests.source_valid))
+    ctx = task_context(config, manifests, tokenizer, model)
+    task = build_task(ctx)
+    parts = validation_parts(task, ctx, manifests.named_valid)
+    evaluator = Evaluator(config, tokenizer, tok.eos_id, positions(model.config), parts)
     engine = build_engine(adapt(model, config), config, world, steps_total, state.world_size if state else None)
     accum = config.train.accumulation(engine.data_world)
     # the model's loss, or mixed with a teacher's (distill)
@@ -257,8 +269,8 @@ def set_up(config: Config, resume_from: str) -> Run:
         engine_name = f"ZeRO-{config.engine.zero_stage}" if config.engine.type == "deepspeed" else "FSDP2"
         log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s", config.task.type,
                  steps_total, world, accum, config.train.micro_batch, data.seq_len, engine_name, config.precision)
-    return Run(config, rank, world, engine, loader, task, loss_of, checkpoints, saver, metrics, StopSignal(), best, progress,
-               steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
+    return Run(config, rank, world, engine, loader, task, evaluator, loss_of, checkpoints, saver, metrics, StopSignal(), best,
+               progress, steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
 
 
 def resume_engine(config: Config, checkpoints: Checkpoints, resume: str, state: TrainerState, engine: Engine,
@@ -365,12 +377,13 @@ def log_window(run: Run, window: Window, rows: np.ndarray) -> None:
 
 
 def maybe_evaluate(run: Run) -> tuple[bool, bool]:
-    """Evaluate when it is due and the run has a valid split: (the best metric improved, early stop is due)."""
-    if not (run.config.data.has_valid() and run.due(run.config.train.eval_every)):
+    """Evaluate when it is due and there is something to score (valid splits, downstream tasks):
+    (the best metric improved, early stop is due)."""
+    if not (run.evaluator.active and run.due(run.config.train.eval_every)):
         return False, False
     step = run.progress.step
     run.engine.eval()
-    evaluation = run.task.evaluate(run.engine)
+    evaluation = run.evaluator.evaluate(run.engine)
     run.engine.train()
     record = {f"eval_{k}": v for k, v in evaluation.scalars.items()}
     run.metrics.log(step, record, {f"eval_{k}": f"eval/{k}" for k in evaluation.scalars})
@@ -385,6 +398,7 @@ def finish(run: Run, exit_code: int) -> None:
     """Stop the reader threads and writers; after a completed run, rank 0 exports the best (or last) checkpoint."""
     run.loader.close()
     run.task.close()
+    run.evaluator.close()
     run.metrics.close()
     if exit_code == 0 and run.rank == 0:
         from trainer.export import export

@@ -10,11 +10,26 @@ from trainer.compress.quantize import METHODS, quantize
 
 
 def evaluate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer evaluate",
-                                     description="task metrics, size, parameters and CPU latency")
-    parser.add_argument("model", help="run directory, checkpoint, save_pretrained or quantized directory")
-    parser.add_argument("--data", required=True, help="a valid split's manifest directory")
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer evaluate",
+        description="MODEL --data VALID: task metrics, size, parameters and CPU latency. --checkpoint/--export: the scalars a "
+                    "run logs at eval (eval/…: valid losses, downstream tasks), as JSON")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("model", nargs="?", help="run directory, checkpoint, save_pretrained or quantized directory")
+    which.add_argument("--checkpoint", help="a step_N checkpoint (or checkpoints/ for the latest): its run's valid sources "
+                                            "and eval.tasks, as the loop scores them")
+    which.add_argument("--export", help="a save_pretrained export: the downstream --tasks")
+    parser.add_argument("--data", help="with MODEL: a valid split's manifest directory")
+    parser.add_argument("--tasks", nargs="+", metavar="FILE", help="downstream JSONL task files (a checkpoint: instead of "
+                                                                     "its run's eval.tasks)")
+    parser.add_argument("--max-examples", type=int, help="score the first N examples of each task")
     args = parser.parse_args(argv)
+    if args.model is None:
+        from trainer.evaluate import main
+
+        return main(args)
+    if args.data is None:
+        parser.error("MODEL needs --data VALID_DIR")
     print(table({args.model: evaluate(args.model, args.data)}))
     return 0
 

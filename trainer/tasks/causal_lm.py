@@ -20,11 +20,12 @@ class CausalLM:
         self.valid_loader = None
         if ctx.valid:
             data = data_coordinate(self.config, distributed.dist.get_rank(), distributed.dist.get_world_size())
-            rank, world = data.rank, data.world  # tensor/pipeline peers read the same rows
-            # One lane per data rank and one micro-batch per data rank per eval batch: a small valid split suffices.
+            # The training run's lanes, one row each per eval batch, dealt over the data ranks (tensor/pipeline peers
+            # read the same rows): an eval scores the same rows at every world size, so its loss does not depend on it.
+            lanes = self.config.data.lanes
             self.valid_loader = LanesLoader(
-                [Source(ctx.valid)], global_batch=self.config.train.micro_batch * world, lanes=world,
-                seed=self.config.run.seed, rank=rank, world_size=world, verify=self.config.data.verify,
+                [Source(ctx.valid)], global_batch=lanes, lanes=lanes, seed=self.config.run.seed,
+                rank=data.rank, world_size=data.world, verify=self.config.data.verify,
             )
 
     def tokens(self, rows: np.ndarray) -> int:
@@ -34,7 +35,7 @@ class CausalLM:
         return {"input_ids": rows, "labels": rows}
 
     def valid_batches(self) -> Iterator[torch.Tensor]:
-        """The first `train.eval_batches` batches of the valid split: the same ones at every eval."""
+        """The first `train.eval_batches` batches of the valid split: the same ones at every eval and world size."""
         batches = self.valid_loader.batches(0)
         try:
             for _ in range(self.config.train.eval_batches):
@@ -43,10 +44,12 @@ class CausalLM:
             batches.close()
 
     def evaluate(self, engine) -> Evaluation:
-        total, count = 0.0, 0
+        """The mean loss of the valid rows, each rank's share run in forwards of at most train.micro_batch rows."""
+        total, count, micro = 0.0, 0, self.config.train.micro_batch
         with torch.no_grad():
-            for i, rows in enumerate(self.valid_batches()):
-                total, count = total + engine.forward(**self.inputs(rows, -1, i)).loss.item(), count + 1
+            for i, batch in enumerate(self.valid_batches()):
+                for rows in batch.split(micro):  # every row has seq_len tokens: a row-weighted mean is the token mean
+                    total, count = total + engine.forward(**self.inputs(rows, -1, i)).loss.item() * len(rows), count + len(rows)
         summed = distributed.all_reduce([total, count])
         loss = (summed[0] / summed[1]).item()
         return Evaluation({"loss": loss, "perplexity": math.exp(min(loss, 50))})

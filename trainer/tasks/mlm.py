@@ -60,7 +60,7 @@ class MaskedLM(CausalLM):
 
     def evaluate(self, engine) -> Evaluation:
         """Loss, masked-token accuracy (and sentence-task accuracy) on the same masked valid batches every time."""
-        stats = torch.zeros(5, dtype=torch.float64)  # loss sum, batches, correct tokens, masked tokens, correct pairs
+        stats = torch.zeros(6, dtype=torch.float64)  # loss sum, batches, correct tokens, masked tokens, correct pairs, rows
         with torch.no_grad():
             for i, rows in enumerate(self.valid_batches()):
                 inputs = self.inputs(rows, -1, i)
@@ -72,12 +72,12 @@ class MaskedLM(CausalLM):
                 pairs = 0
                 if "next_sentence_label" in inputs:
                     pairs = (output.seq_relationship_logits.argmax(-1) == inputs["next_sentence_label"]).sum().item()
-                stats += torch.tensor([output.loss.item(), 1, correct, counted.sum().item(), pairs], dtype=torch.float64)
-        loss_sum, batches, correct, masked, pairs = distributed.all_reduce(stats).tolist()
+                stats += torch.tensor([output.loss.item(), 1, correct, counted.sum().item(), pairs, len(rows)],
+                                      dtype=torch.float64)
+        loss_sum, batches, correct, masked, pairs, n_rows = distributed.all_reduce(stats).tolist()
         scalars = {"loss": loss_sum / batches, "masked_accuracy": correct / max(masked, 1)}
         if self.config.task.sentence_task != "none":
-            rows = self.config.train.micro_batch * distributed.dist.get_world_size() * self.config.train.eval_batches
-            scalars[f"{self.config.task.sentence_task}_accuracy"] = pairs / rows
+            scalars[f"{self.config.task.sentence_task}_accuracy"] = pairs / n_rows
         return Evaluation(scalars)
 
 
