@@ -15,9 +15,11 @@ from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 
 class _DelayedWriter(FileSystemWriter):
@@ -39,7 +41,12 @@ class BackgroundWriter:
     def __init__(self, timeout_s: float, delay_s: float = 0.0) -> None:
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self.delay_s = delay_s
+        # one stager for the run: it keeps its host buffers, so later checkpoints copy into memory already mapped
+        # (reusing them is safe: the previous write has finished before the next save starts)
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                                                   use_async_staging=False, use_non_blocking_copy=False))
 
     def save(self, state: dict, path: Path) -> Future:
         """Stage `state` to host memory now; write it to `path` in a thread. The future holds DCP's metadata."""
-        return dcp.async_save(state, storage_writer=_DelayedWriter(path, self.delay_s), process_group=self.group)
+        return dcp.async_save(state, storage_writer=_DelayedWriter(path, self.delay_s), process_group=self.group,
+                              async_stager=self.stager)
