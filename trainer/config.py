@@ -336,6 +336,10 @@ def _check(config: Config, where: str) -> None:
                 if getattr(config.parallel, key) > 1]
         if mesh:  # DeepSpeed shards over data parallel only; the device mesh lives in the FSDP2 engine
             raise ConfigError(f"{where}: {', '.join(mesh)} needs the device-mesh engine; set engine.type=fsdp2")
+        if engine.zero_stage == 3 and engine.activation_checkpointing == "selective":  # ZeRO-3 gathers inside the block,
+            # differently in the recompute (parameters already gathered), which selective checkpointing cannot replay
+            raise ConfigError(f"{where}: 'engine.activation_checkpointing: selective' does not work with ZeRO-3's "
+                              "parameter gathering; use full, or engine.zero_stage 0-2, or engine.type fsdp2")
         if config.train.async_checkpoint:  # checked on DeepSpeed 0.19.8: the decoupled writer cannot pickle ZeRO's state
             raise ConfigError(f"{where}: 'train.async_checkpoint' needs engine.type fsdp2: DeepSpeed's decoupled checkpoint "
                               "writer (checkpoint.writer.decoupled) fails on ZeRO optimizer state; set it to false")

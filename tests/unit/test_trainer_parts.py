@@ -42,6 +42,8 @@ def test_overrides_are_typed_and_validated():
         (["engine.activation_checkpointing=some"], "'engine.activation_checkpointing' must be one of none, full, selective, True, "
                                                    "False, got 'some'"),
         (["optim.impl=fast"], "'optim.impl' must be one of for_loop, foreach, fused, got 'fast'"),
+        (["engine.zero_stage=3", "engine.activation_checkpointing=selective"], "'engine.activation_checkpointing: selective' "
+                                                                             "does not work with ZeRO-3's parameter gathering"),
         (["train.async_checkpoint=true"], "'train.async_checkpoint' needs engine.type fsdp2: DeepSpeed's decoupled checkpoint "
                                           "writer (checkpoint.writer.decoupled) fails on ZeRO optimizer state; set it to false"),
     ],
