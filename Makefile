@@ -43,6 +43,7 @@ bench: $(INSTALLED) $(BENCH_DATATROVE)
 	$(BIN)/python bench/loader_bench.py
 	$(BIN)/python bench/trainer_bench.py
 	$(BIN)/python bench/engine_bench.py
+	$(BIN)/python bench/step_knobs_bench.py
 
 # the dedup-at-scale table of the README (10k, 40k, 160k documents; long: run it alone)
 bench-data: $(INSTALLED) $(BENCH_DATATROVE)

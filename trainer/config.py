@@ -120,6 +120,9 @@ class TrainConfig:
     max_nan_skips: int = 10  # skips allowed in a run before stopping anyway
     collective_timeout_s: float = 600  # a rank waits this long for the others (dead or stalled) before failing
     gpu_memory_gb: float | None = None  # per process, for the memory check before step 1; unset: the GPU's own; 0: no check
+    # write checkpoints in the background (fsdp2): the loop blocks only to copy the state to host memory; at most one
+    # write in flight, `latest` moves when it has finished
+    async_checkpoint: bool = False
 
     def accumulation(self, data_world: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank: global_batch = micro_batch × data_world × this.
@@ -175,6 +178,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # AdamW's kernels: a Python loop over parameters, one multi-tensor (foreach) pass, or one fused kernel per group
+    impl: Literal["for_loop", "foreach", "fused"] = "for_loop"
 
 
 @dataclass
@@ -192,13 +197,15 @@ class EngineConfig:
     # deepspeed only
     zero_stage: int | None = None  # 0-3; unset: 2
     ds_config: str | None = None  # a DeepSpeed JSON of your own; "auto" fields are filled
+    # both engines (trainer.engines.blocks): recompute activations in backward: none, full (every block), selective
+    # (each block keeps its matmul and attention outputs, recomputes the rest); true / false mean full / none
+    activation_checkpointing: Literal["none", "full", "selective", True, False] = "none"
+    compile: bool = False  # torch.compile each transformer block (regional: one compiled graph reused by every block)
     # fsdp2 only
-    activation_checkpointing: bool | None = None  # recompute each block's activations in backward
-    compile: bool | None = None  # torch.compile each transformer block
     reduce_dtype: Literal["fp32", "bf16"] | None = None  # gradient reduction dtype under bf16; unset: fp32
 
 
-ENGINE_ONLY_KEYS = {"deepspeed": ("zero_stage", "ds_config"), "fsdp2": ("activation_checkpointing", "compile", "reduce_dtype")}
+ENGINE_ONLY_KEYS = {"deepspeed": ("zero_stage", "ds_config"), "fsdp2": ("reduce_dtype",)}
 
 
 @dataclass
@@ -235,6 +242,7 @@ class DistillConfig:
 @dataclass
 class DebugConfig:
     nan_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps (tests the NaN policy)
+    checkpoint_write_delay_s: float = 0.0  # each background checkpoint write waits this long first (tests a kill during it)
 
 
 @dataclass
@@ -335,6 +343,8 @@ def _check(config: Config, where: str) -> None:
     if config.train.max_steps is None and config.train.max_tokens is None:
         raise ConfigError(f"{where}: set 'train.max_steps' or 'train.max_tokens'")
     engine = config.engine
+    engine.activation_checkpointing = {True: "full", False: "none"}.get(engine.activation_checkpointing,
+                                                                         engine.activation_checkpointing)
     for other, keys in ENGINE_ONLY_KEYS.items():
         for key in keys:
             if other != engine.type and getattr(engine, key) is not None:
@@ -349,6 +359,13 @@ def _check(config: Config, where: str) -> None:
                 if getattr(config.parallel, key) > 1]
         if mesh:  # DeepSpeed shards over data parallel only; the device mesh lives in the FSDP2 engine
             raise ConfigError(f"{where}: {', '.join(mesh)} needs the device-mesh engine; set engine.type=fsdp2")
+        if engine.zero_stage == 3 and engine.activation_checkpointing == "selective":  # ZeRO-3 gathers inside the block,
+            # differently in the recompute (parameters already gathered), which selective checkpointing cannot replay
+            raise ConfigError(f"{where}: 'engine.activation_checkpointing: selective' does not work with ZeRO-3's "
+                              "parameter gathering; use full, or engine.zero_stage 0-2, or engine.type fsdp2")
+        if config.train.async_checkpoint:  # checked on DeepSpeed 0.19.8: the decoupled writer cannot pickle ZeRO's state
+            raise ConfigError(f"{where}: 'train.async_checkpoint' needs engine.type fsdp2: DeepSpeed's decoupled checkpoint "
+                              "writer (checkpoint.writer.decoupled) fails on ZeRO optimizer state; set it to false")
     if not config.data.sources() or not config.data.sources()[0].path:
         raise ConfigError(f"{where}: 'data.train' is empty; give a manifest from `python -m data_tools prepare`")
     for name in config.data.valid if isinstance(config.data.valid, dict) else ():

@@ -5,12 +5,15 @@ backward, step, log, maybe evaluate, maybe checkpoint. Everything else is a comp
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import NamedTuple
 from pathlib import Path
@@ -396,6 +399,7 @@ def maybe_evaluate(run: Run) -> tuple[bool, bool]:
 
 def finish(run: Run, exit_code: int) -> None:
     """Stop the reader threads and writers; after a completed run, rank 0 exports the best (or last) checkpoint."""
+    run.saver.wait()
     run.loader.close()
     run.task.close()
     run.evaluator.close()
@@ -427,40 +431,78 @@ class TokenCount:
 
 
 class Saver:
-    """Writes a checkpoint collectively: every rank its shards into step_N.tmp, then rank 0 publishes."""
+    """Writes a checkpoint collectively: every rank its shards into step_N.tmp, then rank 0 publishes.
+
+    With `train.async_checkpoint` the engine writes in the background: the loop waits only while the state is
+    copied to host memory, and a thread on rank 0 publishes (COMPLETE, rename, `latest`) once every rank's files
+    are written. At most one write is in flight: the next save, the end of the run and a stop on a signal wait
+    for it first. A kill during the write leaves `latest` at the previous checkpoint.
+    """
 
     def __init__(self, engine, checkpoints: Checkpoints, config: Config, loader: LanesLoader, data_dir: Path,
                  tokenizer_file: Path, world: int, rank: int) -> None:
         self.engine, self.checkpoints, self.config, self.loader = engine, checkpoints, config, loader
         self.data_dir, self.tokenizer_file, self.world, self.rank = data_dir, tokenizer_file, world, rank
+        self.in_flight: threading.Thread | None = None
+        self.failed: Exception | None = None  # the background write's error, raised by `wait`
 
     def save(self, step: int, tokens: int, nan_skips: int, best: BestMetric) -> None:
-        checkpoints = self.checkpoints
+        started, checkpoints = time.perf_counter(), self.checkpoints
+        self.wait()
         if self.rank == 0:
             checkpoints.clear_staging(step)
         distributed.barrier()
         staging = checkpoints.root / checkpoints.staging(step)
         with _writing(staging, checkpoints):
-            self.engine.save(checkpoints.root, staging.name)
+            staging.mkdir(parents=True, exist_ok=True)  # a background writer makes its own files later
+            written = self.engine.save(checkpoints.root, staging.name)
             (staging / f"rng_rank{self.rank}.txt").write_text(rng_state())
-        distributed.barrier()
-        if self.rank == 0:
-            self._publish(staging, step, tokens, nan_skips, best)
-        distributed.barrier()
+        # what rank 0 publishes, taken now: the run goes on while a background write finishes
+        state, waited = self._state(step, tokens, nan_skips, best), time.perf_counter() - started
+        publish = functools.partial(self._publish, staging, state, best.step == step, waited)
+        if written is None:
+            distributed.barrier()
+            if self.rank == 0:
+                publish()
+            distributed.barrier()
+        else:
+            self.in_flight = threading.Thread(target=self._finish_write, args=(written, staging, publish), daemon=True)
+            self.in_flight.start()
 
-    def _publish(self, staging: Path, step: int, tokens: int, nan_skips: int, best: BestMetric) -> None:
+    def wait(self) -> None:
+        """Until the checkpoint being written in the background is written (and on rank 0 published); its error."""
+        if self.in_flight is not None:
+            self.in_flight.join()
+            self.in_flight = None
+        if self.failed is not None:
+            failed, self.failed = self.failed, None
+            raise failed
+
+    def _finish_write(self, written: Future, staging: Path, publish: Callable[[], None]) -> None:
+        try:
+            with _writing(staging, self.checkpoints):
+                written.result()
+            if self.rank == 0:
+                publish()
+        except Exception as err:  # raised in the loop's thread by `wait`
+            self.failed = err
+
+    def _state(self, step: int, tokens: int, nan_skips: int, best: BestMetric) -> TrainerState:
+        model = base_model(self.engine.module)
+        return TrainerState(step, tokens, self.loader.fingerprint(), self.world, self.config.engine.type,
+                            self.config.engine.zero_stage, model_shape(model), nan_skips, self.config.to_dict(), best.state())
+
+    def _publish(self, staging: Path, state: TrainerState, is_best: bool, waited: float) -> None:
         checkpoints, config = self.checkpoints, self.config
         with _writing(staging, checkpoints):
             (staging / "tokenizer.json").write_bytes(self.tokenizer_file.read_bytes())
             template = self.data_dir / "tokenizer_config.json"  # the chat template, when the data has one
             if template.exists():
                 (staging / template.name).write_bytes(template.read_bytes())
-            model = base_model(self.engine.module)
-            (staging / "hf_config.json").write_text(model.config.to_json_string())
-            state = TrainerState(step, tokens, self.loader.fingerprint(), self.world, config.engine.type,
-                                 config.engine.zero_stage, model_shape(model), nan_skips, config.to_dict(), best.state())
-            final = checkpoints.publish(state, config.train.keep_last, config.train.keep_every, best=best.step == step)
-        log.info("checkpoint %s%s", final, " (best so far)" if best.step == step else "")
+            (staging / "hf_config.json").write_text(base_model(self.engine.module).config.to_json_string())
+            final = checkpoints.publish(state, config.train.keep_last, config.train.keep_every, best=is_best)
+        log.info("checkpoint %s%s (the loop waited %.3f s%s)", final, " (best so far)" if is_best else "", waited,
+                 ", written in the background" if self.config.train.async_checkpoint else "")
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ GPT-2 with eager attention gets exactly the paper's formula back:
     8·i/h for SwiGLU's gate, up, silu(gate) and their product (Llama keeps no dropout masks;
     counting them errs by 3·sbh per layer, on the safe side).
 So per layer s·b·h·(14 + 4·k/a + m·i/h), m = 4 (GPT-2) or 8 (Llama). With activation
-checkpointing (FSDP2's engine.activation_checkpointing; the DeepSpeed engine has none) a layer keeps
+checkpointing (engine.activation_checkpointing: full; selective is counted as none) a layer keeps
 only its 16-bit input, 2·sbh, and one layer's full set is live again while it is recomputed. On top:
 the fp32 logits the loss reads, 4·s·b·V, often the largest single tensor. fp32 training doubles the
 block terms. Not counted: the CUDA context, NCCL and allocator buffers, fragmentation — leave a few
@@ -256,7 +256,7 @@ def make_plan(config: Config, world: int, vocab: int, seq_len: int, eager_attent
     selected = Layout.of(config.engine)
     rows = {}
     for layout in dict.fromkeys((*TABLE, selected)):
-        checkpointing = layout.fsdp and bool(config.engine.activation_checkpointing)
+        checkpointing = config.engine.activation_checkpointing == "full"
         activations = activation_bytes(shape, config.train.micro_batch, seq_len, config.precision, checkpointing, eager_attention)
         rows[layout] = Memory(*model_states(layout, count, config.precision, world, accumulation), activations)
     return Plan(shape, count, flops_per_token(shape, count, seq_len), seq_len, world, accumulation, selected, rows)
@@ -286,9 +286,8 @@ def _remedies(config: Config, layout: Layout) -> str:
     options = ["more GPUs"] if layout.stage else []
     if not layout.fsdp and layout.stage < 3:
         options.append("a higher engine.zero_stage")
-    if not config.engine.activation_checkpointing:
-        fsdp_checkpointing = "engine.activation_checkpointing: true"
-        options.append(fsdp_checkpointing if layout.fsdp else "engine.type fsdp2 with activation checkpointing")
+    if config.engine.activation_checkpointing != "full":
+        options.append("engine.activation_checkpointing: full")
     if layout.stage and not layout.offload:
         options.append("engine.offload: cpu")
     if config.train.micro_batch > 1:
@@ -365,7 +364,7 @@ def render(plan: Plan, config: Config, gpu_memory_gb: float, throughput: str, ea
         f"throughput       {throughput}",
         f"memory per GPU in GiB ({config.precision} {'mixed-precision ' if config.precision == 'bf16' else ''}Adam, "
         f"{'eager' if eager_attention else 'flash'} attention, activations of one micro-batch"
-        f"{', recomputed on the FSDP2 rows' if config.engine.activation_checkpointing else ''}; "
+        f"{', recomputed' if config.engine.activation_checkpointing == 'full' else ''}; "
         f"fits: total <= {gpu_memory_gb:g} GiB)",
         f"  {'layout':<15}{'params':>9}{'grads':>9}{'optimizer':>10}{'activations':>12}{'total':>9}  fits",
     ]
@@ -454,7 +453,7 @@ def main(argv: list[str]) -> int:
     if mesh is not None and not mesh.data_parallel_only:
         need = layout.memory.total / GIB
         if need > args.gpu_memory_gb:
-            remedies = [] if mesh.checkpointing else ["engine.activation_checkpointing: true"]
+            remedies = [] if mesh.checkpointing else ["engine.activation_checkpointing: full"]
             remedies += ["a smaller train.micro_batch"] if mesh.rows > 1 else []
             remedies += ["parallel.pp_schedule 1f1b"] if mesh.schedule == "gpipe" and mesh.pp > 1 else []
             remedies.append("a larger parallel.tp or pp")

@@ -130,7 +130,7 @@ class Mesh:
                               f"micro-batches {microbatches}; change train.micro_batch or parallel.pp_microbatches")
         stages = par.pp_stages_per_rank if par.pp_schedule in MULTI_STAGE else 1
         return cls(par.dp_replicate, dp_shard, par.cp, par.tp, par.pp, par.pp_schedule, stages, microbatches,
-                   train.global_batch // (dp * microbatches), bool(config.engine.activation_checkpointing))
+                   train.global_batch // (dp * microbatches), config.engine.activation_checkpointing == "full")
 
     def overrides(self) -> str:
         """The dotted keys that select this layout in a run config."""
@@ -138,7 +138,7 @@ class Mesh:
         if self.pp > 1:
             keys += [f"parallel.pp_schedule={self.schedule}", f"parallel.pp_microbatches={self.microbatches}"]
             keys += [f"parallel.pp_stages_per_rank={self.stages_per_rank}"] if self.stages_per_rank > 1 else []
-        keys += [f"train.micro_batch={self.rows}", f"engine.activation_checkpointing={str(self.checkpointing).lower()}"]
+        keys += [f"train.micro_batch={self.rows}", f"engine.activation_checkpointing={'full' if self.checkpointing else 'none'}"]
         return " ".join(keys)
 
 

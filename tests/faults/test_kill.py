@@ -80,3 +80,20 @@ def test_a_dead_or_stalled_rank_ends_the_run_within_the_collective_timeout(tmp_p
         result = train(config_file, 2, run_dir)
         assert "resumed from" in result.stderr + result.stdout
         assert deterministic(run_dir) == deterministic(request.getfixturevalue("reference"))
+
+
+ASYNC = ("engine.type=fsdp2", "train.async_checkpoint=true", "train.ckpt_every=2")
+
+
+def test_a_kill_during_a_background_checkpoint_write_leaves_the_previous_one_latest(tmp_path, config_file, references):
+    """train.async_checkpoint: the loop trains on while checkpoint 4 is written (each write slowed by 2 s); a SIGKILL
+    then leaves `latest` at checkpoint 2, and the rerun continues from it bit for bit, so checkpoint 2 holds the
+    state of step 2 although steps 3 and 4 updated the parameters while it was being written."""
+    run_dir = tmp_path / "killed"
+    proc = start(config_file, 2, run_dir, *ASYNC, "debug.checkpoint_write_delay_s=2")
+    wait_for(proc, lambda: published(run_dir, 2) and staging(run_dir, 4) and logged(run_dir, 5))
+    kill(proc)
+    assert latest_step(run_dir) == 2
+    result = train(config_file, 2, run_dir, *ASYNC)
+    assert "checkpoints/step_000002 (step 2" in result.stdout + result.stderr
+    assert deterministic(run_dir) == deterministic(references("fsdp2"))

@@ -77,13 +77,14 @@ def test_zero_1_and_3_checkpoints_reshard_from_2_to_1(tmp_path, config_file, sta
     "variant",
     [
         ["engine.zero_stage=0"],
-        ["engine.zero_stage=1"],
-        ["engine.zero_stage=3"],
+        ["engine.zero_stage=1", "engine.activation_checkpointing=full", "optim.impl=fused"],
+        ["engine.zero_stage=3", "engine.activation_checkpointing=full"],
         ["engine.zero_stage=3", "engine.offload=cpu"],
         ["engine.type=fsdp2", "engine.offload=cpu"],
-        ["engine.type=fsdp2", "engine.activation_checkpointing=true"],
+        ["engine.type=fsdp2", "engine.activation_checkpointing=selective", "train.async_checkpoint=true", "optim.impl=foreach"],
     ],
-    ids=["zero0", "zero1", "zero3", "zero3-offload", "fsdp2-offload", "fsdp2-activation-checkpointing"],
+    ids=["zero0", "zero1-full-checkpointing-fused-adamw", "zero3-full-checkpointing", "zero3-offload", "fsdp2-offload",
+         "fsdp2-selective-checkpointing-async-checkpoints-foreach-adamw"],
 )
 def test_every_engine_variant_trains_and_resumes(tmp_path, config_file, variant):
     run_dir = tmp_path / "run"

@@ -38,9 +38,14 @@ def test_overrides_are_typed_and_validated():
         (["optim.lr"], "expected key=value"),
         (["engine.type=fsdp2", "engine.zero_stage=3"], "'engine.zero_stage' is a deepspeed option, but engine.type is fsdp2"),
         (["engine.type=fsdp2", "engine.zero_stage=null", "engine.ds_config=x.json"], "'engine.ds_config' is a deepspeed option"),
-        (["engine.activation_checkpointing=true"],
-         "'engine.activation_checkpointing' is a fsdp2 option, but engine.type is deepspeed"),
-        (["engine.compile=true"], "'engine.compile' is a fsdp2 option"),
+        (["engine.reduce_dtype=bf16"], "'engine.reduce_dtype' is a fsdp2 option, but engine.type is deepspeed"),
+        (["engine.activation_checkpointing=some"], "'engine.activation_checkpointing' must be one of none, full, selective, True, "
+                                                   "False, got 'some'"),
+        (["optim.impl=fast"], "'optim.impl' must be one of for_loop, foreach, fused, got 'fast'"),
+        (["engine.zero_stage=3", "engine.activation_checkpointing=selective"], "'engine.activation_checkpointing: selective' "
+                                                                             "does not work with ZeRO-3's parameter gathering"),
+        (["train.async_checkpoint=true"], "'train.async_checkpoint' needs engine.type fsdp2: DeepSpeed's decoupled checkpoint "
+                                          "writer (checkpoint.writer.decoupled) fails on ZeRO optimizer state; set it to false"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
@@ -141,6 +146,11 @@ def test_a_damaged_trainer_state_is_named_with_the_way_out(tmp_path):
     with pytest.raises(CheckpointError, match=r"trainer_state.json: unreadable \(.*\); the checkpoint is truncated or corrupt; "
                                           r"`--resume-from previous` continues from the checkpoint before step_000100"):
         checkpoints.read_state(tag(100))
+
+
+@pytest.mark.parametrize("given, mode", [(True, "full"), (False, "none"), ("selective", "selective")])
+def test_activation_checkpointing_keeps_the_old_true_false_values(given, mode):
+    assert load_config(DEMO, [f"engine.activation_checkpointing={given}"]).engine.activation_checkpointing == mode
 
 
 def test_activation_checkpointing_on_a_model_without_it_is_refused():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
@@ -49,7 +50,9 @@ class Engine(Protocol):
 
     def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module: ...  # a forward-only model placed like the student
 
-    def save(self, root: Path, tag: str) -> None: ...  # collective: every rank writes its shards into root/tag
+    # collective: every rank writes its shards into root/tag; with train.async_checkpoint the files are written in the
+    # background and the future completes (on rank 0: after every rank's) when they are
+    def save(self, root: Path, tag: str) -> Future | None: ...
 
     def load(self, root: Path, tag: str) -> None: ...  # collective: every rank reads its shards from root/tag
 
@@ -69,11 +72,13 @@ def adamw_with_schedule(model: torch.nn.Module, config: Config, total_steps: int
     optimizer's parameter set fixed (DeepSpeed fixes it at initialize) and makes a resumed run
     exact, since each lambda depends only on the step. Layers not yet thawed still get gradients and
     Adam moments, only no update. Group 0 has the plain `optim.lr` schedule whenever some group does:
-    it is the LR engines report.
+    it is the LR engines report. `optim.impl` picks the kernels: the same update, computed per parameter, as one
+    multi-tensor pass, or fused (fewer kernel launches on a GPU; fused has a CPU kernel too).
     """
     optim = config.optim
     groups, thaw_steps = param_groups(model, config)
-    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=False)
+    kernels = {"for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optim.impl]
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, **kernels)
     factor = lr_factor_fn(config.schedule, total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [_gated(factor, thaw) for thaw in thaw_steps])
 

@@ -23,7 +23,7 @@ from data_tools.common import CheckpointError
 from trainer.checkpoint import unreadable
 from trainer.config import Config, ConfigError
 from trainer.distributed import device
-from trainer.engines import adamw_with_schedule
+from trainer.engines import adamw_with_schedule, blocks
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 log = logging.getLogger("trainer")
@@ -120,6 +120,9 @@ class DeepSpeedEngine:
         if config.engine.zero_stage in (1, 2):
             # lets ds_to_universal convert ZeRO-1/2 checkpoints when the world size changes
             model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
+        blocks.checkpoint_activations(model, config.engine.activation_checkpointing)
+        if config.engine.compile:
+            blocks.compile_blocks(model)
         optimizer, scheduler = adamw_with_schedule(model, config, total_steps)
         self.universal = resume_world not in (None, world_size) and config.engine.zero_stage > 0
         self.data_rank, self.data_world = dist.get_rank(), world_size  # ZeRO: every rank is a data-parallel rank

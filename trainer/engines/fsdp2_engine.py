@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import pickle
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ from trainer import models
 from trainer.checkpoint import unreadable
 from trainer.config import Config, ConfigError, ParallelConfig
 from trainer.distributed import device
-from trainer.engines import adamw_with_schedule
+from trainer.engines import adamw_with_schedule, blocks
+from trainer.engines.dcp_async import BackgroundWriter
 from trainer.parallel import tensor
 from trainer.parallel.mesh import Layout, Mesh
 from trainer.parallel.pipeline import Pipeline
@@ -102,10 +104,7 @@ def _check_unsupported(parallel: ParallelConfig) -> None:
 class FSDP2Engine:
     def __init__(self, model: torch.nn.Module, config: Config, world_size: int, total_steps: int) -> None:
         engine = config.engine
-        if engine.activation_checkpointing:
-            if not getattr(model, "supports_gradient_checkpointing", False):
-                raise ConfigError(f"engine.activation_checkpointing: {type(model).__name__} does not support it; turn it off")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        blocks.checkpoint_activations(model, engine.activation_checkpointing)
         bf16 = config.precision == "bf16"
         mixed = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16 if bf16 else None,
@@ -138,6 +137,8 @@ class FSDP2Engine:
         self.clip = config.optim.grad_clip
         self.micro = 0
         self._grad_norm: float | None = None
+        self.background = (BackgroundWriter(config.train.collective_timeout_s, config.debug.checkpoint_write_delay_s)
+                           if config.train.async_checkpoint else None)
 
     def _parallelize(self, model: torch.nn.Module) -> None:
         if self.tp > 1:
@@ -209,11 +210,16 @@ class FSDP2Engine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def save(self, root: Path, tag: str) -> None:
+    def save(self, root: Path, tag: str) -> Future | None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=BY_NAME)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(root / tag / "dcp"))
+        state, path, written = {"model": model_state, "optim": optim_state}, root / tag / "dcp", None
+        if self.background:  # train.async_checkpoint
+            written = self.background.save(state, path)
+        else:
+            dcp.save(state, checkpoint_id=str(path))
         if dist.get_rank() == 0:
             (root / tag / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+        return written
 
     def load(self, root: Path, tag: str) -> None:
         metadata = verify_dcp(root / tag / "dcp")
