@@ -32,7 +32,7 @@ from trainer.early_stop import BestMetric
 from trainer.engines import Engine, build_engine
 from trainer.metrics import TRAIN_TAGS, Metrics, peak_flops, peak_memory_gb
 from trainer.models import base_model, build_model, flops_per_token
-from trainer.tasks import DATA_TASK, Task, TaskContext, build_task, model_vocab_size
+from trainer.tasks import DATA_TASK, Task, TaskContext, build_task, doc_attention, model_vocab_size
 
 log = logging.getLogger("trainer")
 
@@ -218,8 +218,9 @@ def set_up(config: Config, resume_from: str) -> Run:
             f"{checkpoints.root / resume}: checkpoint of model {state.model_shape}, this run builds {model_shape(model)}; "
             "use a new run.name or the old model settings"
         )
+    per_document = doc_attention(config, [*manifests.train, *([manifests.valid] if manifests.valid else [])])
     task = build_task(TaskContext(config, data.seq_len, tokenizer, tok.eos_id, model.config.pad_token_id, data.labels,
-                                  manifests.valid, manifests.train, manifests.source_valid))
+                                  manifests.valid, manifests.train, manifests.source_valid, per_document))
     engine = build_engine(adapt(model, config), config, world, steps_total, state.world_size if state else None)
     accum = config.train.accumulation(engine.data_world)
     # the model's loss, or mixed with a teacher's (distill)
@@ -238,6 +239,7 @@ def set_up(config: Config, resume_from: str) -> Run:
         seq_len=data.seq_len, global_batch=config.train.global_batch, lanes=config.data.lanes, seed=config.run.seed,
         rank=engine.data_rank, world_size=engine.data_world, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
         tokenizer_sha256=tok.sha256, prefetch=config.data.prefetch, verify=config.data.verify, on_corrupt=config.data.on_corrupt,
+        doc_positions=per_document,
     )
     if config.task.type == "multitask":
         task.route(loader.row_sources())
@@ -254,8 +256,9 @@ def set_up(config: Config, resume_from: str) -> Run:
     saver = Saver(engine, checkpoints, config, loader, data_dir, tokenizer_file, world, rank)
     if rank == 0:
         engine_name = f"ZeRO-{config.engine.zero_stage}" if config.engine.type == "deepspeed" else "FSDP2"
-        log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s", config.task.type,
-                 steps_total, world, accum, config.train.micro_batch, data.seq_len, engine_name, config.precision)
+        log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s%s", config.task.type,
+                 steps_total, world, accum, config.train.micro_batch, data.seq_len, engine_name, config.precision,
+                 ", attention within documents" if per_document else "")
     return Run(config, rank, world, engine, loader, task, loss_of, checkpoints, saver, metrics, StopSignal(), best, progress,
                steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
 

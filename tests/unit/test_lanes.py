@@ -323,7 +323,7 @@ def _unsafe_member(shard: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (_append_byte, r"shard-00000.tar: size 81921 bytes, manifest says 81920; the shard is truncated or replaced"),
+        (_append_byte, r"shard-00000.tar: size 92161 bytes, manifest says 92160; the shard is truncated or replaced"),
         (_flip_byte, r"shard-00000.tar: sha256 [0-9a-f]{16}…, manifest says [0-9a-f]{16}…; the shard is corrupt"),
         (_unsafe_member, r"shard-00000.tar: unsafe tar member '\.\./00000-00000.npy'; shards hold plain relative files only"),
     ],

@@ -1,4 +1,13 @@
-"""Causal-LM pretraining on packed token rows: every token predicts the next one."""
+"""Causal-LM pretraining on packed token rows: every token predicts the next one.
+
+With document attention (`data.doc_attention`) a row is [2, seq_len], tokens and their positions in
+their documents. The positions go to the model as `position_ids`: Hugging Face decoders restart
+their position embeddings with them and, given no padding mask, derive a block-diagonal causal mask
+from them (SDPA and eager take it as a dense mask, flex attention as a BlockMask, flash attention as
+varlen `cu_seqlens`). The first token of each document is not a target: it would be predicted
+from the previous document, which it cannot see. So a packed row's loss is its documents' losses,
+weighted by their targets, exactly as if each were run alone.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ import torch
 from trainer import distributed
 from trainer.data import LanesLoader, Source
 from trainer.parallel.mesh import data_coordinate
-from trainer.tasks.base import Evaluation, TaskContext
+from trainer.tasks.base import IGNORE, Evaluation, TaskContext
 
 
 class CausalLM:
@@ -25,13 +34,19 @@ class CausalLM:
             self.valid_loader = LanesLoader(
                 [Source(ctx.valid)], seq_len=ctx.seq_len, global_batch=self.config.train.micro_batch * world, lanes=world,
                 seed=self.config.run.seed, rank=rank, world_size=world, verify=self.config.data.verify,
+                doc_positions=ctx.doc_attention,
             )
 
     def tokens(self, rows: np.ndarray) -> int:
-        return rows.size
+        return len(rows) * self.ctx.seq_len
 
     def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
-        return {"input_ids": rows, "labels": rows}
+        if not self.ctx.doc_attention:
+            return {"input_ids": rows, "labels": rows}
+        ids, positions = split_positions(rows)
+        # no cache: Hugging Face derives the per-document mask from position ids only when there is none
+        return {"input_ids": ids, "labels": torch.where(positions == 0, IGNORE, ids), "position_ids": positions,
+                "use_cache": False}
 
     def valid_batches(self) -> Iterator[torch.Tensor]:
         """The first `train.eval_batches` batches of the valid split: the same ones at every eval."""
@@ -54,3 +69,8 @@ class CausalLM:
     def close(self) -> None:
         if self.valid_loader is not None:
             self.valid_loader.close()
+
+
+def split_positions(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, document positions) of [rows, 2, seq_len] document-attention rows, each contiguous."""
+    return rows[:, 0].contiguous(), rows[:, 1].contiguous()

@@ -16,7 +16,7 @@ from tokenizers.models import WordPiece
 
 from trainer import distributed
 from trainer.tasks.base import IGNORE, Evaluation, special_ids, step_generator
-from trainer.tasks.causal_lm import CausalLM
+from trainer.tasks.causal_lm import CausalLM, split_positions
 
 MASK_TOKENS = ("[MASK]", "<mask>")
 
@@ -42,6 +42,9 @@ class MaskedLM(CausalLM):
 
     def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
         gen = step_generator(self.config.run.seed, step, micro)
+        positions = None
+        if self.ctx.doc_attention:  # BERT attends within each document (bidirectional) and restarts its positions
+            rows, positions = split_positions(rows)
         ids = rows.cpu()
         probs = torch.rand(ids.shape, generator=gen)
         if self.word_start is not None:  # one draw per word, shared by its sub-tokens
@@ -54,6 +57,8 @@ class MaskedLM(CausalLM):
         masked = torch.where(selected & (action < 0.8), self.mask_id, ids)
         masked = torch.where(selected & (action >= 0.8) & (action < 0.9), random_ids, masked)
         inputs = {"input_ids": masked, "labels": labels}
+        if positions is not None:
+            inputs["position_ids"] = positions
         if self.config.task.sentence_task != "none":
             inputs = sentence_pairs(inputs, self.config.task.sentence_task, gen)
         return {name: tensor.to(rows.device) for name, tensor in inputs.items()}
