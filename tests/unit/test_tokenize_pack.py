@@ -277,7 +277,7 @@ def test_each_block_records_its_rows_document_starts_where_the_index_finds_them(
                 f.seek(offset)
                 starts = np.frombuffer(f.read(size), STARTS_DTYPE).reshape(block_bytes // (2 * SEQ_LEN), width)
                 found += [[int(s) for s in row if s >= 0] for row in starts]
-    assert found == packed.doc_starts and sum(map(len, found)) > 1
+    assert found == packed.doc_starts and any(found)
 
 
 def test_a_format_2_shard_without_document_starts_is_refused(shards):
