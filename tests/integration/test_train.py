@@ -48,6 +48,18 @@ def test_loss_falls_and_everything_is_written(reference: Path):
     assert any("eval_loss" in m for m in metrics(reference))
 
 
+def test_document_attention_is_on_for_these_shards_and_changes_the_losses_not_the_batches(tmp_path, config_file):
+    """The shards record document starts, so every run here attends within documents unless told not to
+    (the exact-resume tests above and below run with it, on both engines); off reads the same batches."""
+    runs = {}
+    for name, setting in (("masked", []), ("plain", ["data.doc_attention=false"])):
+        result = train(config_file, 1, tmp_path / name, "engine.type=fsdp2", "train.max_steps=2", *setting)
+        runs[name] = losses(tmp_path / name), digests(tmp_path / name), "attention within documents" in result.stderr
+    (on, on_digests, on_logged), (off, off_digests, off_logged) = runs["masked"], runs["plain"]
+    assert on_logged and not off_logged and on_digests == off_digests
+    assert all(abs(off[step] - on[step]) > 1e-4 for step in off)
+
+
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_resume_at_another_world_size_consumes_the_same_batches(tmp_path, config_file, engine, reference, before, after):
     source = reference if before == 2 else tmp_path / "one"

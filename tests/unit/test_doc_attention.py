@@ -66,8 +66,11 @@ def test_a_packed_row_loss_is_the_token_weighted_loss_of_its_documents_run_alone
         config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=SEQ_LEN)
     model = AutoModelForCausalLM.from_config(config).float().eval()
     rows, spans = packed_rows(ROWS)
+    task = task_for("causal_lm")
     with torch.no_grad():
-        packed = model(**task_for("causal_lm").inputs(rows, 0)).loss.item()
+        packed = model(**task.inputs(rows, 0)).loss.item()
+        task.one_row = True  # how flash-attn gets the rows (one row end to end): the same documents, the same loss
+        one_row = model(**task.inputs(rows, 0)).loss.item()
         total = count = 0.0
         for row, row_spans in zip(rows[:, 0], spans):
             for first, stop in row_spans:
@@ -76,7 +79,7 @@ def test_a_packed_row_loss_is_the_token_weighted_loss_of_its_documents_run_alone
                     total += model(input_ids=doc, labels=doc).loss.item() * (stop - first - 1)
                     count += stop - first - 1
         plain = model(input_ids=rows[:, 0], labels=rows[:, 0]).loss.item()
-    assert packed == pytest.approx(total / count, rel=1e-5)
+    assert packed == pytest.approx(total / count, rel=1e-5) and one_row == pytest.approx(total / count, rel=1e-5)
     assert abs(plain - packed) > 1e-3  # attending across documents is measurably different
 
 
