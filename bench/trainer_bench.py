@@ -67,6 +67,7 @@ def run_overrides(data: Path, run_dir: Path, zero_stage: int) -> list[str]:
         "train.log_every=1", f"train.ckpt_every={10 * STEPS}", "optim.lr=1e-3", "optim.weight_decay=0.1",
         "optim.grad_clip=1.0", "schedule.warmup_steps=10", "schedule.decay=cosine", "engine.type=deepspeed",
         f"engine.zero_stage={zero_stage}", "precision=fp32",
+        "data.doc_attention=false",  # the bare loop and HF Trainer attend across the whole row
     ]
 
 

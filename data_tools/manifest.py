@@ -1,8 +1,10 @@
 """The token-shard contract between data_tools and the trainer.
 
 A token split is a directory of webdataset tars plus `manifest.json`. Each tar sample holds a
-block of packed rows (`<key>.npy`, shape [rows, seq_len], uint16 or uint32) and `<key>.json`
-(document-start offsets per row and the tokens each source contributed). Finetuning splits
+block of packed rows (`<key>.npy`, shape [rows, seq_len], uint16 or uint32), from format 2 on
+`<key>.starts.npy` (int32 [rows, width]: the offsets where documents begin in each row, ascending,
+padded with -1; the trainer's document attention reads it with one positioned read) and
+`<key>.json` (the same offsets as lists, and the tokens each source contributed). Finetuning splits
 (`task` set) hold int32 blocks [examples, channels, seq_len] instead, `channels` naming each one,
 and `<key>.json` holds the examples' records. This module imports only the standard library and
 numpy (and the shared leaf `data_tools.common`) so the trainer can use it without the pipeline's
@@ -28,8 +30,11 @@ import numpy as np
 from data_tools import storage
 from data_tools.common import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed token samples hold `<key>.starts.npy`
+READABLE_VERSIONS = (1, 2)  # format 1 shards load and train as before, without document boundaries
 MANIFEST_NAME = "manifest.json"
+STARTS_EXT = "starts.npy"  # the member beside `<key>.npy` with each row's document starts
+STARTS_DTYPE = np.dtype("<i4")
 
 
 class ManifestError(DataError):
@@ -71,6 +76,11 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # where it was loaded from (not saved): shard paths are relative to it
     directory: Path | None = field(default=None, compare=False)
+
+    @property
+    def has_doc_starts(self) -> bool:
+        """Whether its shards record where documents start in each row: packed tokens from format 2 on."""
+        return self.task is None and self.format_version >= 2
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -120,8 +130,8 @@ def load_manifest(path: str | Path) -> Manifest:
     except json.JSONDecodeError as err:
         raise ManifestError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ManifestError(f"{path}: format_version {version!r}, this dstrain reads {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ManifestError(f"{path}: format_version {version!r}, this dstrain reads {', '.join(map(str, READABLE_VERSIONS))}")
     try:
         return Manifest(
             seq_len=data["seq_len"],
@@ -135,6 +145,7 @@ def load_manifest(path: str | Path) -> Manifest:
             task=data.get("task"),
             labels=data.get("labels", []),
             channels=data.get("channels", []),
+            format_version=version,
             directory=path.parent,
         )
     except (KeyError, TypeError) as err:
@@ -206,6 +217,8 @@ class ShardIndex:
     row_shape: tuple[int, ...]  # (seq_len,) for packed tokens, (channels, seq_len) for finetuning examples
     block_first_rows: tuple[int, ...]
     block_spans: tuple[tuple[int, int], ...]  # (offset, bytes) of each block's array data
+    # (offset, bytes, width) of each block's `<key>.starts.npy` data; empty for shards without document starts
+    starts_spans: tuple[tuple[int, int, int], ...] = ()
 
 
 def index_shard(manifest: Manifest, shard: ShardInfo) -> ShardIndex:
@@ -215,26 +228,56 @@ def index_shard(manifest: Manifest, shard: ShardInfo) -> ShardIndex:
     """
     path = manifest.shard_path(shard)
     dtype, row_shape = np.dtype(manifest.dtype), manifest.row_shape
-    firsts, spans, total = [], [], 0
+    firsts, spans, starts, total = [], [], [], 0
+    block_rows: dict[str, int] = {}  # rows of each block by sample key, to check its starts against
     with open_shard(path) as f:
         for member in _tar_members(f, path):
-            if not member.name.endswith(".npy"):
-                continue
-            f.seek(member.offset_data)
-            shape, found = _npy_header(f, path, member.name)
-            data_offset = f.tell()
-            size = member.offset_data + member.size - data_offset
-            if found != dtype or tuple(shape[1:]) != row_shape or size != math.prod(shape) * dtype.itemsize:
-                raise ManifestError(
-                    f"{path}: member {member.name!r} is {found} {shape} in {size} bytes, "
-                    f"manifest says {dtype} [rows, {', '.join(map(str, row_shape))}]; the shard is corrupt"
-                )
-            firsts.append(total)
-            spans.append((data_offset, size))
-            total += shape[0]
+            key, _, ext = member.name.partition(".")
+            if ext == "npy":
+                shape, offset, size = _npy_span(f, path, member, dtype, row_shape)
+                firsts.append(total)
+                spans.append((offset, size))
+                block_rows[key] = shape[0]
+                total += shape[0]
+            elif ext == STARTS_EXT and manifest.has_doc_starts:
+                shape, offset, size = _npy_span(f, path, member, STARTS_DTYPE, None)
+                if shape[0] != block_rows.get(key):
+                    raise ManifestError(f"{path}: member {member.name!r} has {shape[0]} rows, its block "
+                                        f"{block_rows.get(key)}; the shard is corrupt")
+                starts.append((offset, size, shape[1]))
     if total != shard.rows:
         raise ManifestError(f"{path}: {total} rows in its blocks, manifest says {shard.rows}; the shard is truncated or replaced")
-    return ShardIndex(path, dtype, row_shape, tuple(firsts), tuple(spans))
+    if manifest.has_doc_starts and len(starts) != len(spans):
+        raise ManifestError(f"{path}: {len(starts)} of {len(spans)} blocks have a {STARTS_EXT} member, format "
+                            f"{manifest.format_version} needs one each; the shard is corrupt or was written by another version")
+    return ShardIndex(path, dtype, row_shape, tuple(firsts), tuple(spans), tuple(starts))
+
+
+def _npy_span(f: BinaryIO, path: Path, member: tarfile.TarInfo, dtype: np.dtype,
+              row_shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], int, int]:
+    """(shape, data offset, data bytes) of a `.npy` member, refused unless it is `dtype` [rows, *row_shape]
+    (`row_shape` None: any 2-D array)."""
+    f.seek(member.offset_data)
+    shape, found = _npy_header(f, path, member.name)
+    data_offset = f.tell()
+    size = member.offset_data + member.size - data_offset
+    shape_ok = len(shape) == 2 if row_shape is None else tuple(shape[1:]) == row_shape
+    if found != dtype or not shape_ok or size != math.prod(shape) * dtype.itemsize:
+        expected = "width" if row_shape is None else ", ".join(map(str, row_shape))
+        raise ManifestError(
+            f"{path}: member {member.name!r} is {found} {shape} in {size} bytes, "
+            f"manifest says {dtype} [rows, {expected}]; the shard is corrupt"
+        )
+    return shape, data_offset, size
+
+
+def doc_starts_array(doc_starts: list[list[int]]) -> np.ndarray:
+    """Per-row document starts as the `<key>.starts.npy` array: int32 [rows, widest row], padded with -1."""
+    width = max((len(starts) for starts in doc_starts), default=0)
+    out = np.full((len(doc_starts), width), -1, STARTS_DTYPE)
+    for row, starts in enumerate(doc_starts):
+        out[row, : len(starts)] = starts
+    return out
 
 
 def _tar_members(f: BinaryIO, path: Path) -> list[tarfile.TarInfo]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.manifest import ShardInfo
+from data_tools.manifest import STARTS_EXT, ShardInfo, doc_starts_array
 from data_tools.shards import json_bytes, npy_bytes, write_tar
 from data_tools.taskfiles import TaskArrays
 
@@ -119,12 +119,15 @@ def shard_count(n_rows: int, rows_per_shard: int) -> int:
 
 
 def write_shard(block: Rows, out_dir: Path, index: int, dtype: str, rows_per_sample: int) -> ShardInfo:
-    """Write `shard-NNNNN.tar`: `rows_per_sample`-row blocks with their doc starts and source counts."""
+    """Write `shard-NNNNN.tar`: `rows_per_sample`-row blocks with their doc starts (an array the trainer
+    reads, and lists in the metadata) and source counts."""
     samples = []
     for sample, first in enumerate(range(0, len(block), rows_per_sample)):
         part = block.take(slice(first, first + rows_per_sample))
         meta = {"doc_starts": part.doc_starts, "sources": dict(sorted(Counter(part.sources).items()))}
-        samples.append((f"{index:05d}-{sample:05d}", {"npy": npy_bytes(part.tokens.astype(dtype)), "json": json_bytes(meta)}))
+        members = {"npy": npy_bytes(part.tokens.astype(dtype)), STARTS_EXT: npy_bytes(doc_starts_array(part.doc_starts)),
+                   "json": json_bytes(meta)}  # metadata last: a reader has the arrays when it sees it
+        samples.append((f"{index:05d}-{sample:05d}", members))
     name = f"shard-{index:05d}.tar"
     size, sha = write_tar(out_dir / name, samples)
     return ShardInfo(name, len(block), int(block.tokens.size), size, sha)

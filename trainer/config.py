@@ -61,6 +61,8 @@ class ModelConfig:
     intermediate_size: int | None = None  # None: the arch's default ratio
     tie_embeddings: bool = True
     trust_remote_code: bool = False
+    # attention kernel: auto = flash_attention_2 on CUDA in bf16 when flash-attn is installed, else the model's default (SDPA)
+    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"
 
 
 @dataclass
@@ -86,6 +88,9 @@ class DataConfig:
     verify: bool = True  # check each shard's size and sha256 against the manifest before use
     # a missing, truncated or corrupt shard: stop with its name, or skip it (every rank checks every shard, logged)
     on_corrupt: Literal["stop", "skip"] = "stop"
+    # packed rows (causal_lm, mlm): attend within each document and restart positions at its start;
+    # None: on when every split records document starts (format 2), off otherwise
+    doc_attention: bool | None = None
 
     def sources(self) -> list[DataSource]:
         return [DataSource(self.train)] if isinstance(self.train, str) else self.train

@@ -9,6 +9,11 @@ r, r + W, r + 2W, …: it opens only those lanes' shards and never needs another
 
 The trainer proves which global batch a step consumed with `LanesLoader.local_lane_digests`
 (all-reduced with SUM across ranks) and `batch_digest`; both are independent of world size.
+
+Document attention (`doc_positions`): each row comes as [2, seq_len], channel 0 its tokens and
+channel 1 each token's position in its document, counted from 0 at every document start the shard
+recorded and at the row's first token. The positions are computed here, in the prefetch thread,
+once per block; the model derives its per-document attention mask from them.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ import numpy as np
 import xxhash
 
 from data_tools.common import DataError
-from data_tools.manifest import Manifest, ManifestError, ShardIndex, index_shard, load_manifest, open_shard, verify_shard
+from data_tools.manifest import (
+    STARTS_DTYPE, Manifest, ManifestError, ShardIndex, index_shard, load_manifest, open_shard, verify_shard,
+)
 
-__all__ = ["DataError", "Lane", "LanesLoader", "RowRange", "Source", "batch_digest", "deal_rows", "lane_shares"]
+__all__ = ["DataError", "Lane", "LanesLoader", "RowRange", "Source", "batch_digest", "deal_rows", "doc_positions", "lane_shares"]
 
 log = logging.getLogger("trainer.data")
 
@@ -119,6 +126,16 @@ def deal_rows(shard_rows: Sequence[int], lanes: int) -> list[tuple[RowRange, ...
     return dealt
 
 
+def doc_positions(starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """Each token's position in its document, int32 [rows, seq_len], from a block's document starts
+    (int32 [rows, width], ascending, padded with -1): 0 at every start and at each row's first token."""
+    latest = np.zeros((len(starts), seq_len), np.int32)  # at each offset, the latest document start at or before it
+    rows, cols = np.nonzero(starts >= 0)
+    latest[rows, starts[rows, cols]] = starts[rows, cols]
+    np.maximum.accumulate(latest, axis=1, out=latest)
+    return np.arange(seq_len, dtype=np.int32) - latest
+
+
 def batch_digest(all_lane_digests: np.ndarray) -> str:
     """Hex digest of a global batch from its per-lane digests (the all-reduced `local_lane_digests`)."""
     digests = np.asarray(all_lane_digests)
@@ -183,8 +200,8 @@ class _LaneReader:
     in the current block are kept as a view and a step's read is one slice and one copy.
     """
 
-    def __init__(self, lane: Lane, seed: int, shards: Mapping[tuple[int, int], ShardIndex]):
-        self.lane, self._seed, self._shards = lane, seed, shards
+    def __init__(self, lane: Lane, seed: int, shards: Mapping[tuple[int, int], ShardIndex], doc_positions: bool = False):
+        self.lane, self._seed, self._shards, self._doc_positions = lane, seed, shards, doc_positions
         self._epoch, self._ranges, self._starts = -1, (), [0]
         self._file: tuple[Path, BinaryIO] | None = None
         self._block: tuple[Path, int, np.ndarray] | None = None
@@ -218,7 +235,15 @@ class _LaneReader:
     def _load(self, shard: ShardIndex, block: int) -> np.ndarray:
         if self._block is not None and self._block[:2] == (shard.path, block):
             return self._block[2]
-        offset, size = shard.block_spans[block]
+        rows = np.frombuffer(self._read(shard, block, *shard.block_spans[block]), shard.dtype).reshape(-1, *shard.row_shape)
+        if self._doc_positions:  # [rows, 2, seq_len]: tokens and their positions in their documents
+            offset, size, width = shard.starts_spans[block]
+            starts = np.frombuffer(self._read(shard, block, offset, size), STARTS_DTYPE).reshape(len(rows), width)
+            rows = np.stack([rows.astype(np.int32), doc_positions(starts, rows.shape[1])], axis=1)
+        self._block = (shard.path, block, rows)
+        return rows
+
+    def _read(self, shard: ShardIndex, block: int, offset: int, size: int) -> bytes:
         f = self._open(shard.path)
         f.seek(offset)
         data = f.read(size)
@@ -226,9 +251,7 @@ class _LaneReader:
             raise DataError(
                 f"{shard.path}: block {block} ends after {len(data)} of {size} bytes; the shard was truncated while in use"
             )
-        rows = np.frombuffer(data, shard.dtype).reshape(-1, *shard.row_shape)
-        self._block = (shard.path, block, rows)
-        return rows
+        return data
 
     def _open(self, path: Path) -> BinaryIO:
         if self._file is None or self._file[0] != path:
@@ -302,6 +325,7 @@ class LanesLoader:
     their rows appear in a batch; `rows_per_lane` is k. The sources share one seq_len and tokenizer
     (`trainer.loop.read_manifests` checks a run's manifests, once); shards are verified and indexed in
     the prefetch thread before the first batch, so model setup can overlap.
+    `doc_positions`: rows are [2, seq_len], tokens and document positions (the module docstring).
     """
 
     def __init__(
@@ -316,6 +340,7 @@ class LanesLoader:
         prefetch: int = 4,
         verify: bool = True,
         on_corrupt: str = "stop",
+        doc_positions: bool = False,
     ):
         _check_layout(global_batch, lanes, seed, rank, world_size, prefetch)
         if not sources:
@@ -325,8 +350,11 @@ class LanesLoader:
         self.corpora = [_load_corpus(s) for s in sources]
         if on_corrupt == "skip":
             self.corpora, verify = [_without_corrupt_shards(c, rank) for c in self.corpora], False  # verified just now
-        self.global_batch, self.lanes, self.seed = global_batch, lanes, seed
-        self.row_shape = self.corpora[0].manifest.row_shape
+        if doc_positions and (old := next((c for c in self.corpora if not c.manifest.has_doc_starts), None)):
+            raise DataError(f"{old.directory}: format_version {old.manifest.format_version} rows without document starts; "
+                            "prepare the data again with this dstrain, or read them without document positions")
+        self.global_batch, self.lanes, self.seed, self.doc_positions = global_batch, lanes, seed, doc_positions
+        self.row_shape = (2, self.corpora[0].manifest.seq_len) if doc_positions else self.corpora[0].manifest.row_shape
         self.rank, self.world_size, self.prefetch, self.verify = rank, world_size, prefetch, verify
         self.rows_per_lane = global_batch // lanes  # k: rows each lane gives every step
         self.rows_per_rank = global_batch // world_size
@@ -366,9 +394,12 @@ class LanesLoader:
 
         All-reduce it with SUM (each lane is filled by exactly one rank, so the sum is exact) and pass
         the result to `batch_digest`: equal digests at two world sizes mean the same global batch.
+        Only tokens count: a batch has the same digest with and without document positions.
         """
         if rows.shape != (self.rows_per_rank, *self.row_shape) or rows.dtype != np.int64:
             raise ValueError(f"rows: expected int64 {[self.rows_per_rank, *self.row_shape]}, got {rows.dtype} {list(rows.shape)}")
+        if self.doc_positions:
+            rows = rows[:, 0]
         k = self.rows_per_lane
         digests = np.zeros(self.lanes, np.uint64)
         for i, lane in enumerate(self.local_lanes):
@@ -389,7 +420,7 @@ class LanesLoader:
     def _produce(self, start_step: int) -> Iterator[np.ndarray]:
         """Runs in the prefetch thread: the batches from `start_step` on, every lane at row step * k."""
         shards = self._local_index()
-        readers = [_LaneReader(lane, self.seed, shards) for lane in self.local_lanes]
+        readers = [_LaneReader(lane, self.seed, shards, self.doc_positions) for lane in self.local_lanes]
         k = self.rows_per_lane
         try:
             for step in count(start_step):

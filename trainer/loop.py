@@ -38,7 +38,7 @@ from trainer.metrics import TRAIN_TAGS, Metrics, peak_flops, peak_memory_gb
 from trainer.downstream import positions
 from trainer.models import base_model, build_model, flops_per_token
 from trainer.plan import check_memory
-from trainer.tasks import DATA_TASK, Task, TaskContext, build_task, model_vocab_size
+from trainer.tasks import DATA_TASK, Task, TaskContext, build_task, doc_attention, model_vocab_size
 
 log = logging.getLogger("trainer")
 
@@ -112,8 +112,9 @@ def check_valid(where: str, valid: Manifest, train: Manifest) -> None:
 
 def task_context(config: Config, manifests: RunManifests, tokenizer: Tokenizer, model: torch.nn.Module) -> TaskContext:
     data = manifests.train[0]
+    splits = [*manifests.train, *([manifests.valid] if manifests.valid else []), *manifests.named_valid.values()]
     return TaskContext(config, data.seq_len, tokenizer, data.tokenizer.eos_id, model.config.pad_token_id, data.labels,
-                       manifests.valid, manifests.train, manifests.source_valid)
+                       manifests.valid, manifests.train, manifests.source_valid, doc_attention(config, splits))
 
 
 def total_steps(config: Config, seq_len: int) -> int:
@@ -254,6 +255,7 @@ def set_up(config: Config, resume_from: str) -> Run:
         [Source(manifest, s.weight) for manifest, s in zip(manifests.train, config.data.sources())],
         global_batch=config.train.global_batch, lanes=config.data.lanes, seed=config.run.seed, rank=engine.data_rank,
         world_size=engine.data_world, prefetch=config.data.prefetch, verify=config.data.verify, on_corrupt=config.data.on_corrupt,
+        doc_positions=ctx.doc_attention,
     )
     if config.task.type == "multitask":
         task.route(loader.row_sources())
@@ -270,10 +272,11 @@ def set_up(config: Config, resume_from: str) -> Run:
     saver = Saver(engine, checkpoints, config, loader, data_dir, tokenizer_file, world, rank)
     if rank == 0:
         engine_name = f"ZeRO-{config.engine.zero_stage}" if config.engine.type == "deepspeed" else "FSDP2"
-        log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s", config.task.type,
-                 steps_total, world, accum, config.train.micro_batch, data.seq_len, engine_name, config.precision)
-    return Run(config, rank, world, engine, loader, task, evaluator, loss_of, checkpoints, saver, metrics, StopSignal(), best,
-               progress, steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
+        log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s%s", config.task.type,
+                 steps_total, world, accum, config.train.micro_batch, data.seq_len, engine_name, config.precision,
+                 ", attention within documents" if ctx.doc_attention else "")
+    return Run(config, rank, world, engine, loader, task, evaluator, loss_of, checkpoints, saver, metrics, StopSignal(), best, progress,
+               steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
 
 
 def resume_engine(config: Config, checkpoints: Checkpoints, resume: str, state: TrainerState, engine: Engine,

@@ -16,6 +16,7 @@ none). Padding is masked out, so the choice changes no loss.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 from collections.abc import Sequence
@@ -84,11 +85,13 @@ def build_model(config: Config, vocab_size: int, seq_len: int, eos_id: int, labe
     if task in LABELLED:
         label_maps = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                       "label2id": {label: i for i, label in enumerate(labels)}}
+    attention = attention_kernel(config)
     if config.model.pretrained:
-        model = _load_pretrained(config.model, task, model_class(config), label_maps)
+        model = _load_pretrained(config.model, task, model_class(config), label_maps, attention)
         _check_fits(model, config.model.pretrained, vocab_size, seq_len)
     else:
-        model = model_class(config).from_config(_hf_config(config.model, task, vocab_size, seq_len, eos_id, label_maps))
+        hf_config = _hf_config(config.model, task, vocab_size, seq_len, eos_id, label_maps)
+        model = model_class(config).from_config(hf_config, **attention)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = eos_id
     if task == "multitask":
@@ -106,7 +109,26 @@ def model_class(config: Config):
     return TASK_CLASSES[config.task.type]
 
 
-def _load_pretrained(config: ModelConfig, task: str, auto, label_maps: dict) -> PreTrainedModel:
+def attention_kernel(config: Config) -> dict[str, str]:
+    """`attn_implementation` for model.attention, empty for the model's default (SDPA where it has it).
+
+    `auto` takes flash-attn's varlen kernel where it runs (CUDA, bf16, the package installed): with
+    document attention it gets each row's documents as `cu_seqlens` from the position ids. That path
+    needs a GPU and is not exercised on CPU. Kernels that cannot train here are refused at start."""
+    choice, cuda = config.model.attention, torch.cuda.is_available()
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if choice == "auto":
+        return {"attn_implementation": "flash_attention_2"} if cuda and has_flash and config.precision == "bf16" else {}
+    if choice == "flash_attention_2" and not (cuda and has_flash and config.precision == "bf16"):
+        raise ConfigError("model.attention flash_attention_2: needs CUDA, precision bf16 and the flash-attn package; "
+                          "use sdpa or auto")
+    if choice == "flex_attention" and not cuda:
+        raise ConfigError(f"model.attention flex_attention: torch {torch.__version__} has no flex attention backward on CPU; "
+                          "use sdpa or auto")
+    return {"attn_implementation": choice}
+
+
+def _load_pretrained(config: ModelConfig, task: str, auto, label_maps: dict, attention: dict[str, str]) -> PreTrainedModel:
     path = resolve(config.pretrained)  # package:<module>/<path> points inside an installed package
     where = f"model.pretrained {config.pretrained}"
     if path.suffix == ".gguf":
@@ -124,7 +146,7 @@ def _load_pretrained(config: ModelConfig, task: str, auto, label_maps: dict) -> 
     with _quiet_transformers():  # a head for another label set (mismatched size) is replaced like a missing one
         model, info = auto.from_pretrained(
             source, trust_remote_code=config.trust_remote_code, local_files_only=True, output_loading_info=True,
-            ignore_mismatched_sizes=bool(label_maps), **extra, **label_maps,
+            ignore_mismatched_sizes=bool(label_maps), **extra, **label_maps, **attention,
         )
     new = sorted({key.rsplit(".", 1)[0] for key in [*info["missing_keys"], *(m[0] for m in info["mismatched_keys"])]})
     if new:

@@ -14,6 +14,8 @@ import pytest
 import torch
 from trainer_runs import ENV, digests, losses, metrics, rewind, train, train_cmd
 
+from trainer.data import LanesLoader, Source
+
 pytestmark = pytest.mark.slow
 
 STEPS = 8  # as in conftest.config_file
@@ -46,6 +48,27 @@ def test_loss_falls_and_everything_is_written(reference: Path):
     assert state["step"] == STEPS and state["world_size"] == 2
     assert list((reference / "tb").glob("events.out.tfevents.*"))
     assert any("eval_loss" in m for m in metrics(reference))
+
+
+def test_document_attention_is_on_for_these_shards_and_changes_the_losses_not_the_batches(tmp_path, config_file, token_data):
+    """The shards record document starts, so every run here attends within documents unless told not to
+    (the exact-resume tests above and below run with it, on both engines). Off reads the same batches and
+    gives bitwise the same losses until the first batch in which a document starts inside a row."""
+    steps = 6
+    runs = {}
+    for name, setting in (("masked", []), ("plain", ["data.doc_attention=false"])):
+        result = train(config_file, 1, tmp_path / name, "engine.type=fsdp2", f"train.max_steps={steps}", *setting)
+        runs[name] = losses(tmp_path / name), digests(tmp_path / name), "attention within documents" in result.stderr
+    (on, on_digests, on_logged), (off, off_digests, off_logged) = runs["masked"], runs["plain"]
+    assert on_logged and not off_logged and on_digests == off_digests
+    config = json.loads(config_file.read_text())
+    with LanesLoader([Source(token_data / "tokens/train")], seq_len=64, global_batch=config["train"]["global_batch"],
+                     lanes=config["data"]["lanes"], seed=config["run"]["seed"], rank=0, world_size=1, doc_positions=True) as loader:
+        stream = loader.batches(0)
+        first = next(step for step, batch in enumerate(stream, 1) if (batch[:, 1, 1:] == 0).any())
+    assert 1 < first <= steps  # the layout this test relies on: unmasked steps first, then a masked one
+    assert all(on[step] == off[step] for step in range(1, first))
+    assert all(abs(on[step] - off[step]) > 1e-6 for step in range(first, steps + 1))
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])

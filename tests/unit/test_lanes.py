@@ -16,14 +16,15 @@ import tarfile
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data_tools.cli import main as data_tools_main
-from data_tools.manifest import file_sha256, iter_blocks, load_manifest
+from data_tools.manifest import STARTS_EXT, file_sha256, iter_blocks, load_manifest
+from data_tools.shards import write_tar
 from trainer.config import ConfigError, load_config
 from trainer.data import DataError, Lane, LanesLoader, Source, batch_digest, deal_rows, lane_shares
 from trainer.loop import read_manifests
@@ -38,9 +39,18 @@ class Corpus:
 
     directory: Path
     shards: list[np.ndarray]
+    doc_starts: list[list[list[int]]] = field(default_factory=list)  # per shard, per row: from the samples' metadata
 
     def rows(self, shard: int, first: int, stop: int) -> np.ndarray:
         return self.shards[shard][first:stop]
+
+    def positions(self, shard: int, first: int, stop: int) -> np.ndarray:
+        """Each token's position in its document, counted one token at a time from the recorded starts."""
+        out = np.zeros((stop - first, SEQ_LEN), np.int64)
+        for row, starts in enumerate(self.doc_starts[shard][first:stop]):
+            for j in range(1, SEQ_LEN):
+                out[row, j] = 0 if j in starts else out[row, j - 1] + 1
+        return out
 
     @property
     def all_rows(self) -> np.ndarray:
@@ -49,7 +59,9 @@ class Corpus:
 
 def _read_corpus(directory: Path) -> Corpus:
     manifest = load_manifest(directory)
-    return Corpus(directory, [np.concatenate([b for b, _ in iter_blocks(directory / s.path)]) for s in manifest.shards])
+    blocks = [list(iter_blocks(directory / s.path)) for s in manifest.shards]
+    return Corpus(directory, [np.concatenate([rows for rows, _ in shard]) for shard in blocks],
+                  [[starts for _, meta in shard for starts in meta["doc_starts"]] for shard in blocks])
 
 
 @pytest.fixture(scope="session")
@@ -94,13 +106,14 @@ def take(loader: LanesLoader, start: int, steps: int) -> list[np.ndarray]:
         loader.close()
 
 
-def reference_stream(corpus: Corpus, lane: Lane, seed: int, rows: int) -> np.ndarray:
-    """A lane's first `rows` rows by the contract: ranges in default_rng([seed, epoch, lane]) order, epoch after epoch."""
+def reference_stream(corpus: Corpus, lane: Lane, seed: int, rows: int, part: str = "rows") -> np.ndarray:
+    """A lane's first `rows` rows by the contract: ranges in default_rng([seed, epoch, lane]) order, epoch after epoch.
+    `part`: the rows' tokens ("rows") or their document positions ("positions")."""
     parts, epoch, have = [], 0, 0
     while have < rows:
         for i in np.random.default_rng([seed, epoch, lane.index]).permutation(len(lane.ranges)):
             r = lane.ranges[i]
-            parts.append(corpus.rows(r.shard, r.first, r.stop))
+            parts.append(getattr(corpus, part)(r.shard, r.first, r.stop))
             have += r.stop - r.first
         epoch += 1
     return np.concatenate(parts)[:rows]
@@ -205,6 +218,54 @@ def test_fingerprint_follows_data_seed_batch_and_lanes_not_world_size(train):
     assert load_sources([Source(str(train.directory), 1)]).fingerprint() == base  # 1 and 1.0 weigh the same
     changed = [make_loader(train, **change).fingerprint() for change in ({"seed": 1}, {"global_batch": 32}, {"lanes": 2})]
     assert len({base, *changed}) == 4
+
+
+# --- document positions --------------------------------------------------------------------------
+
+
+def test_document_positions_come_beside_the_tokens_and_restart_at_every_recorded_start(train):
+    """Rows become [2, seq_len]: the same tokens (and batch digests) as without, and positions rebuilt
+    from the samples' metadata lists, over an epoch boundary (lanes of 727 rows, 4 a step)."""
+    steps, k = 190, 4
+    plain, loader = make_loader(train), make_loader(train, doc_positions=True)
+    with_positions, without = take(loader, 0, steps), take(plain, 0, steps)
+    assert with_positions[0].shape == (16, 2, SEQ_LEN) and with_positions[0].dtype == np.int64
+    for got, expected in zip(with_positions, without):
+        np.testing.assert_array_equal(got[:, 0], expected)
+        np.testing.assert_array_equal(loader.local_lane_digests(got), plain.local_lane_digests(expected))
+    for lane in loader.plan:
+        positions = lane_rows([b[:, 1] for b in with_positions], lane.index, k)
+        np.testing.assert_array_equal(positions, reference_stream(train, lane, SEED, steps * k, "positions"))
+    assert (np.concatenate(with_positions)[:, 1, 1:] == 0).any(1).sum() > 50  # rows where a document starts inside
+
+
+def _as_format_1(corpus: Corpus, out: Path) -> Corpus:
+    """The corpus as format 1 wrote it: samples without `.starts.npy`, the manifest at format_version 1."""
+    shutil.copytree(corpus.directory, out)
+    manifest = load_manifest(out)
+    for info in manifest.shards:
+        path = out / info.path
+        with tarfile.open(path) as tar:
+            samples: dict[str, dict[str, bytes]] = {}
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                if ext != STARTS_EXT:
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        info.bytes, info.sha256 = write_tar(path, samples.items())
+    manifest.format_version = 1
+    manifest.save(out)
+    return Corpus(out, corpus.shards)
+
+
+def test_format_1_shards_without_document_starts_load_and_read_as_before(train, tmp_path):
+    old = _as_format_1(train, tmp_path / "old")
+    manifest = load_manifest(old.directory)
+    assert manifest.format_version == 1 and not manifest.has_doc_starts
+    for got, expected in zip(take(make_loader(old), 0, 30), take(make_loader(train), 0, 30), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(DataError, match=r"old: format_version 1 rows without document starts; prepare the data again") as err:
+        make_loader(old, doc_positions=True)
+    assert "\n" not in str(err.value)
 
 
 # --- which shards a rank touches -------------------------------------------------------------------
@@ -324,7 +385,7 @@ def _unsafe_member(shard: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (_append_byte, r"shard-00000.tar: size 81921 bytes, manifest says 81920; the shard is truncated or replaced"),
+        (_append_byte, r"shard-00000.tar: size 92161 bytes, manifest says 92160; the shard is truncated or replaced"),
         (_flip_byte, r"shard-00000.tar: sha256 [0-9a-f]{16}…, manifest says [0-9a-f]{16}…; the shard is corrupt"),
         (_unsafe_member, r"shard-00000.tar: unsafe tar member '\.\./00000-00000.npy'; shards hold plain relative files only"),
     ],

@@ -14,10 +14,13 @@ import pytest
 from data_tools.errors import DataError
 from data_tools.manifest import (
     FORMAT_VERSION,
+    STARTS_DTYPE,
+    STARTS_EXT,
     Manifest,
     ManifestError,
     TokenizerInfo,
     file_sha256,
+    index_shard,
     iter_blocks,
     load_manifest,
     verify_shard,
@@ -232,10 +235,8 @@ def test_write_shards_sizes_and_contents(shards):
     assert sum((Counter(m["sources"]) for m in metas), Counter()) == Counter(packed.sources)
 
 
-def test_manifest_round_trip(shards):
-    """Manifest.save writes manifest.json that load_manifest reads back equal, totals included."""
-    _, infos, directory = shards
-    manifest = Manifest(
+def packed_manifest(infos, directory):
+    return Manifest(
         seq_len=SEQ_LEN,
         dtype="uint16",
         tokenizer=TokenizerInfo("gpt2", 50257, 50256, "ab" * 32, "tokenizer/tokenizer.json"),
@@ -244,7 +245,14 @@ def test_manifest_round_trip(shards):
         rows_per_sample=4,
         stats={"extract": {"docs_in": 3}},
         pipeline={"seed": 0},
+        directory=directory,
     )
+
+
+def test_manifest_round_trip(shards):
+    """Manifest.save writes manifest.json that load_manifest reads back equal, totals included."""
+    _, infos, directory = shards
+    manifest = packed_manifest(infos, directory)
     path = manifest.save(directory)
     assert path == directory / "manifest.json" and not list(directory.glob("*.tmp"))
     assert load_manifest(directory) == manifest == load_manifest(path)
@@ -252,6 +260,40 @@ def test_manifest_round_trip(shards):
     assert data["total_rows"] == 25 and data["total_tokens"] == 25 * SEQ_LEN and data["format_version"] == FORMAT_VERSION
     for info in manifest.shards:
         verify_shard(directory, info)
+
+
+def test_each_block_records_its_rows_document_starts_where_the_index_finds_them(shards):
+    """`<key>.starts.npy` beside every block: int32 [rows, widest row] padded with -1, equal to the
+    metadata's lists; `index_shard` finds each one's data span so the trainer reads it in one read."""
+    packed, infos, directory = shards
+    manifest = packed_manifest(infos, directory)
+    assert manifest.has_doc_starts
+    found = []
+    for info in infos:
+        index = index_shard(manifest, info)
+        assert len(index.starts_spans) == len(index.block_spans)
+        with open(directory / info.path, "rb") as f:
+            for (offset, size, width), (_, block_bytes) in zip(index.starts_spans, index.block_spans):
+                f.seek(offset)
+                starts = np.frombuffer(f.read(size), STARTS_DTYPE).reshape(block_bytes // (2 * SEQ_LEN), width)
+                found += [[int(s) for s in row if s >= 0] for row in starts]
+    assert found == packed.doc_starts and any(found)
+
+
+def test_a_format_2_shard_without_document_starts_is_refused(shards):
+    _, infos, directory = shards
+    path = directory / infos[0].path
+    kept = [(key, {ext: data}) for key, ext, data in _members(path) if ext != STARTS_EXT]
+    write_tar(path, kept)
+    with pytest.raises(ManifestError, match=r"shard-00000.tar: 0 of 3 blocks have a starts.npy member, format 2 needs one each"):
+        index_shard(packed_manifest(infos, directory), infos[0])
+
+
+def _members(path):
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            yield key, ext, tar.extractfile(member).read()
 
 
 @pytest.mark.parametrize(

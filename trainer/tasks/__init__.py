@@ -10,10 +10,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from data_tools.manifest import Manifest
 from trainer.config import ConfigError
 from trainer.tasks.base import Evaluation, TaskContext
 
-__all__ = ["DATA_TASK", "Evaluation", "Task", "TaskContext", "build_task", "model_vocab_size"]
+__all__ = ["DATA_TASK", "Evaluation", "Task", "TaskContext", "build_task", "doc_attention", "model_vocab_size"]
 
 
 class Task(Protocol):
@@ -65,3 +66,26 @@ def model_vocab_size(config, tokenizer, vocab_size: int) -> int:
         if all(tokenizer.token_to_id(t) is None for t in MASK_TOKENS):
             return vocab_size + 1
     return vocab_size
+
+
+DOC_ATTENTION_TASKS = ("causal_lm", "mlm")  # the tasks that read packed rows of several documents
+
+
+def doc_attention(config, manifests: list[Manifest]) -> bool:
+    """Whether rows attend per document (`data.doc_attention`): unset, on when every split (`manifests`:
+    train sources and valid) records document starts and nothing needs attention across a row;
+    on where it cannot apply, one line naming the key and what to do."""
+    setting, task = config.data.doc_attention, config.task.type
+    why_not = None
+    if task not in DOC_ATTENTION_TASKS:
+        why_not = f"task.type {task} reads no packed rows (it applies to {', '.join(DOC_ATTENTION_TASKS)}); remove it"
+    elif task == "mlm" and config.task.sentence_task != "none":
+        why_not = f"task.sentence_task {config.task.sentence_task} pairs the two halves of a row across documents; set it false"
+    elif config.parallel.pp > 1:
+        why_not = "pipeline stages (parallel.pp > 1) do not carry position ids; set it false"
+    elif old := next((m for m in manifests if not m.has_doc_starts), None):
+        why_not = (f"{old.directory} has no document starts (format_version {old.format_version}); prepare it again with "
+                   "this dstrain, or set it false")
+    if why_not and setting:
+        raise ConfigError(f"data.doc_attention true: {why_not}")
+    return setting is not False and why_not is None

@@ -35,6 +35,7 @@ class TaskContext:
     valid: Manifest | None  # data.valid
     sources: list[Manifest] = field(default_factory=list)  # data.train's, in order
     source_valid: list[Manifest | None] = field(default_factory=list)  # each source's own valid split (multitask)
+    doc_attention: bool = False  # packed rows come as [2, seq_len]: tokens and document positions (data.doc_attention)
 
     def token_id(self, *candidates: str) -> int | None:
         """The id of the first of these special tokens that the tokenizer has."""

@@ -1,4 +1,14 @@
-"""Causal-LM pretraining on packed token rows: every token predicts the next one."""
+"""Causal-LM pretraining on packed token rows: every token predicts the next one.
+
+With document attention (`data.doc_attention`) a row is [2, seq_len], tokens and their positions in
+their documents. The positions go to the model as `position_ids`: Hugging Face decoders restart
+their position embeddings with them and, given no padding mask, derive a block-diagonal causal mask
+from them (SDPA and eager take it as a dense mask, flex attention as a BlockMask, flash attention as
+varlen `cu_seqlens`, which Hugging Face reads from position ids in a batch of one row only, so
+the micro-batch goes to flash-attn as one row laid end to end). The first token of each document
+is not a target: it would be predicted from the previous document, which it cannot see. So a
+packed row's loss is its documents' losses, weighted by their targets, exactly as if each were run alone.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +20,16 @@ import torch
 
 from trainer import distributed
 from trainer.data import LanesLoader, Source
+from trainer.models import attention_kernel
 from trainer.parallel.mesh import data_coordinate
-from trainer.tasks.base import Evaluation, TaskContext
+from trainer.tasks.base import IGNORE, Evaluation, TaskContext
 
 
 class CausalLM:
     def __init__(self, ctx: TaskContext) -> None:
         self.ctx, self.config = ctx, ctx.config
+        kernel = attention_kernel(self.config).get("attn_implementation")
+        self.one_row = ctx.doc_attention and kernel == "flash_attention_2"  # see the module docstring
         self.valid_loader = None
         if ctx.valid:
             data = data_coordinate(self.config, distributed.dist.get_rank(), distributed.dist.get_world_size())
@@ -25,14 +38,20 @@ class CausalLM:
             lanes = self.config.data.lanes
             self.valid_loader = LanesLoader(
                 [Source(ctx.valid)], global_batch=lanes, lanes=lanes, seed=self.config.run.seed,
-                rank=data.rank, world_size=data.world, verify=self.config.data.verify,
+                rank=data.rank, world_size=data.world, verify=self.config.data.verify, doc_positions=ctx.doc_attention,
             )
 
     def tokens(self, rows: np.ndarray) -> int:
-        return rows.size
+        return len(rows) * self.ctx.seq_len
 
     def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
-        return {"input_ids": rows, "labels": rows}
+        if not self.ctx.doc_attention:
+            return {"input_ids": rows, "labels": rows}
+        ids, positions = split_positions(rows)
+        # no cache: Hugging Face derives the per-document mask from position ids only when there is none
+        inputs = {"input_ids": ids, "labels": torch.where(positions == 0, IGNORE, ids), "position_ids": positions,
+                  "use_cache": False}
+        return as_one_row(inputs) if self.one_row else inputs
 
     def valid_batches(self) -> Iterator[torch.Tensor]:
         """The first `train.eval_batches` batches of the valid split: the same ones at every eval and world size."""
@@ -57,3 +76,14 @@ class CausalLM:
     def close(self) -> None:
         if self.valid_loader is not None:
             self.valid_loader.close()
+
+
+def as_one_row(inputs: dict) -> dict:
+    """The micro-batch's rows end to end as one row. Exact under document attention: every row starts at
+    position 0, so no row attends to another, and a row's first token is no target of the row before."""
+    return {name: value.reshape(1, -1) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+
+
+def split_positions(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, document positions) of [rows, 2, seq_len] document-attention rows, each contiguous."""
+    return rows[:, 0].contiguous(), rows[:, 1].contiguous()

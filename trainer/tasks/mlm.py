@@ -7,6 +7,8 @@ token, 10% a random token and 10% stay. With `whole_word_masking` a word's sub-t
 together. `task.sentence_task` adds BERT's next-sentence or ALBERT's sentence-order prediction
 (RoBERTa found NSP does not help, hence off by default). A tokenizer without a mask token (a BPE
 trained by `data_tools prepare`) gets one extra id past its vocabulary; the model has room for it.
+With document attention (`data.doc_attention`, see trainer.tasks.causal_lm) positions restart at
+each document and every token attends both ways within its own document only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from tokenizers.models import WordPiece
 
 from trainer import distributed
 from trainer.tasks.base import IGNORE, Evaluation, special_ids, step_generator
-from trainer.tasks.causal_lm import CausalLM
+from trainer.tasks.causal_lm import CausalLM, as_one_row, split_positions
 
 MASK_TOKENS = ("[MASK]", "<mask>")
 
@@ -42,6 +44,9 @@ class MaskedLM(CausalLM):
 
     def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
         gen = step_generator(self.config.run.seed, step, micro)
+        positions = None
+        if self.ctx.doc_attention:  # BERT attends within each document (bidirectional) and restarts its positions
+            rows, positions = split_positions(rows)
         ids = rows.cpu()
         probs = torch.rand(ids.shape, generator=gen)
         if self.word_start is not None:  # one draw per word, shared by its sub-tokens
@@ -54,9 +59,12 @@ class MaskedLM(CausalLM):
         masked = torch.where(selected & (action < 0.8), self.mask_id, ids)
         masked = torch.where(selected & (action >= 0.8) & (action < 0.9), random_ids, masked)
         inputs = {"input_ids": masked, "labels": labels}
+        if positions is not None:
+            inputs["position_ids"] = positions
         if self.config.task.sentence_task != "none":
             inputs = sentence_pairs(inputs, self.config.task.sentence_task, gen)
-        return {name: tensor.to(rows.device) for name, tensor in inputs.items()}
+        inputs = {name: tensor.to(rows.device) for name, tensor in inputs.items()}
+        return as_one_row(inputs) if self.one_row else inputs
 
     def evaluate(self, engine) -> Evaluation:
         """Loss, masked-token accuracy (and sentence-task accuracy) on the same masked valid batches every time."""

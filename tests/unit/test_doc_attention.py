@@ -1,0 +1,159 @@
+"""Document attention: a packed row computes what its documents compute one by one.
+
+The rows go through the tasks' own `inputs` (positions from `trainer.data.doc_positions`, as the
+loader builds them) into tiny Hugging Face models in fp32; the references run each document alone
+with no position ids and no mask, so they share no code path with the packed forward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, GPT2Config, LlamaConfig
+
+from data_tools.manifest import doc_starts_array
+from data_tools.tokenize import load_tokenizer
+from trainer.config import ConfigError, load_config
+from trainer.data import doc_positions
+from trainer.models import attention_kernel
+from trainer.tasks import TaskContext, build_task, doc_attention
+
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+SEQ_LEN, VOCAB = 48, 300
+# documents per row, as lengths; the first continues a document from the previous row (no start at 0)
+ROWS = [[7, 12, 1, 20, 8], [30, 18], [48]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_process_group(tmp_path_factory):
+    """The MLM task asks for its rank; a file store needs no port, which parallel test runs would fight over."""
+    if not dist.is_initialized():
+        store = tmp_path_factory.mktemp("group") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+
+
+def packed_rows(lengths: list[list[int]]) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
+    """[rows, 2, SEQ_LEN] rows as the loader gives them (tokens, document positions) and each row's document spans."""
+    tokens = torch.randint(0, VOCAB, (len(lengths), SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    spans = [[(sum(row[:i]), sum(row[: i + 1])) for i in range(len(row))] for row in lengths]
+    starts = [[first for first, _ in row[1:]] for row in spans]  # where the pack step records a document start
+    positions = torch.from_numpy(doc_positions(doc_starts_array(starts), SEQ_LEN).astype(np.int64))
+    return torch.stack([tokens, positions], 1), spans
+
+
+def task_for(task_type: str, tokenizer=None):
+    config = load_config(DEMO, [f"task.type={task_type}"])
+    return build_task(TaskContext(config, SEQ_LEN, tokenizer, 0, 0, [], None, doc_attention=True))
+
+
+def test_doc_positions_count_from_each_start_and_from_the_row_start():
+    positions = doc_positions(doc_starts_array([[3, 5], [], [1]]), 7)
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_packed_row_loss_is_the_token_weighted_loss_of_its_documents_run_alone(arch):
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=SEQ_LEN)
+    else:
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=SEQ_LEN)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    rows, spans = packed_rows(ROWS)
+    task = task_for("causal_lm")
+    with torch.no_grad():
+        packed = model(**task.inputs(rows, 0)).loss.item()
+        task.one_row = True  # how flash-attn gets the rows (one row end to end): the same documents, the same loss
+        one_row = model(**task.inputs(rows, 0)).loss.item()
+        total = count = 0.0
+        for row, row_spans in zip(rows[:, 0], spans):
+            for first, stop in row_spans:
+                if stop - first > 1:  # a one-token document has no target
+                    doc = row[None, first:stop]
+                    total += model(input_ids=doc, labels=doc).loss.item() * (stop - first - 1)
+                    count += stop - first - 1
+        plain = model(input_ids=rows[:, 0], labels=rows[:, 0]).loss.item()
+    assert packed == pytest.approx(total / count, rel=1e-5) and one_row == pytest.approx(total / count, rel=1e-5)
+    assert abs(plain - packed) > 1e-3  # attending across documents is measurably different
+
+
+def test_a_packed_bert_row_attends_within_each_document_both_ways(gpt2_dir):
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(gpt2_dir).tokenizer
+    model = AutoModelForMaskedLM.from_config(BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB + 1,
+        max_position_embeddings=SEQ_LEN)).float().eval()
+    rows, spans = packed_rows(ROWS)
+    inputs = task_for("mlm", tokenizer).inputs(rows, 0)
+    assert torch.equal(inputs["position_ids"], rows[:, 1])
+    ids = torch.where(inputs["input_ids"] < VOCAB, inputs["input_ids"], VOCAB)  # the [MASK] id past the tiny vocabulary
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=inputs["position_ids"]).logits
+        for r, row_spans in enumerate(spans):
+            for first, stop in row_spans:
+                alone = model(input_ids=ids[r : r + 1, first:stop]).logits[0]
+                torch.testing.assert_close(packed[r, first:stop], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_the_first_token_of_each_document_is_no_target():
+    rows, spans = packed_rows(ROWS)
+    labels = task_for("causal_lm").inputs(rows, 0)["labels"]
+    for r, row_spans in enumerate(spans):
+        assert [int(i) for i in (labels[r] == -100).nonzero()] == [first for first, _ in row_spans]
+
+
+class _Split:
+    """A manifest's two attributes `doc_attention` reads."""
+
+    def __init__(self, has_doc_starts: bool, directory: str = "data/train") -> None:
+        self.has_doc_starts, self.directory, self.format_version = has_doc_starts, directory, 2 if has_doc_starts else 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "splits", "expected"),
+    [
+        ([], [True, True], True),
+        ([], [True, False], False),  # an old valid split: off, as before
+        (["data.doc_attention=false"], [True], False),
+        (["task.type=mlm"], [True], True),
+        (["task.type=mlm", "task.sentence_task=sop"], [True], False),
+        (["task.type=classification"], [False], False),
+    ],
+)
+def test_doc_attention_is_on_by_default_where_every_split_has_document_starts(overrides, splits, expected):
+    config = load_config(DEMO, overrides)
+    assert doc_attention(config, [_Split(s) for s in splits]) is expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "splits", "message"),
+    [
+        ([], [True, False], r"data.doc_attention true: data/train has no document starts \(format_version 1\); prepare it "
+                            r"again with this dstrain, or set it false"),
+        (["task.type=sft"], [False], r"data.doc_attention true: task.type sft reads no packed rows"),
+        (["task.type=mlm", "task.sentence_task=nsp"], [True], r"task.sentence_task nsp pairs the two halves of a row"),
+    ],
+)
+def test_doc_attention_on_where_it_cannot_apply_is_refused_in_one_line(overrides, splits, message):
+    config = load_config(DEMO, [*overrides, "data.doc_attention=true"])
+    with pytest.raises(ConfigError, match=message) as err:
+        doc_attention(config, [_Split(s) for s in splits])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusals")
+@pytest.mark.parametrize(("kernel", "message"), [
+    ("flex_attention", r"model.attention flex_attention: torch .* has no flex attention backward on CPU; use sdpa or auto"),
+    ("flash_attention_2", r"model.attention flash_attention_2: needs CUDA, precision bf16 and the flash-attn package"),
+])
+def test_attention_kernels_that_cannot_train_here_are_refused(kernel, message):
+    assert attention_kernel(load_config(DEMO)) == {}  # auto on CPU: the model's default (SDPA)
+    assert attention_kernel(load_config(DEMO, ["model.attention=sdpa"])) == {"attn_implementation": "sdpa"}
+    with pytest.raises(ConfigError, match=message):
+        attention_kernel(load_config(DEMO, [f"model.attention={kernel}"]))
