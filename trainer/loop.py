@@ -275,8 +275,8 @@ def set_up(config: Config, resume_from: str) -> Run:
         log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s%s", config.task.type,
                  steps_total, world, accum, config.train.micro_batch, data.seq_len, engine_name, config.precision,
                  ", attention within documents" if ctx.doc_attention else "")
-    return Run(config, rank, world, engine, loader, task, evaluator, loss_of, checkpoints, saver, metrics, StopSignal(), best, progress,
-               steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
+    return Run(config, rank, world, engine, loader, task, evaluator, loss_of, checkpoints, saver, metrics, StopSignal(), best,
+               progress, steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
 
 
 def resume_engine(config: Config, checkpoints: Checkpoints, resume: str, state: TrainerState, engine: Engine,

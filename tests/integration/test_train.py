@@ -62,8 +62,9 @@ def test_document_attention_is_on_for_these_shards_and_changes_the_losses_not_th
     (on, on_digests, on_logged), (off, off_digests, off_logged) = runs["masked"], runs["plain"]
     assert on_logged and not off_logged and on_digests == off_digests
     config = json.loads(config_file.read_text())
-    with LanesLoader([Source(token_data / "tokens/train")], seq_len=64, global_batch=config["train"]["global_batch"],
-                     lanes=config["data"]["lanes"], seed=config["run"]["seed"], rank=0, world_size=1, doc_positions=True) as loader:
+    with LanesLoader([Source(token_data / "tokens/train")], global_batch=config["train"]["global_batch"],
+                     lanes=config["data"]["lanes"], seed=config["run"]["seed"], rank=0, world_size=1,
+                     doc_positions=True) as loader:
         stream = loader.batches(0)
         first = next(step for step, batch in enumerate(stream, 1) if (batch[:, 1, 1:] == 0).any())
     assert 1 < first <= steps  # the layout this test relies on: unmasked steps first, then a masked one

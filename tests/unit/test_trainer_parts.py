@@ -39,8 +39,8 @@ def test_overrides_are_typed_and_validated():
         (["engine.type=fsdp2", "engine.zero_stage=3"], "'engine.zero_stage' is a deepspeed option, but engine.type is fsdp2"),
         (["engine.type=fsdp2", "engine.zero_stage=null", "engine.ds_config=x.json"], "'engine.ds_config' is a deepspeed option"),
         (["engine.reduce_dtype=bf16"], "'engine.reduce_dtype' is a fsdp2 option, but engine.type is deepspeed"),
-        (["engine.activation_checkpointing=some"], "'engine.activation_checkpointing' must be one of none, full, selective, True, "
-                                                   "False, got 'some'"),
+        (["engine.activation_checkpointing=some"],
+         "'engine.activation_checkpointing' must be one of none, full, selective, True, False, got 'some'"),
         (["optim.impl=fast"], "'optim.impl' must be one of for_loop, foreach, fused, got 'fast'"),
         (["engine.zero_stage=3", "engine.activation_checkpointing=selective"], "'engine.activation_checkpointing: selective' "
                                                                              "does not work with ZeRO-3's parameter gathering"),
