@@ -62,7 +62,7 @@ def masked_batches(train: Path, seq_len: int, count: int) -> list[np.ndarray]:
     """The first `count` micro-batches ([MICRO_BATCH, 2, seq_len], tokens and document positions) in which
     some row holds a document start: a batch without one runs unmasked SDPA either way, so these are
     the worst case, every step paying for the mask."""
-    loader = LanesLoader([Source(train)], seq_len=seq_len, global_batch=MICRO_BATCH, lanes=1, seed=0, rank=0,
+    loader = LanesLoader([Source(train)], global_batch=MICRO_BATCH, lanes=1, seed=0, rank=0,
                          world_size=1, doc_positions=True)
     try:
         return [batch for batch, _ in zip((b for b in loader.batches(0) if (b[:, 1, 1:] == 0).any()), range(count))]
