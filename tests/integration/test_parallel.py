@@ -6,6 +6,8 @@ Every layout trains on the same global batches, so its losses and grad norms mus
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.integration.conftest import STEPS
@@ -31,11 +33,16 @@ def assert_same_curve(run, reference, steps) -> None:
         assert digests(run)[step] == digests(reference)[step], step  # the same global batch
 
 
+def one_process(config_file, tmp_path_factory, overrides) -> Path:
+    """The run every layout is compared with: the same config on one process."""
+    run = tmp_path_factory.mktemp("parallel") / "one"
+    train(config_file, 1, run, *overrides)
+    return run
+
+
 @pytest.fixture(scope="module")
 def reference(config_file, tmp_path_factory):
-    run = tmp_path_factory.mktemp("parallel") / "one"
-    train(config_file, 1, run, *TINY)
-    return run
+    return one_process(config_file, tmp_path_factory, TINY)
 
 
 def test_dp2_tp2_matches_one_process_and_resumes_at_tp4(config_file, reference, tmp_path):
@@ -65,9 +72,7 @@ def eval_losses(run_dir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def pipe_reference(config_file, tmp_path_factory):
-    run = tmp_path_factory.mktemp("parallel") / "one"
-    train(config_file, 1, run, *PIPE)
-    return run
+    return one_process(config_file, tmp_path_factory, PIPE)
 
 
 def test_tp2_pp2_matches_one_process_and_resumes_at_dp2_tp2_then_on_one_process(config_file, pipe_reference, tmp_path):

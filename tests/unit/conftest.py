@@ -8,6 +8,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from data_tools.config import ExtractConfig
 from data_tools.doc import Doc
@@ -62,3 +63,12 @@ def run_step():
         return kept, step.stats
 
     return run
+
+
+@pytest.fixture(scope="session")
+def one_process_group(tmp_path_factory):
+    """A world of one for code that asks for its rank (tasks, evaluators, engines); a file store needs no
+    port, which test runs in parallel would fight over."""
+    if not dist.is_initialized():
+        store = tmp_path_factory.mktemp("group") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, GPT2Config, LlamaConfig
 
 from data_tools.manifest import doc_starts_array
@@ -22,19 +21,12 @@ from trainer.data import doc_positions
 from trainer.models import attention_kernel
 from trainer.tasks import TaskContext, build_task, doc_attention
 
+pytestmark = pytest.mark.usefixtures("one_process_group")
+
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 SEQ_LEN, VOCAB = 48, 300
 # documents per row, as lengths; the first continues a document from the previous row (no start at 0)
 ROWS = [[7, 12, 1, 20, 8], [30, 18], [48]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group(tmp_path_factory):
-    """The MLM task asks for its rank; a file store needs no port, which parallel test runs would fight over."""
-    if not dist.is_initialized():
-        store = tmp_path_factory.mktemp("group") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
 
 
 def packed_rows(lengths: list[list[int]]) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:

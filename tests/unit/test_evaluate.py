@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from data_tools.common import ConfigError, DataError
@@ -26,18 +24,12 @@ from trainer.downstream import Scorer, encode_pair, load_task
 from trainer.evaluate import Evaluator, LoadedModel, evaluate_saved, validation_parts
 from trainer.tasks import TaskContext
 
+pytestmark = pytest.mark.usefixtures("one_process_group")
+
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = [ROOT / "examples" / "eval" / "wiki-continuation.jsonl", ROOT / "examples" / "eval" / "wiki-lastword.jsonl"]
 POSITIONS = 48  # short, so that long contexts are cut from the left as lm-eval cuts them
 SEQ_LEN = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group():
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.config import ConfigError, load_config
@@ -71,14 +69,6 @@ def test_stages_split_layers_as_plan_counts_them():
     assert mesh.stages_per_rank == 2
     assert [layers_of_rank(Shape.of(config.model, 64, 8), mesh, r) for r in range(2)] == [4, 3]  # stages 0, 2 | 1, 3
     assert in_flight(mesh, 0) == mesh.microbatches * 2  # breadth first: every chunk's forwards before its backwards
-
-
-@pytest.fixture(scope="module")
-def one_process_group():
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29534")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
 
 
 def test_a_checkpoint_with_optimizer_state_in_param_groups_still_loads(tmp_path, one_process_group):

@@ -5,12 +5,10 @@ A one-process gloo group stands in for the world (the tasks ask for rank and wor
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from data_tools.tokenize import load_tokenizer
@@ -21,15 +19,9 @@ from trainer.tasks import TaskContext, build_task, model_vocab_size
 from trainer.tasks.base import IGNORE
 from trainer.tasks.classification import scores
 
+pytestmark = pytest.mark.usefixtures("one_process_group")
+
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group():
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
 
 
 @pytest.fixture(scope="module")
