@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -25,6 +27,10 @@ from data_tools.errors import DataError
 
 TaskFn = Callable[..., None]  # fn(index, progress)
 _progress_queue: mp.Queue | None = None
+# fault tests: every pooled task takes at least this long, so that a kill after n finished tasks lands mid-stage
+TASK_DELAY_S = float(os.environ.get("DSTRAIN_DEBUG_TASK_DELAY_S", "0"))
+_WORKER_DIED = ("a worker process died (killed by a signal or out of memory); finished tasks are kept, "
+                "run the same command to resume")
 
 
 @dataclass
@@ -44,6 +50,7 @@ def _report(n: int) -> None:
 
 
 def _run(fn: TaskFn, index: int) -> None:
+    time.sleep(TASK_DELAY_S)
     fn(index, _report)
 
 
@@ -67,8 +74,10 @@ def run_tasks(fn: TaskFn, indices: list[int], pool: WorkerPool | None, desc: str
             for index in indices:
                 fn(index, bar.update)
             return
-        futures = [pool.executor.submit(_run, fn, index) for index in indices]
-        pending = set(futures)
+        try:
+            pending = {pool.executor.submit(_run, fn, index) for index in indices}
+        except BrokenProcessPool:  # a worker of the job's pool died after the previous stage finished
+            raise DataError(f"{desc}: {_WORKER_DIED}") from None
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
             _drain(pool.progress, bar)
@@ -77,8 +86,7 @@ def run_tasks(fn: TaskFn, indices: list[int], pool: WorkerPool | None, desc: str
                     for other in pending:
                         other.cancel()
                     if isinstance(error, BrokenProcessPool):
-                        raise DataError(f"{desc}: a worker process died (killed by a signal or out of memory); "
-                                        "finished tasks are kept, run the same command to resume") from None
+                        raise DataError(f"{desc}: {_WORKER_DIED}") from None
                     raise error
         _drain(pool.progress, bar)
 

@@ -67,7 +67,8 @@ def test_killed_workers_then_rerun_give_the_uninterrupted_shards(tmp_path, corpo
     assert len(Job(reference).plan.tasks) == TASKS
     for stage, tasks, delay, what in KILLS:
         target = min(finished(out, stage) + tasks, BUCKETS if stage == "bucket" else TASKS)
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env=os.environ | {"DSTRAIN_DEBUG_TASK_DELAY_S": "0.5"})  # > any delay: the kill lands mid-stage
         deadline = time.monotonic() + 300
         while not (finished(out, stage) >= target and (what == "job" or workers(proc.pid))):
             assert proc.poll() is None, f"the job ended before {tasks} more {stage} tasks: {proc.stderr.read()[-2000:]}"
