@@ -7,7 +7,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
-
 @dataclass
 class StageStats:
     """Counters of one stage; merged across tasks by addition, so order never matters."""

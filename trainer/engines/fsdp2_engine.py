@@ -145,10 +145,14 @@ class FSDP2Engine:
             tensor.parallelize(model, self.mesh.tp)
 
     def _shard(self, model: torch.nn.Module) -> None:
+        """`engine.compile`'s blocks (as the DeepSpeed engine compiles them), then sharded."""
+        if self.compile:
+            blocks.compile_blocks(model)
+        self._fully_shard(model)
+
+    def _fully_shard(self, model: torch.nn.Module) -> None:
         """FSDP over the data-parallel mesh: each transformer block, then `model` as the root."""
         for block in transformer_blocks(model):
-            if self.compile:
-                block.compile()
             fully_shard(block, **self.sharding)
         fully_shard(model, **self.sharding)
 
@@ -162,9 +166,7 @@ class FSDP2Engine:
         block's parameters split across ranks (on the CPU with `engine.offload: cpu`), gathered for
         its forward and freed after."""
         model = model.requires_grad_(False).eval()
-        for block in transformer_blocks(model):
-            fully_shard(block, **self.sharding)
-        fully_shard(model, **self.sharding)
+        self._fully_shard(model)
         return model
 
     def forward(self, **inputs: torch.Tensor):
