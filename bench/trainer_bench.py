@@ -8,8 +8,8 @@ What it measures: the mean wall-clock time of one optimizer step (a global batch
 1. dstrain: `python -m trainer` with DeepSpeed ZeRO-`--zero-stage` (default 0), `step_s` and
    `data_wait_frac` read from its metrics.jsonl. step_s runs from fetching the batch to the end of
    the optimizer step (NaN checks included); the per-step logging (log_every=1) falls outside it.
-2. bare PyTorch: what dstrain's loop would be without DeepSpeed, loader, checks or logging:
-   forward/backward per micro-batch, grad clipping, torch AdamW, LambdaLR; batches in memory.
+2. bare PyTorch (bench/plain_loop.py): what dstrain's loop would be without DeepSpeed, loader, checks
+   or logging: forward/backward per micro-batch, grad clipping, torch AdamW, LambdaLR; batches in memory.
 3. HF `Trainer` with the very DeepSpeed config dstrain builds (`ds_config`), and without DeepSpeed
    as a second reference. dstrain's AdamW, LambdaLR and batch order replace HF's defaults (its
    fused AdamW, linear schedule, shuffled rows), so all engines do the same arithmetic. A step is
@@ -42,10 +42,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the engines import these in their own processes
-    import numpy as np
-    import torch
+import plain_loop  # bench/plain_loop.py: the script's own directory is on sys.path
 
+if TYPE_CHECKING:  # the engines import these in their own processes
     from data_tools.manifest import Manifest
     from trainer.config import Config
 
@@ -93,53 +92,9 @@ def load_run(data: Path, zero_stage: int) -> tuple[Config, Manifest]:
     return config, load_manifest(data)
 
 
-def global_batches(config: Config, manifest: Manifest) -> tuple[list[np.ndarray], list[str]]:
-    """The first STEPS global batches exactly as dstrain's loop gets them, and their digests."""
-    from trainer.data import LanesLoader, Source, batch_digest
-
-    loader = LanesLoader([Source(manifest)], global_batch=config.train.global_batch, lanes=config.data.lanes,
-                         seed=config.run.seed, rank=0, world_size=1)
-    with loader:
-        stream = loader.batches(0)
-        batches = [next(stream) for _ in range(STEPS)]
-    return batches, [batch_digest(loader.local_lane_digests(rows)) for rows in batches]
-
-
-def model_and_optimizer(
-    config: Config, manifest: Manifest
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The model, AdamW and LambdaLR exactly as dstrain's engines build them."""
-    from trainer.engines import adamw_with_schedule
-    from trainer.models import build_model
-
-    tok = manifest.tokenizer
-    model = build_model(config, tok.vocab_size, manifest.seq_len, tok.eos_id, [], config.run.seed)
-    return (model, *adamw_with_schedule(model, config, STEPS))
-
-
 def bare_side(config: Config, manifest: Manifest) -> Result:
-    import torch
-
-    batches, digests = global_batches(config, manifest)
-    model, optimizer, scheduler = model_and_optimizer(config, manifest)
-    model.train()
-    micro = config.train.micro_batch
-    accum = config.train.accumulation(1)
-    step_s, losses = [], []
-    for rows in batches:
-        started, step_loss = time.perf_counter(), 0.0
-        for first in range(0, len(rows), micro):
-            input_ids = torch.from_numpy(rows[first : first + micro])
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-            (loss / accum).backward()
-            step_loss += loss.item() / accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_s.append(time.perf_counter() - started)
-        losses.append(step_loss)
-    return Result(step_s, losses, digests)
+    run = plain_loop.train(config, manifest, STEPS)
+    return Result(run.step_s, run.loss, run.digests)
 
 
 def hf_side(config: Config, manifest: Manifest, deepspeed: bool, output_dir: Path) -> Result:
@@ -149,8 +104,8 @@ def hf_side(config: Config, manifest: Manifest, deepspeed: bool, output_dir: Pat
 
     from trainer.engines.deepspeed_engine import ds_config
 
-    batches, digests = global_batches(config, manifest)
-    model, optimizer, scheduler = model_and_optimizer(config, manifest)
+    batches, digests = plain_loop.global_batches(config, manifest, STEPS)
+    model, optimizer, scheduler = plain_loop.model_and_optimizer(config, manifest, STEPS)
     rows = torch.from_numpy(np.concatenate(batches))
 
     class Rows(torch.utils.data.Dataset):
