@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import warnings
+from collections.abc import Mapping
 from datetime import timedelta
 
 import torch
@@ -38,6 +39,7 @@ def init(timeout_s: float = 600) -> tuple[int, int, int]:
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        share_cores()
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its per-call INFO lines would drown the step log
@@ -54,6 +56,25 @@ def init(timeout_s: float = 600) -> tuple[int, int, int]:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
     _explain_collective_failures(dist.get_rank(), timeout_s)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def cpu_threads(environ: Mapping[str, str], cores: int) -> int | None:
+    """Torch threads for one of this node's processes on CPU: the cores shared out among the node's processes
+    (the launcher's LOCAL_WORLD_SIZE, or the deepspeed launcher's LOCAL_SIZE), at least 1; None when
+    OMP_NUM_THREADS says it. torchrun sets OMP_NUM_THREADS=1 for several processes, the deepspeed launcher sets
+    nothing, and torch's default (every core in each process) would put 2 × N threads on N cores with 2
+    processes: they then wait for each other at every parallel region, and a step takes longer than with one."""
+    if "OMP_NUM_THREADS" in environ:
+        return None
+    local_world = int(environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or 1)
+    return max(1, cores // local_world)
+
+
+def share_cores() -> None:
+    """Set torch's thread count by `cpu_threads` for this process's cores (its CPU affinity)."""
+    threads = cpu_threads(os.environ, len(os.sched_getaffinity(0)))
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _explain_collective_failures(rank: int, timeout_s: float) -> None:

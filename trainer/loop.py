@@ -301,10 +301,11 @@ def train_step(run: Run, rows: np.ndarray) -> float | None:
     """One optimizer step: forward, backward and step over this rank's micro-batches of `rows`.
 
     Returns the step's mean loss on this rank, or None when `train.nan_policy` says stop on a non-finite
-    loss (the parameters are then those after the last completed step). A non-finite micro-batch that
-    is skipped still runs a backward of zeros, so every rank's engine stays in step. The whole step is
-    this one function so that an engine that owns the micro-batch schedule (pipeline parallel) can
-    replace it.
+    loss (the parameters are then those after the last completed step). A rank replaces its own non-finite
+    micro-batch loss by a backward of zeros, so every rank's engine stays in step; the ranks agree on the
+    non-finite micro-batches in one collective before the update, not one per micro-batch (a collective per
+    micro-batch made every rank wait for the slowest at each of them). The whole step is this one function so
+    that an engine that owns the micro-batch schedule (pipeline parallel) can replace it.
     """
     config, engine, progress = run.config, run.engine, run.progress
     micro_batch = config.train.micro_batch
@@ -316,22 +317,28 @@ def train_step(run: Run, rows: np.ndarray) -> float | None:
             return None
         engine.step()
         return step_loss
-    step_loss = 0.0
+    # the loss summed on the device and read once per step; one flag per micro-batch, agreed on after the last
+    step_loss, finite = torch.zeros((), dtype=torch.float64, device=batch.device), [1.0] * run.accum
     for micro in range(run.accum):
         inputs = run.task.inputs(batch[micro * micro_batch : (micro + 1) * micro_batch], progress.step, micro, train=True)
         output = engine.forward(**inputs)
         loss = run.loss_of(inputs, output)
         if poisoned and micro == 0:
             loss = loss * float("nan")
-        if distributed.all_reduce([float(torch.isfinite(loss))], distributed.dist.ReduceOp.MIN).item() < 1:
-            if not skip_nonfinite(run, 1, f"micro-batch {micro}"):
-                return None
-            loss = output.logits.float().sum() * 0.0  # a zero gradient keeps every rank's engine in step
+        if torch.isfinite(loss):  # this rank's own loss, read on the host: no collective
+            step_loss += loss.detach().double() / run.accum
         else:
-            step_loss += loss.item() / run.accum
+            finite[micro] = 0.0
+            loss = output.logits.float().sum() * 0.0  # a zero gradient keeps every rank's engine in step
         engine.backward(loss)
-        engine.step()
-    return step_loss
+        if micro < run.accum - 1:
+            engine.step()  # accumulates: the update is at the last micro-batch's step
+    agreed = distributed.all_reduce(finite, distributed.dist.ReduceOp.MIN)  # non-finite on any rank
+    if bad := [micro for micro, ok in enumerate(agreed.tolist()) if ok < 1]:
+        if not skip_nonfinite(run, len(bad), ", ".join(f"micro-batch {micro}" for micro in bad)):
+            return None
+    engine.step()
+    return step_loss.item()
 
 
 def skip_nonfinite(run: Run, count: int, where: str) -> bool:

@@ -11,6 +11,7 @@ import pytest
 from data_tools.common import CheckpointError
 from trainer.checkpoint import Checkpoints, TrainerState, tag
 from trainer.config import ConfigError, ScheduleConfig, load_config
+from trainer.distributed import cpu_threads
 from trainer.engines.deepspeed_engine import ds_config
 from trainer.schedule import lr_factor_fn
 
@@ -89,6 +90,7 @@ def test_ds_config_fills_auto_fields_and_refuses_contradictions(tmp_path):
     assert filled["train_batch_size"] == 16 and filled["train_micro_batch_size_per_gpu"] == 4
     assert filled["gradient_accumulation_steps"] == 2 and filled["gradient_clipping"] == 1.0
     assert filled["bf16"]["enabled"] is True and filled["zero_optimization"]["stage"] == 1
+    assert filled["zero_optimization"]["overlap_comm"] is False  # no CUDA: DeepSpeed's CPU accelerator has no streams
     own = tmp_path / "mine.json"
     own.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": "auto"}}))
     config = load_config(DEMO, [f"engine.ds_config={own}"])
@@ -161,3 +163,14 @@ def test_activation_checkpointing_on_a_model_without_it_is_refused():
     config = load_config(DEMO, ["engine.type=fsdp2", "engine.zero_stage=null", "engine.activation_checkpointing=true"])
     with pytest.raises(ConfigError, match="engine.activation_checkpointing: Linear does not support it"):
         FSDP2Engine(torch.nn.Linear(4, 4), config, world_size=1, total_steps=10)
+
+
+@pytest.mark.parametrize(("environ", "threads"), [
+    ({}, 2),  # one process: every core
+    ({"LOCAL_WORLD_SIZE": "2"}, 1),  # torchrun or SLURM, 2 processes on the node
+    ({"LOCAL_SIZE": "2"}, 1),  # the deepspeed launcher, which sets no thread count
+    ({"LOCAL_WORLD_SIZE": "4"}, 1),  # more processes than cores: still one thread each
+    ({"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "2"}, None),  # the user's (or torchrun's) own choice is kept
+])
+def test_cpu_processes_share_the_cores_instead_of_each_taking_all(environ, threads):
+    assert cpu_threads(environ, cores=2) == threads

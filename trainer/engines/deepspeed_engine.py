@@ -86,6 +86,10 @@ def ds_config(config: Config, world_size: int, load_universal: bool = False) -> 
         elif current != value:
             raise ConfigError(f"{path}: '{'.'.join(keys)}' is {current} but the run config gives {value}; set it to \"auto\"")
     zero = data["zero_optimization"]
+    if zero.get("overlap_comm") == "auto":
+        # CUDA: gradient reductions run on a side stream while backward goes on. DeepSpeed's CPU accelerator has no
+        # streams, so there they run in the backward hook either way and overlap would only double the bucket buffer.
+        zero["overlap_comm"] = torch.cuda.is_available()
     if engine.offload == "cpu" and "offload_optimizer" not in zero:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if engine.offload == "cpu":
