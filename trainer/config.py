@@ -208,9 +208,12 @@ class EngineConfig:
     compile: bool = False  # torch.compile each transformer block (regional: one compiled graph reused by every block)
     # fsdp2 only
     reduce_dtype: Literal["fp32", "bf16"] | None = None  # gradient reduction dtype under bf16; unset: fp32
+    # false: each block stays gathered from its forward through backward and over a step's micro-batches, one
+    # all-gather per step instead of two per micro-batch, for the unsharded model's memory per process; unset: true
+    reshard_after_forward: bool | None = None
 
 
-ENGINE_ONLY_KEYS = {"deepspeed": ("zero_stage", "ds_config"), "fsdp2": ("reduce_dtype",)}
+ENGINE_ONLY_KEYS = {"deepspeed": ("zero_stage", "ds_config"), "fsdp2": ("reduce_dtype", "reshard_after_forward")}
 
 
 @dataclass

@@ -176,6 +176,20 @@ def test_same_seed_same_losses_under_the_deepspeed_launcher(tmp_path, config_fil
     assert losses(tmp_path / "ds") == losses(reference)
 
 
+def test_fsdp2_without_resharding_logs_the_references_losses(tmp_path, config_file, engine, reference):
+    """`engine.reshard_after_forward=false` gathers each block once per step instead of twice per micro-batch:
+    the same arithmetic, so the reference's losses bit for bit; its checkpoint at step 4 (written after an eval
+    left the blocks gathered) resumes to them too."""
+    if engine != ENGINES["fsdp2"]:
+        pytest.skip("an FSDP2 option")
+    kept = [*engine, "engine.reshard_after_forward=false"]
+    train(config_file, 2, tmp_path / "kept", *kept)
+    assert losses(tmp_path / "kept") == losses(reference)
+    rewind(tmp_path / "kept", tmp_path / "resumed", 4)
+    train(config_file, 2, tmp_path / "resumed", *kept)
+    assert losses(tmp_path / "resumed") == losses(reference)
+
+
 def test_nonfinite_loss_skip_policy_skips_and_goes_on(tmp_path, config_file, engine, reference):
     run_dir = tmp_path / "nan-skip"
     result = train(config_file, 2, run_dir, *engine, "debug.nan_at_steps=[3]", "train.nan_policy=skip")

@@ -89,3 +89,31 @@ def test_foreach_and_fused_adamw_make_the_same_updates_as_the_loop(impl):
         trained[name] = dict(replica.named_parameters())
     for name, param in trained["for_loop"].items():
         torch.testing.assert_close(trained[impl][name], param, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def fsdp2_step(reshard: list[str]) -> tuple[list[bool], dict[str, torch.Tensor]]:
+    """One optimizer step of 2 accumulated micro-batches: whether the blocks were gathered after micro-batch 0's
+    backward and after the step, and the updated parameters."""
+    from torch.distributed.tensor import DTensor
+
+    from trainer.engines.fsdp2_engine import FSDP2Engine
+
+    config, model = tiny_llama("engine.type=fsdp2", "train.global_batch=4", "train.micro_batch=2", *reshard)
+    engine = FSDP2Engine(model, config, world_size=1, total_steps=10)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    gathered = []
+    for micro in range(2):
+        rows = ids[2 * micro : 2 * micro + 2]
+        engine.backward(engine.forward(input_ids=rows, labels=rows).loss)
+        engine.step()
+        gathered.append(not any(isinstance(p, DTensor) for p in transformer_blocks(model)[0].parameters()))
+    return gathered, {name: p.full_tensor().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_fsdp2_without_resharding_keeps_blocks_gathered_over_the_step_and_updates_the_same():
+    gathered, updated = fsdp2_step([])
+    kept, kept_updated = fsdp2_step(["engine.reshard_after_forward=false"])
+    assert gathered == [False, False] and kept == [True, False]  # resharded at the step's end either way
+    for name, value in updated.items():
+        torch.testing.assert_close(kept_updated[name], value, rtol=0, atol=0, msg=name)

@@ -116,6 +116,7 @@ class FSDP2Engine:
         self.mesh = Mesh(layout, device().type, dist.get_rank())
         self.data_rank, self.data_world, self.data_leader = self.mesh.data.rank, self.mesh.data.world, self.mesh.data.leader
         self.tp, self.compile, self.whole = layout.tp, engine.compile, model
+        self.reshard = engine.reshard_after_forward is not False  # false: gathered from forward to the step's end
         if self.tp > 1:
             # the grad norm of a parameter sharded over (dp, tp) reduces over both dims, one after the other: DTensor
             # warns that a flattened mesh would take one collective; the result is the same, so say it not on every step
@@ -148,13 +149,13 @@ class FSDP2Engine:
         """`engine.compile`'s blocks (as the DeepSpeed engine compiles them), then sharded."""
         if self.compile:
             blocks.compile_blocks(model)
-        self._fully_shard(model)
+        self._fully_shard(model, self.reshard)
 
-    def _fully_shard(self, model: torch.nn.Module) -> None:
+    def _fully_shard(self, model: torch.nn.Module, reshard_after_forward: bool = True) -> None:
         """FSDP over the data-parallel mesh: each transformer block, then `model` as the root."""
         for block in transformer_blocks(model):
-            fully_shard(block, **self.sharding)
-        fully_shard(model, **self.sharding)
+            fully_shard(block, **self.sharding, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, **self.sharding, reshard_after_forward=reshard_after_forward)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -184,8 +185,12 @@ class FSDP2Engine:
         return self.pipeline.forward_backward(inputs, poison)
 
     def backward(self, loss: torch.Tensor) -> None:
-        # Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate locally.
-        self.model.set_requires_gradient_sync(self.micro == self.accum - 1)
+        # Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate locally. Without
+        # resharding after forward the blocks also stay gathered until then: the next forward gathers nothing.
+        last = self.micro == self.accum - 1
+        self.model.set_requires_gradient_sync(last)
+        if not self.reshard:
+            self.model.set_reshard_after_backward(last)
         with tensor.loss_context(self.tp):
             (loss / self.accum).backward()
 
