@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test finetune bench bench-data bench-compress clean
+.PHONY: demo test finetune bench bench-data bench-compress bench-dp clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench-data: $(INSTALLED) $(BENCH_DATATROVE)
 bench-compress: $(INSTALLED)
 	test -f runs/finetune/sentiment-minilm/export/config.json || PYTHON=$(BIN)/python examples/finetune/run.sh sentiment
 	OMP_NUM_THREADS=2 $(BIN)/python bench/compress_bench.py
+
+# dstrain in 1 and 2 processes (both engines) against a plain PyTorch loop: the finetune recipe and a pretraining step
+bench-dp: $(INSTALLED)
+	$(BIN)/python bench/dp_bench.py
 
 clean:
 	rm -rf runs bench/out
