@@ -59,20 +59,21 @@ def init(timeout_s: float = 600) -> tuple[int, int, int]:
 
 
 def cpu_threads(environ: Mapping[str, str], cores: int) -> int | None:
-    """Torch threads for one of this node's processes on CPU: the cores shared out among the node's processes
-    (the launcher's LOCAL_WORLD_SIZE, or the deepspeed launcher's LOCAL_SIZE), at least 1; None when
-    OMP_NUM_THREADS says it. torchrun sets OMP_NUM_THREADS=1 for several processes, the deepspeed launcher sets
-    nothing, and torch's default (every core in each process) would put 2 × N threads on N cores with 2
-    processes: they then wait for each other at every parallel region, and a step takes longer than with one."""
-    if "OMP_NUM_THREADS" in environ:
-        return None
+    """Torch threads for one of a node's processes on CPU: `cores` (what torch would take in a process alone)
+    shared out among the node's processes (the launcher's LOCAL_WORLD_SIZE, or the deepspeed launcher's
+    LOCAL_SIZE), at least 1; None to keep torch's own choice: one process, or OMP_NUM_THREADS given. torchrun sets
+    OMP_NUM_THREADS=1 for several processes, the deepspeed launcher sets nothing, and torch's default (every core in
+    each process) would put 2 × N threads on N cores with 2 processes: they then wait for each other at every
+    parallel op, and a step takes longer than with one process."""
     local_world = int(environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or 1)
+    if "OMP_NUM_THREADS" in environ or local_world == 1:
+        return None
     return max(1, cores // local_world)
 
 
 def share_cores() -> None:
-    """Set torch's thread count by `cpu_threads` for this process's cores (its CPU affinity)."""
-    threads = cpu_threads(os.environ, len(os.sched_getaffinity(0)))
+    """Set torch's thread count by `cpu_threads`."""
+    threads = cpu_threads(os.environ, torch.get_num_threads())
     if threads is not None:
         torch.set_num_threads(threads)
 

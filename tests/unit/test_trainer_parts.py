@@ -166,7 +166,7 @@ def test_activation_checkpointing_on_a_model_without_it_is_refused():
 
 
 @pytest.mark.parametrize(("environ", "threads"), [
-    ({}, 2),  # one process: every core
+    ({}, None),  # one process: torch's own default, every core
     ({"LOCAL_WORLD_SIZE": "2"}, 1),  # torchrun or SLURM, 2 processes on the node
     ({"LOCAL_SIZE": "2"}, 1),  # the deepspeed launcher, which sets no thread count
     ({"LOCAL_WORLD_SIZE": "4"}, 1),  # more processes than cores: still one thread each
