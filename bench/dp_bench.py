@@ -261,17 +261,18 @@ def ratio(runs: dict[str, list[Outcome] | str], num: str, den: str) -> str:
     if isinstance(runs[num], str) or isinstance(runs[den], str):
         return "-"
     mean, median = (stat(windows(runs[num])) / stat(windows(runs[den])) for stat in (statistics.fmean, statistics.median))
-    return f"{mean:.3f}x (medians {median:.3f}x)"
+    wall = statistics.fmean(o.wall_s for o in runs[num]) / statistics.fmean(o.wall_s for o in runs[den])
+    return f"{mean:.3f}x s/step (medians {median:.3f}x), {wall:.2f}x wall"
 
 
 def print_table(case: str, runs: dict[str, list[Outcome] | str], cores: int, load: tuple[float, float]) -> None:
     steps = STEPS[case]
     what = ("sentiment recipe, MiniLM, 32 reviews x 64 tokens per step (micro 16)" if case == "finetune"
             else "Llama h128 L4, 16 rows x 256 tokens per step (micro 4)")
-    score = "accuracy" if case == "finetune" else "last loss"
+    accuracy = f"{'accuracy':>10}" if case == "finetune" else ""
     print(f"\n{case}: {what}, {steps} steps, fp32 CPU, {cores} cores shared out; s/step over steps "
           f"{LOG_EVERY[case] + 1}-{steps}; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after")
-    print(f"{'':28}{'s/step':>8}{'per run':>15}{'median':>8}{'wall s':>8}{score:>11}{'loss':>9}")
+    print(f"{'':28}{'s/step':>8}{'per run':>15}{'median':>8}{'wall s':>8}{'last loss':>11}{accuracy}")
     for name, outcomes in runs.items():
         if isinstance(outcomes, str):
             print(f"{name:28}failed: {outcomes}")
@@ -279,9 +280,9 @@ def print_table(case: str, runs: dict[str, list[Outcome] | str], cores: int, loa
         times = windows(outcomes)
         per_run = "/".join(f"{statistics.fmean(o.window_s):.3f}" for o in outcomes)
         first = outcomes[0]
-        scored = f"{first.accuracy:.4f}" if first.accuracy is not None else f"{first.final_loss:.5f}"
+        scored = f"{first.accuracy:>10.4f}" if first.accuracy is not None else ""
         print(f"{name:28}{statistics.fmean(times):>8.3f}{per_run:>15}{statistics.median(times):>8.3f}"
-              f"{statistics.fmean(o.wall_s for o in outcomes):>8.1f}{scored:>11}{first.final_loss:>9.4f}")
+              f"{statistics.fmean(o.wall_s for o in outcomes):>8.1f}{first.final_loss:>11.5f}{scored}")
     plain = runs["plain loop"]
     for name, (_, procs, baseline) in CONTENDERS.items():
         if baseline is None:
