@@ -2,7 +2,7 @@
 prints the `torchrun` (default) or `deepspeed` command line for N trainer processes and runs it.
 
 On a machine without CUDA it also sets what the README asks for there: `DS_ACCELERATOR=cpu` (the
-deepspeed launcher counts devices through it) and `OMP_NUM_THREADS=1` (N processes on few cores).
+deepspeed launcher counts devices through it) and `OMP_NUM_THREADS` to each process's share of the cores.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ def command(config: Path, overrides: list[str], nproc: int, launcher: str, port:
             "-m", "trainer", *trainer]
 
 
-def cpu_environment(cuda: bool) -> dict[str, str]:
-    """The variables added on a machine without CUDA (none with it); set ones are kept."""
+def cpu_environment(cuda: bool, nproc: int, cores: int) -> dict[str, str]:
+    """The variables added on a machine without CUDA (none with it); set ones are kept. Each of the `nproc`
+    processes gets its share of the `cores` torch would take alone: one process all of them, two half each."""
     if cuda:
         return {}
-    return {k: v for k, v in {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}.items() if k not in os.environ}
+    wanted = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, cores // nproc))}
+    return {k: v for k, v in wanted.items() if k not in os.environ}
 
 
 def run(config: Path, overrides: list[str], nproc: int | None, launcher: str, dry_run: bool) -> int:
@@ -45,7 +47,7 @@ def run(config: Path, overrides: list[str], nproc: int | None, launcher: str, dr
     cuda = torch.cuda.is_available()
     nproc = nproc or (torch.cuda.device_count() if cuda else 1)
     cmd = command(config, overrides, nproc, launcher, free_port())
-    extra = cpu_environment(cuda)
+    extra = cpu_environment(cuda, nproc, torch.get_num_threads())
     print(" ".join([*(f"{k}={v}" for k, v in extra.items()), shlex.join(cmd)]), flush=True)
     if dry_run:
         return 0

@@ -368,4 +368,12 @@ def test_local_command_lines(tmp_path):
         "--config", str(config), "a.b=1"]
     assert command(config, [], 2, "deepspeed", 29500)[1:] == ["--num_gpus", "2", "--master_port", "29500", "--module", "trainer",
                                                              "--config", str(config)]
-    assert cpu_environment(cuda=True) == {}
+    assert cpu_environment(cuda=True, nproc=2, cores=2) == {}
+
+
+@pytest.mark.parametrize(("nproc", "threads"), [(1, "2"), (2, "1"), (4, "1")])
+def test_local_processes_share_the_cores(monkeypatch, nproc, threads):
+    """One process gets both cores, two one each (not torchrun's 1 for any count, nor 2 x 2 on 2 cores)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    assert cpu_environment(cuda=False, nproc=nproc, cores=2) == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads}
