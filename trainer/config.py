@@ -91,6 +91,9 @@ class DataConfig:
     # packed rows (causal_lm, mlm): attend within each document and restart positions at its start;
     # None: on when every split records document starts (format 2), off otherwise
     doc_attention: bool | None = None
+    # sequence-length warmup (trainer.seq_len_schedule): [[step, seq_len], …] from [0, …], ascending, each length a divisor
+    # of the shards' seq_len; shorter rows are cut from the same rows, tokens per step unchanged; unset: the shards' rows
+    seq_len_schedule: list[list[int]] | None = None
 
     def sources(self) -> list[DataSource]:
         return [DataSource(self.train)] if isinstance(self.train, str) else self.train

@@ -38,6 +38,7 @@ from trainer.metrics import TRAIN_TAGS, Metrics, peak_flops, peak_memory_gb
 from trainer.downstream import positions
 from trainer.models import base_model, build_model, flops_per_token
 from trainer.plan import check_memory
+from trainer.seq_len_schedule import SeqLenSchedule, seq_len_schedule
 from trainer.tasks import DATA_TASK, Task, TaskContext, build_task, doc_attention, model_vocab_size
 
 log = logging.getLogger("trainer")
@@ -201,8 +202,9 @@ class Run:
     progress: Progress
     steps_total: int
     accum: int
-    flops_per_token: float
+    flops_per_token: dict[int, float]  # by row length: the attention term grows with it
     peak_flops: float | None
+    seq_lens: SeqLenSchedule  # each step's row length (data.seq_len_schedule)
 
     def due(self, every: int) -> bool:
         """A periodic event falls on this step: every `every` steps, and always on the last one."""
@@ -222,6 +224,7 @@ def set_up(config: Config, resume_from: str) -> Run:
     tokenizer_file = data_dir / tok.path  # copied into each checkpoint
     tokenizer = Tokenizer.from_str(tokenizer_file.read_text())
     steps_total = total_steps(config, data.seq_len)
+    seq_lens = seq_len_schedule(config, data.seq_len)
     check_memory(config, world, tok.vocab_size, data.seq_len)  # refuse what cannot fit before building any of it
 
     checkpoints = Checkpoints(config.run_dir / "checkpoints")
@@ -272,11 +275,13 @@ def set_up(config: Config, resume_from: str) -> Run:
     saver = Saver(engine, checkpoints, config, loader, data_dir, tokenizer_file, world, rank)
     if rank == 0:
         engine_name = f"ZeRO-{config.engine.zero_stage}" if config.engine.type == "deepspeed" else "FSDP2"
-        log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s%s", config.task.type,
+        log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s%s%s", config.task.type,
                  steps_total, world, accum, config.train.micro_batch, data.seq_len, engine_name, config.precision,
-                 ", attention within documents" if ctx.doc_attention else "")
+                 ", attention within documents" if ctx.doc_attention else "",
+                 f", {seq_lens.describe()}" if config.data.seq_len_schedule else "")
     return Run(config, rank, world, engine, loader, task, evaluator, loss_of, checkpoints, saver, metrics, StopSignal(), best,
-               progress, steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
+               progress, steps_total, accum, {s: flops_per_token(engine.module, s) for s in seq_lens.lengths},
+               peak_flops(config.metrics.peak_tflops), seq_lens)
 
 
 def resume_engine(config: Config, checkpoints: Checkpoints, resume: str, state: TrainerState, engine: Engine,
@@ -307,8 +312,8 @@ def train_step(run: Run, rows: np.ndarray) -> float | None:
     replace it.
     """
     config, engine, progress = run.config, run.engine, run.progress
-    micro_batch = config.train.micro_batch
-    batch = torch.from_numpy(rows).to(distributed.device())
+    batch = run.seq_lens.cut(torch.from_numpy(rows).to(distributed.device()), progress.step)
+    micro_batch = len(batch) // run.accum  # train.micro_batch rows, or S/s times as many cut rows of the same tokens
     poisoned = progress.step + 1 in config.debug.nan_at_steps  # micro-batch 0's loss made NaN
     if engine.pipelined:  # the engine's schedule runs all micro-batches (trainer.parallel.pipeline)
         step_loss, non_finite = engine.forward_backward(run.task.inputs(batch, progress.step, train=True), poisoned)
@@ -371,10 +376,10 @@ def log_window(run: Run, window: Window, rows: np.ndarray) -> None:
         "loss": loss_sum / world, "lr": engine.lr, "grad_norm": engine.grad_norm, "tokens": run.progress.tokens.sum(),
         "tokens_per_s": window_tokens / window.time, "step_s": window.time / window.steps,
         "data_wait_frac": window.wait / window.time, "batch_digest": batch_digest(lane_digests.numpy()),
-        "peak_mem_gb": peak_memory_gb(), "nan_skips": run.progress.nan_skips,
+        "peak_mem_gb": peak_memory_gb(), "nan_skips": run.progress.nan_skips, "seq_len": run.seq_lens.at(run.progress.step - 1),
     }
     if run.peak_flops:
-        record["mfu"] = run.flops_per_token * record["tokens_per_s"] / (run.peak_flops * world)
+        record["mfu"] = run.flops_per_token[record["seq_len"]] * record["tokens_per_s"] / (run.peak_flops * world)
     run.metrics.log(run.progress.step, record, TRAIN_TAGS)
     log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %s | %.0f tok/s | %.2f s/step | data wait %.1f%%",
              run.progress.step, run.steps_total, record["loss"], record["lr"],

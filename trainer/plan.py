@@ -421,6 +421,7 @@ MESH_FLAGS = ("tp", "pp", "cp", "dp_replicate", "dp_shard")
 def main(argv: list[str]) -> int:
     from trainer.metrics import PEAK_TFLOPS
     from trainer import plan_mesh  # builds on this module's counts
+    from trainer.seq_len_schedule import KEY as WARMUP_KEY, seq_len_schedule
 
     parser = _parser(PEAK_TFLOPS)
     args = parser.parse_args(argv)
@@ -438,6 +439,9 @@ def main(argv: list[str]) -> int:
     shape = Shape.of(config.model, vocab, seq_len)
     header = (f"plan for {args.config}: {shape.arch}, vocabulary {vocab}, seq_len {seq_len}, "
               f"{args.nodes} × {args.gpus_per_node} = {world} GPUs")
+    warmup = seq_len_schedule(config, seq_len)  # refused here as at the start of the run
+    if config.data.seq_len_schedule:  # shorter rows need less memory (trainer.seq_len_schedule): planned at the longest
+        header += f"\n{WARMUP_KEY}: {warmup.describe()}; memory and FLOPs per token below are at the longest rows, {seq_len} tokens"
     if args.search:
         ranked, considered = plan_mesh.search(shape, config, world, seq_len, hardware, args.gpu_memory_gb, eager)
         if not ranked:
