@@ -441,7 +441,8 @@ def main(argv: list[str]) -> int:
               f"{args.nodes} × {args.gpus_per_node} = {world} GPUs")
     warmup = seq_len_schedule(config, seq_len)  # refused here as at the start of the run
     if config.data.seq_len_schedule:  # shorter rows need less memory (trainer.seq_len_schedule): planned at the longest
-        header += f"\n{WARMUP_KEY}: {warmup.describe()}; memory and FLOPs per token below are at the longest rows, {seq_len} tokens"
+        header += (f"\n{WARMUP_KEY}: {warmup.describe()}; memory and FLOPs per token below are at the longest rows, "
+                   f"{seq_len} tokens")
     if args.search:
         ranked, considered = plan_mesh.search(shape, config, world, seq_len, hardware, args.gpu_memory_gb, eager)
         if not ranked:
