@@ -15,9 +15,9 @@ from tests.integration.trainer_runs import digests, losses, metrics, rewind, tra
 
 RTOL = 1e-5
 TINY = ("engine.type=fsdp2", "model.num_heads=4")  # 4 heads: tp up to 4
-# 4 layers: 2 stages of 2, or 2 ranks × 2 interleaved stages of 1; tied embeddings would live on the first and last stage
-# pipeline stages carry no position ids (data.doc_attention is refused under pp), so the reference runs without it too
-PIPE = (*TINY, "model.num_layers=4", "model.tie_embeddings=false", "train.ckpt_every=2", "data.doc_attention=false")
+# 4 layers: 2 stages of 2, or 2 ranks × 2 interleaved stages of 1; tied embeddings would live on the first and last stage.
+# Document attention is on (the data records document starts): every stage masks per document as the unsplit model does.
+PIPE = (*TINY, "model.num_layers=4", "model.tie_embeddings=false", "train.ckpt_every=2")
 
 
 def grad_norms(run_dir) -> dict[int, float]:

@@ -171,7 +171,7 @@ class FSDP2Engine:
 
     def forward(self, **inputs: torch.Tensor):
         if self.pipeline:  # forward only: evaluation
-            return self.pipeline.forward(inputs["input_ids"], inputs.get("labels"))
+            return self.pipeline.forward(inputs)
         with tensor.loss_context(self.tp):  # under tp the model's own loss is vocab-parallel
             output = self.model(**inputs)
         if isinstance(output.loss, DTensor):  # replicated: the same scalar on every tp rank

@@ -51,7 +51,9 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": S
              "looped_bfs": ScheduleLoopedBFS}
 # torch's zero-bubble schedules (backward split into input and weight gradients) are left out: with FSDP
 # stages their gradients differ from the unsplit model's here.
-STAGE_INPUTS = {"input_ids", "labels"}  # what the first and the last stage read of a task's inputs
+# what the stages read of a task's inputs: the first stage the tokens, the last the labels, every stage the document
+# positions (data.doc_attention); use_cache=False comes with them and means nothing to a stage, which keeps no cache
+STAGE_INPUTS = {"input_ids", "labels", "position_ids", "use_cache"}
 
 
 def check_layout(config: Config, model: torch.nn.Module, pp: int, local_batch: int) -> int:
@@ -133,8 +135,12 @@ def release_others(model: torch.nn.Module, layer_ids: list[int], first: bool, la
 class DecoderStage(torch.nn.Module):
     """One pipeline stage: (embeddings) → decoder layers → (final norm → logits), calling the layers
     as the Hugging Face decoder does, with its rotary embeddings and causal mask computed per stage
-    (they depend only on the sequence length, so no stage sends them to the next). Under tensor
-    parallel a stage after the first receives its tp rank's 1/tp of the positions."""
+    from the position ids, so no stage sends them to the next. Without document attention they are
+    0 … S-1; with it every stage is given the micro-batch's per-document positions (a keyword argument
+    of the schedule, split into micro-batches as the tokens are), from which Hugging Face's mask
+    function derives the same block-diagonal mask as in the unsplit model. Under tensor parallel a
+    stage after the first receives its tp rank's 1/tp of the sequence, but the positions of all of it:
+    attention runs on the whole sequence, gathered over tp."""
 
     def __init__(self, model: torch.nn.Module, layer_ids: list[int], first: bool, last: bool, tp: int) -> None:
         super().__init__()
@@ -146,11 +152,11 @@ class DecoderStage(torch.nn.Module):
         self.lm_head = model.lm_head if last else None
         self.rotary_emb = decoder.rotary_emb
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
         seq_len = hidden.shape[1] * (self.tp if self.embed_tokens is None else 1)
         whole = hidden[:, :1].expand(-1, seq_len, -1)  # the full sequence's shape, no copy: masks and rotary read only that
-        positions = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
+        positions = torch.arange(seq_len, device=hidden.device).unsqueeze(0) if position_ids is None else position_ids
         mask = create_causal_mask(config=self.config, inputs_embeds=whole, attention_mask=None, cache=None,
                                   position_ids=positions)
         rotary = self.rotary_emb(whole, position_ids=positions)
@@ -162,6 +168,11 @@ class DecoderStage(torch.nn.Module):
 def _local(value: torch.Tensor) -> torch.Tensor:
     """A replicated DTensor scalar (the vocab-parallel loss) as this rank's plain tensor."""
     return value.to_local() if isinstance(value, DTensor) else value
+
+
+def _positions(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword argument every stage reads: the document positions, when the task gives them."""
+    return {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
 
 
 class Pipeline:
@@ -232,7 +243,7 @@ class Pipeline:
         losses: list[torch.Tensor] | None = [] if self.has_last else None
         with tensor.loss_context(self.tp):  # the vocab-parallel loss and its backward
             self.schedule.step(*((input_ids,) if self.has_first else ()), target=labels if self.has_last else None,
-                               losses=losses, return_outputs=False)
+                               losses=losses, return_outputs=False, **_positions(inputs))
         summary = torch.zeros(2 * self.microbatches, dtype=torch.float64)
         if losses is not None:
             finite = torch.tensor([next(flag for kept, flag in self.computed if kept is loss) for loss in losses],
@@ -247,10 +258,11 @@ class Pipeline:
         return float(summary[: self.microbatches].sum()), int(bad.sum())
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> CausalLMOutput:
-        """Forward only (evaluation): the stages in order, activations sent point to point to the next
-        stage's rank; the loss computed on the last stage and returned on every pp rank."""
-        self._check_inputs({"input_ids": input_ids, "labels": labels})
+    def forward(self, inputs: dict[str, torch.Tensor]) -> CausalLMOutput:
+        """Forward only (evaluation) of a task's inputs: the stages in order, activations sent point to point
+        to the next stage's rank; the loss computed on the last stage and returned on every pp rank."""
+        self._check_inputs(inputs)
+        input_ids, labels = inputs["input_ids"], inputs.get("labels")
         hidden = input_ids
         for s in range(self.num_stages):
             owner, prev_owner = s % self.size, (s - 1) % self.size
@@ -262,7 +274,7 @@ class Pipeline:
                     hidden = torch.empty(shape, dtype=self.activation_dtype, device=input_ids.device)
                     dist.recv(hidden, group_src=prev_owner, group=self.group)
             if owner == self.rank:
-                hidden = self.modules[self.stage_ids.index(s)](hidden)
+                hidden = self.modules[self.stage_ids.index(s)](hidden, **_positions(inputs))
         loss = torch.zeros((), dtype=torch.float32, device=input_ids.device)
         if self.has_last and labels is not None:
             with tensor.loss_context(self.tp):
