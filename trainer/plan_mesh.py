@@ -10,7 +10,7 @@ m micro-batches per step, n = dp_shard × cp (FSDP shards over both, as torchtit
 Memory of pipeline rank r (the table shows the fullest rank):
   - model states: `trainer.plan.model_states` (FSDP2 row) for the rank's own parameters: its
     layers (L/(p·v) per virtual stage, rank r holding stages r, r+p, …), the first rank the
-    embeddings, the last the final norm and head (the engine refuses tied ones once p > 1); every
+    embeddings, the last the final norm and head (a tied head is a copy there once p > 1); every
     matrix split over t (column/row-wise, vocab-parallel embedding and head), norms and row-wise
     biases replicated; sharded over n, replicated over dp_replicate (HSDP).
   - activations of one micro-batch and layer: `trainer.plan.layer_activation_bytes` with s/c
@@ -312,14 +312,13 @@ def layouts(shape: Shape, config: Config, world: int, gpus_per_node: int, seq_le
     """Every layout of `world` GPUs the trainer can run: TP inside a node and dividing the heads, kv heads
     and vocabulary; CP dividing seq_len into 2·cp load-balanced chunks; data-parallel size dividing
     data.lanes and the global batch; micro-batches of 1, 2, 4, 8 or 16 rows, at least pp of them (a
-    multiple of pp when interleaved, 2 stages per rank; pp only with untied embeddings); recomputation off and on."""
+    multiple of pp when interleaved, 2 stages per rank); recomputation off and on."""
     out = []
     batch, lanes = config.train.global_batch, config.data.lanes
     tps = [t for t in _divisors(gpus_per_node) if not (shape.heads % t or shape.kv_heads % t or shape.vocab % t)]
     for t in tps:
         for c in (c for c in _divisors(world // t) if seq_len % (2 * c) == 0 or c == 1):
-            # pipeline stages need untied embeddings (the engine refuses a head tied across the first and last stage)
-            for p in (p for p in _divisors(world // (t * c)) if p <= shape.layers and (p == 1 or not shape.tied)):
+            for p in (p for p in _divisors(world // (t * c)) if p <= shape.layers):
                 dp = world // (t * c * p)
                 if lanes % dp or batch % dp:
                     continue

@@ -43,7 +43,6 @@ def test_micro_batches_default_to_the_accumulation_steps():
         (["parallel.pp_microbatches=1"], tiny_llama(), "1f1b needs at least parallel.pp = 2 micro-batches, got 1"),
         (["parallel.pp_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=2"], tiny_llama(layers=3),
          "3 layers do not fill parallel.pp × parallel.pp_stages_per_rank = 2 × 2 = 4 stages of at least one layer"),
-        ([], tiny_llama(tied=True), "set model.tie_embeddings=false"),
         (["task.type=mlm"], tiny_llama(), "causal-LM pretraining only, not task.type mlm"),
         (["optim.layer_decay=0.9"], tiny_llama(), "layer-wise LR"),
     ],
@@ -120,10 +119,27 @@ def test_a_checkpoint_with_optimizer_state_in_param_groups_still_loads(tmp_path,
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_plan_search_offers_pipelines_only_with_untied_embeddings(tied):
+def test_plan_search_offers_pipelines_with_tied_and_untied_embeddings(tied):
     config = load_config(DEMO, ["engine.type=fsdp2", f"model.tie_embeddings={str(tied).lower()}"])
     pipelined = [mesh for mesh in layouts(Shape.of(config.model, 64, 8), config, 8, 8, 8) if mesh.pp > 1]
-    assert bool(pipelined) is not tied
+    assert pipelined
+
+
+def test_a_tied_head_is_a_copy_on_the_last_stage_and_its_optimizer_state_is_saved_once():
+    """The optimizer state names of the head copy map to the embedding's and back; the last stage saves none."""
+    from trainer.parallel.pipeline import EMBED, HEAD, head_copy_as_embedding, untie, without_head_copy
+
+    model = tiny_llama(tied=True)
+    untie(model)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    state = {f"state.{HEAD}.exp_avg": 1, f"param_groups.{HEAD}.lr": 2, "state.lm_head.weight_scale.step": 3,
+             "state.model.norm.weight.step": 4}
+    assert without_head_copy(state) == {"state.lm_head.weight_scale.step": 3, "state.model.norm.weight.step": 4}
+    request = head_copy_as_embedding(state)
+    assert request == {f"state.{EMBED}.exp_avg": 1, f"param_groups.{EMBED}.lr": 2, "state.lm_head.weight_scale.step": 3,
+                       "state.model.norm.weight.step": 4}
+    assert head_copy_as_embedding(request, back=True) == state
 
 
 class _Split:

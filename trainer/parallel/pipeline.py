@@ -3,6 +3,10 @@ run by a `torch.distributed.pipelining` schedule over the ranks of the mesh's pp
 
 Stage j of S holds L // S layers (one more for the first L % S stages, as `trainer plan` counts them);
 the first stage also holds the token embeddings, the last the final norm, the LM head and the loss.
+Tied embeddings (Megatron's way): the last stage's head is a copy of the embedding weight; after each
+backward the first and last pipeline ranks sum the two copies' gradients, so the copies, equal at the
+start, get the same updates and stay equal. The norm counts that gradient once, and the checkpoint holds
+the tied weight's optimizer state once, under the embedding's name, as the unsplit tied model saves it.
 Rank r of pp holds stages r, r + pp, … (torch's looped placement: one stage per rank for `gpipe` /
 `1f1b`, `pp_stages_per_rank` for `interleaved_1f1b` / `looped_bfs`). The parts of the model a rank
 does not hold are moved to the meta device (shapes kept, storage freed). A rank's stages share one
@@ -73,9 +77,6 @@ def check_layout(config: Config, model: torch.nn.Module, pp: int, local_batch: i
     if not all(hasattr(decoder, name) for name in parts) or not hasattr(model, "lm_head"):
         raise ConfigError(f"parallel.pp {pp}: {type(model).__name__} is not a Llama-family decoder "
                           "(model.embed_tokens, model.layers, model.norm, lm_head); use model.arch llama")
-    if model.config.tie_word_embeddings:
-        raise ConfigError(f"parallel.pp {pp}: the input embeddings are tied to the LM head, which live on the first and "
-                          "the last stage; set model.tie_embeddings=false")
     per_rank = par.pp_stages_per_rank
     if par.pp_schedule in MULTI_STAGE and per_rank < 2:
         raise ConfigError(f"parallel.pp_schedule {par.pp_schedule} runs several stages per rank; "
@@ -119,6 +120,20 @@ def local_model(model: torch.nn.Module, layer_ids: list[int], first: bool, last:
         local.model.norm = decoder.norm
         local.lm_head = model.lm_head
     return local
+
+
+def untie(model: torch.nn.Module) -> None:
+    """Give the LM head its own copy of the tied embedding weight: the first stage holds the embedding,
+    the last the head (Megatron's way). The copies start equal; `Pipeline` sums their gradients, so they stay equal."""
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+
+
+def ends_group(layout) -> dist.ProcessGroup:
+    """The process group of this rank's first and last pipeline ranks (the same other mesh coordinates), which
+    hold the two copies of a tied embedding. Every rank creates every pair's group, as torch requires."""
+    stride = layout.world // layout.pp  # pp is the outermost mesh dimension
+    groups = [dist.new_group([inner, (layout.pp - 1) * stride + inner]) for inner in range(stride)]
+    return groups[dist.get_rank() % stride]
 
 
 def release_others(model: torch.nn.Module, layer_ids: list[int], first: bool, last: bool) -> None:
@@ -166,8 +181,33 @@ class DecoderStage(torch.nn.Module):
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:
-    """A replicated DTensor scalar (the vocab-parallel loss) as this rank's plain tensor."""
+    """A DTensor (the replicated vocab-parallel loss, a sharded gradient) as this rank's plain tensor, the same storage."""
     return value.to_local() if isinstance(value, DTensor) else value
+
+
+HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"  # the two names of a tied embedding weight
+
+
+def _param_name(key: str) -> str:
+    """The parameter a flattened optimizer state key is about: `state.<name>.exp_avg`, `param_groups.<name>.lr`."""
+    return key.split(".", 1)[1].rsplit(".", 1)[0]
+
+
+def _renamed(key: str, old: str, new: str) -> str:
+    """A flattened optimizer state key of parameter `old` as the same key of parameter `new`."""
+    kind, rest = key.split(".", 1)
+    return f"{kind}.{new}{rest[len(old):]}" if _param_name(key) == old else key
+
+
+def without_head_copy(state: dict) -> dict:
+    """A last stage's flattened optimizer state without its tied head copy's (the first stage saves the weight's)."""
+    return {key: value for key, value in state.items() if _param_name(key) != HEAD}
+
+
+def head_copy_as_embedding(state: dict, back: bool = False) -> dict:
+    """The head copy's optimizer state keys as the embedding's (what a checkpoint holds), or `back` again."""
+    old, new = (EMBED, HEAD) if back else (HEAD, EMBED)
+    return {_renamed(key, old, new): value for key, value in state.items()}
 
 
 def _positions(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -193,6 +233,10 @@ class Pipeline:
         self.stage_ids = [self.rank + k * self.size for k in range(par.pp_stages_per_rank)]
         self.has_first, self.has_last = 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids
         own = [i for s in self.stage_ids for i in layers[s]]
+        self.tied = bool(model.config.tie_word_embeddings)
+        if self.tied:
+            untie(model)
+            self.ends = ends_group(mesh.layout)
         release_others(model, own, self.has_first, self.has_last)
         parallelize(model)
         self.local = local_model(model, own, self.has_first, self.has_last)
@@ -226,6 +270,15 @@ class Pipeline:
         self.computed.append((loss, finite))
         return loss
 
+    def saved_optimizer_state(self, state: dict) -> dict:
+        """The optimizer state to save (flattened, keyed by parameter name): a tied weight's once, under the
+        embedding's name, as the unsplit tied model saves it, so the checkpoint loads at any layout."""
+        return without_head_copy(state) if self.tied and self.has_last else state
+
+    def optimizer_state_to_load(self, state: dict, loaded: bool = False) -> dict:
+        """The head copy's optimizer state read from (`loaded` False) and renamed back from (True) the embedding's."""
+        return head_copy_as_embedding(state, back=loaded) if self.tied and self.has_last else state
+
     def _check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
         if set(inputs) - STAGE_INPUTS:
             raise ConfigError(f"parallel.pp {self.size}: the pipeline stages take {sorted(STAGE_INPUTS)}, the task gives "
@@ -255,7 +308,23 @@ class Pipeline:
         dist.all_reduce(summary, group=self.group)  # only the last stage contributes
         bad = summary[self.microbatches :].clone()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # over every rank: a micro-batch non-finite on any replica
+        self._sum_tied_grads()
         return float(summary[: self.microbatches].sum()), int(bad.sum())
+
+    def _tied_copy(self) -> torch.nn.Parameter | None:
+        """This rank's copy of a tied embedding weight (the embedding on the first stage, the head on the last)."""
+        if not self.tied:
+            return None
+        return self.local.model.embed_tokens.weight if self.has_first else self.local.lm_head.weight if self.has_last else None
+
+    @torch.no_grad()
+    def _sum_tied_grads(self) -> None:
+        """The tied weight's gradient is the sum of its uses: the embedding's and the head's, each already reduced
+        over the data-parallel ranks by FSDP. Both copies are sharded alike (the same shape, tp and dp placements),
+        so the local shards add element by element."""
+        copy = self._tied_copy()
+        if copy is not None:
+            dist.all_reduce(_local(copy.grad), group=self.ends)
 
     @torch.no_grad()
     def forward(self, inputs: dict[str, torch.Tensor]) -> CausalLMOutput:
@@ -283,9 +352,11 @@ class Pipeline:
         return CausalLMOutput(loss=loss)
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip by the norm over every stage's gradients; return that norm (the unsplit model's)."""
+        """Clip by the norm over every stage's gradients; return that norm (the unsplit model's: a tied weight's
+        gradient counted once, on the first stage)."""
         params = [p for p in self.local.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        head_copy = self._tied_copy() if self.has_last else None
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p is not head_copy])
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         squared = norm.double() ** 2
         dist.all_reduce(squared, group=self.group)
