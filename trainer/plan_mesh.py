@@ -39,7 +39,8 @@ micro-batch's hidden states in bf16:
     (Shoeybi et al. 2019, §3); with SP each is an all-gather + reduce-scatter of the same volume
     (Korthikanti et al. §4.2.2); recomputation repeats the forward's two; the embedding's and the
     head's input add one each way. The vocab-parallel loss's s·b max/sum exchange is not counted.
-  - pp: each virtual-stage boundary sends X/t forward and its gradient back per micro-batch.
+  - pp: each virtual-stage boundary sends X/t forward and its gradient back per micro-batch; with tied
+    embeddings the first and last rank also all-reduce the embedding's fp32 gradient shard, 4·V·h/(t·n), once a step.
   - cp: ring attention (torch.distributed.tensor.experimental.context_parallel) passes each rank's
     K and V, 2·b·(s/c)·h·k/(a·t)·2 bytes, c − 1 times per layer in forward; backward is counted as
     twice that (K, V and their gradients go round), recomputation adds a forward.
@@ -252,7 +253,10 @@ def _traffic(shape: Shape, mesh: Mesh, rank: int, seq_len: int, precision: str, 
         out.append(Traffic("tp", t, f"{collectives} all-gather+reduce-scatter pairs per micro-batch", volume, intra("tp"), False))
     if mesh.pp > 1:
         volume = m * 2 * mesh.stages_per_rank * hidden_states / t
-        out.append(Traffic("pp", 2, f"{2 * mesh.stages_per_rank} sends per micro-batch", volume, intra("pp"), False))
+        tied = shape.tied and (first or last)  # the embedding's and its head copy's gradients summed (trainer.parallel.pipeline)
+        volume += 4 * shape.vocab * shape.hidden / (t * n) if tied else 0
+        what = f"{2 * mesh.stages_per_rank} sends per micro-batch" + (" + the tied embedding's gradient" if tied else "")
+        out.append(Traffic("pp", 2, what, volume, intra("pp"), False))
     if c > 1:
         kv = 2 * mesh.rows * seq_len / c * shape.hidden * shape.kv_heads / (shape.heads * t) * compute
         passes = 4 if mesh.checkpointing else 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from trainer import tasks
 from trainer.config import ConfigError, load_config
 from trainer.parallel.pipeline import DecoderStage, check_layout, stage_layers
 from trainer.plan import Shape
-from trainer.plan_mesh import Mesh, in_flight, layers_of_rank, layouts
+from trainer.plan_mesh import Mesh, in_flight, layers_of_rank, layouts, plan_mesh, rank_params
 from trainer.tasks import doc_attention
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"  # global batch 16, micro-batch 4
@@ -123,6 +124,20 @@ def test_plan_search_offers_pipelines_with_tied_and_untied_embeddings(tied):
     config = load_config(DEMO, ["engine.type=fsdp2", f"model.tie_embeddings={str(tied).lower()}"])
     pipelined = [mesh for mesh in layouts(Shape.of(config.model, 64, 8), config, 8, 8, 8) if mesh.pp > 1]
     assert pipelined
+
+
+def test_plan_counts_the_tied_embeddings_copy_and_its_gradient_all_reduce():
+    """Tied, the last rank holds a copy of the embedding as its head, and the first and last ranks all-reduce its fp32
+    gradient shard (2 ranks: the shard's bytes) once a step on top of the stage sends."""
+    mesh = Mesh(dp_shard=2, tp=2, pp=2, microbatches=4, rows=1)
+    config = load_config(DEMO, ["engine.type=fsdp2"])
+    tied, untied = (Shape.of(replace(config.model, tie_embeddings=flag), 96, 32) for flag in (True, False))
+    embed = 96 * tied.hidden // 2
+    assert rank_params(tied, mesh, 1).total == rank_params(untied, mesh, 1).total  # a copy: the untied head's size
+    sends = {shape.tied: next(t for t in plan_mesh(shape, mesh, 32, "bf16", 8).traffic if t.dimension == "pp")
+             for shape in (tied, untied)}
+    assert sends[True].bytes - sends[False].bytes == pytest.approx(4 * embed / 2)
+    assert "tied embedding" in sends[True].what
 
 
 def test_a_tied_head_is_a_copy_on_the_last_stage_and_its_optimizer_state_is_saved_once():

@@ -47,7 +47,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from trainer.config import Config, ConfigError
 from trainer.parallel import tensor
-from trainer.parallel.mesh import MULTI_STAGE
+from trainer.parallel.mesh import MULTI_STAGE, Layout
 
 log = logging.getLogger("trainer")
 
@@ -128,7 +128,7 @@ def untie(model: torch.nn.Module) -> None:
     model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
 
 
-def ends_group(layout) -> dist.ProcessGroup:
+def ends_group(layout: Layout) -> dist.ProcessGroup:
     """The process group of this rank's first and last pipeline ranks (the same other mesh coordinates), which
     hold the two copies of a tied embedding. Every rank creates every pair's group, as torch requires."""
     stride = layout.world // layout.pp  # pp is the outermost mesh dimension
