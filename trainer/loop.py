@@ -238,6 +238,10 @@ def set_up(config: Config, resume_from: str) -> Run:
             "use a new run.name or the old model settings"
         )
     ctx = task_context(config, manifests, tokenizer, model)
+    if state and state.trained_doc_attention() not in (None, ctx.doc_attention):
+        trained = str(state.trained_doc_attention()).lower()
+        raise CheckpointError(f"{checkpoints.root / resume}: trained with data.doc_attention {trained}, this run resolves it to "
+                              f"{str(ctx.doc_attention).lower()}; set data.doc_attention={trained} or use a new run.name")
     task = build_task(ctx)
     parts = validation_parts(task, ctx, manifests.named_valid)
     evaluator = Evaluator(config, tokenizer, tok.eos_id, positions(model.config), parts)
@@ -498,7 +502,8 @@ class Saver:
     def _state(self, step: int, tokens: int, nan_skips: int, best: BestMetric) -> TrainerState:
         model = base_model(self.engine.module)
         return TrainerState(step, tokens, self.loader.fingerprint(), self.world, self.config.engine.type,
-                            self.config.engine.zero_stage, model_shape(model), nan_skips, self.config.to_dict(), best.state())
+                            self.config.engine.zero_stage, model_shape(model), nan_skips, self.config.to_dict(), best.state(),
+                            doc_attention=self.loader.doc_positions)
 
     def _publish(self, staging: Path, state: TrainerState, is_best: bool, waited: float) -> None:
         checkpoints, config = self.checkpoints, self.config
