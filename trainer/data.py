@@ -419,8 +419,8 @@ class LanesLoader:
             digests[lane.index] = xxhash.xxh3_64_intdigest(np.ascontiguousarray(rows[i * k : (i + 1) * k], "<i8"))
         return digests.view(np.int64)
 
-    def end_step(self, steps: int) -> int:
-        """The step the run ends at: lanes wrap every source, so `steps` (a mixture may stop earlier)."""
+    def end_step(self, start: int, steps: int) -> int:
+        """The step a run at `start` ends at: lanes wrap every source, so `steps` (a mixture may stop earlier)."""
         return steps
 
     def source_state(self, step: int) -> dict:

@@ -254,7 +254,8 @@ def set_up(config: Config, resume_from: str) -> Run:
                 checkpoints.rewind(resume)
 
     loader = build_loader(config, manifests.train, engine.data_rank, engine.data_world, ctx.doc_attention)
-    steps_total = loader.end_step(steps_total)  # a source with `exhaust: stop` may end it early; the LR schedule keeps its length
+    # a source with `exhaust: stop` may end the run early; the engine's LR schedule keeps the planned length
+    steps_total = loader.end_step(progress.step, steps_total)
     if config.task.type == "multitask":
         task.route(loader.row_sources())
     if state and state.data_fingerprint != loader.fingerprint():

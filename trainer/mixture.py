@@ -130,13 +130,13 @@ class MixtureLoader:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
-    def end_step(self, steps: int) -> int:
-        """The step the run ends at: `steps`, or earlier when a source with `exhaust: stop` has no rows for
-        the batch after (the last full step). Logged once."""
+    def end_step(self, start: int, steps: int) -> int:
+        """The step a run at `start` ends at: `steps`, or earlier when a source with `exhaust: stop` has no rows
+        for the batch after (the last full step; `start` itself when it ran out before). Logged once."""
         stopping = [i for i, s in enumerate(self.sources) if s.exhaust == "stop"]
         if not stopping:
             return steps
-        for step, _, after in self.counts.from_step(0):
+        for step, _, after in self.counts.from_step(start):
             if step >= steps:
                 return steps
             if short := [i for i in stopping if after[i] > self.streams[i].rows]:

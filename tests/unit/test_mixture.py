@@ -12,6 +12,7 @@ import logging
 import shutil
 from collections import Counter
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,10 +172,12 @@ def test_an_epoch_of_a_source_reads_each_of_its_rows_once_and_its_wrap_is_logged
 def test_a_source_with_exhaust_stop_ends_the_run_at_its_last_full_step(train, valid):
     loader = mixture([("web", train, 0.7), ("small", valid, 0.3)], exhaust_small="stop")
     counts = RowCounts([WeightSchedule.parse(0.7, "w"), WeightSchedule.parse(0.3, "w")], 8)
-    last = loader.end_step(1000)
+    last = loader.end_step(0, 1000)
     assert counts.at(last)[1] <= 178 < counts.at(last + 1)[1]
-    assert loader.end_step(10) == 10
-    assert mixture([("web", train, 0.7), ("small", valid, 0.3)]).end_step(1000) == 1000  # wrap: no end
+    assert loader.end_step(last - 3, 1000) == last  # resumed before it
+    assert loader.end_step(last + 2, 1000) == last + 2  # resumed after it ran out: the run ends at once
+    assert loader.end_step(0, 10) == 10
+    assert mixture([("web", train, 0.7), ("small", valid, 0.3)]).end_step(0, 1000) == 1000  # wrap: no end
     assert loader.fingerprint() == mixture([("web", train, 0.7), ("small", valid, 0.3)]).fingerprint()
 
 
@@ -258,3 +261,12 @@ def test_sources_of_another_tokenizer_are_refused_naming_the_source(train, valid
     with pytest.raises(ConfigError, match=r"data.sources\[1\].train .*other: seq_len 64 / tokenizer .* differ from the "
                                           r"first source's"):
         read_manifests(mixture_config(train, valid, *sources))
+
+
+def test_the_example_mixture_anneals_towards_wikipedia():
+    config = load_config(Path(__file__).resolve().parents[2] / "examples" / "mixture.yaml")
+    counts = RowCounts([WeightSchedule.parse(s.weight, s.name) for s in config.data.sources], config.train.global_batch)
+    assert [s.name for s in config.data.sources] == ["web", "wiki"]
+    assert counts.shares(0) == pytest.approx([0.7, 0.3]) and counts.shares(240) == pytest.approx([0.7, 0.3])
+    assert counts.shares(config.train.max_steps) == pytest.approx([0.3, 0.7])
+    assert config.data.valid_sources() == {"web": "runs/mixture/web/tokens/valid", "wiki": "runs/mixture/wiki/tokens/valid"}
