@@ -254,18 +254,12 @@ def set_up(config: Config, resume_from: str) -> Run:
                 checkpoints.rewind(resume)
 
     loader = build_loader(config, manifests.train, engine.data_rank, engine.data_world, ctx.doc_attention)
-    # a source with `exhaust: stop` may end the run early; the engine's LR schedule keeps the planned length
-    steps_total = loader.end_step(progress.step, steps_total)
     if config.task.type == "multitask":
         task.route(loader.row_sources())
-    if state and state.data_fingerprint != loader.fingerprint():
-        raise CheckpointError(
-            f"{checkpoints.root / resume}: written for other data, seed, global batch or lanes (fingerprint "
-            f"{state.data_fingerprint[:12]}…, now {loader.fingerprint()[:12]}…); use a new run.name"
-        )
-    if state and state.sources != loader.source_state(state.step):
-        raise CheckpointError(f"{checkpoints.root / resume}: per-source rows {state.sources} differ from the "
-                              f"{loader.source_state(state.step)} the mixture gives at step {state.step}; use a new run.name")
+    if state:
+        check_data(checkpoints.root / resume, state, loader)
+    # a source with `exhaust: stop` may end the run early; the engine's LR schedule keeps the planned length
+    steps_total = loader.end_step(progress.step, steps_total)
     config_text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     if rank == 0:
         config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -279,6 +273,19 @@ def set_up(config: Config, resume_from: str) -> Run:
                  ", attention within documents" if ctx.doc_attention else "")
     return Run(config, rank, world, engine, loader, task, evaluator, loss_of, checkpoints, saver, metrics, StopSignal(), best,
                progress, steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
+
+
+def check_data(checkpoint: Path, state: TrainerState, loader: LanesLoader | MixtureLoader) -> None:
+    """A checkpoint continues only the batch sequence it was written for: the same fingerprint and, for a
+    mixture, the rows per source that the mixture gives at its step."""
+    if state.data_fingerprint != loader.fingerprint():
+        raise CheckpointError(
+            f"{checkpoint}: written for other data, seed, global batch or lanes (fingerprint "
+            f"{state.data_fingerprint[:12]}…, now {loader.fingerprint()[:12]}…); use a new run.name"
+        )
+    if state.sources != loader.source_state(state.step):
+        raise CheckpointError(f"{checkpoint}: per-source rows {state.sources} differ from the "
+                              f"{loader.source_state(state.step)} the mixture gives at step {state.step}; use a new run.name")
 
 
 def resume_engine(config: Config, checkpoints: Checkpoints, resume: str, state: TrainerState, engine: Engine,

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_tools.common import CheckpointError
 from data_tools.manifest import load_manifest
+from trainer.checkpoint import TrainerState
 from trainer.config import ConfigError, load_config
 from trainer.data import DataError, batch_digest, deal_rows
-from trainer.loop import read_manifests
+from trainer.loop import check_data, read_manifests
 from trainer.mixture import MixtureLoader, WeightedSource
 from trainer.mixture_weights import RowCounts, WeightSchedule, largest_remainder
 
@@ -179,6 +181,20 @@ def test_a_source_with_exhaust_stop_ends_the_run_at_its_last_full_step(train, va
     assert loader.end_step(0, 10) == 10
     assert mixture([("web", train, 0.7), ("small", valid, 0.3)]).end_step(0, 1000) == 1000  # wrap: no end
     assert loader.fingerprint() == mixture([("web", train, 0.7), ("small", valid, 0.3)]).fingerprint()
+
+
+def test_a_checkpoint_is_refused_when_its_rows_per_source_are_not_the_mixtures_at_its_step(train, valid, tmp_path):
+    loader = mixture([("web", train, 0.7), ("small", valid, 0.3)])
+    state = TrainerState(4, 4 * 8 * SEQ_LEN, loader.fingerprint(), 2, "fsdp2", None, {}, sources=loader.source_state(4))
+    check_data(tmp_path / "step_000004", state, loader)
+    state.sources["web"]["rows"] += 1
+    with pytest.raises(CheckpointError, match=r"step_000004: per-source rows \{'web': \{'rows': 23, 'epoch': 0\}.* differ "
+                                              r"from the .* the mixture gives at step 4; use a new run.name") as err:
+        check_data(tmp_path / "step_000004", state, loader)
+    assert "\n" not in str(err.value)
+    state.data_fingerprint = mixture([("web", train, 0.6), ("small", valid, 0.4)]).fingerprint()
+    with pytest.raises(CheckpointError, match=r"step_000004: written for other data, seed, global batch or lanes"):
+        check_data(tmp_path / "step_000004", state, loader)
 
 
 def test_document_positions_come_with_each_sources_rows(train, valid):
