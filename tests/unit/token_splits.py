@@ -1,5 +1,5 @@
 """Token splits of the shipped sample WARCs, and their rows read independently of the loaders (tests/unit/conftest.py
-prepares them once per session for the lanes and the mixture tests)."""
+prepares them once per test run for the lanes and the mixture tests)."""
 
 from __future__ import annotations
 
