@@ -158,6 +158,28 @@ def _load_corpus(source: Source) -> _Corpus:
     return _Corpus(manifest.directory, manifest, float(source.weight))
 
 
+def open_corpora(sources: Sequence[Source], on_corrupt: str, verify: bool, rank: int,
+                 doc_positions: bool) -> tuple[list[_Corpus], bool]:
+    """The sources' corpora as a loader reads them, and whether shards still need verifying before use
+    (not after `on_corrupt: skip`, which verified every shard just now)."""
+    if not sources:
+        raise DataError("data.train: no sources; give a manifest from `python -m data_tools prepare`")
+    if on_corrupt not in ("stop", "skip"):
+        raise DataError(f"data.on_corrupt {on_corrupt!r}: use stop or skip")
+    corpora = [_load_corpus(s) for s in sources]
+    if on_corrupt == "skip":
+        corpora, verify = [_without_corrupt_shards(c, rank) for c in corpora], False
+    if doc_positions and (old := next((c for c in corpora if not c.manifest.has_doc_starts), None)):
+        raise DataError(f"{old.directory}: format_version {old.manifest.format_version} rows without document starts; "
+                        "prepare the data again with this dstrain, or read them without document positions")
+    return corpora, verify
+
+
+def row_shape(manifest: Manifest, doc_positions: bool) -> tuple[int, ...]:
+    """The shape of one row a loader yields: [2, seq_len] with document positions, else the shard's rows'."""
+    return (2, manifest.seq_len) if doc_positions else manifest.row_shape
+
+
 def _without_corrupt_shards(corpus: _Corpus, rank: int) -> _Corpus:
     """The corpus minus its missing, truncated or corrupt shards (`data.on_corrupt: skip`).
 
@@ -343,18 +365,9 @@ class LanesLoader:
         doc_positions: bool = False,
     ):
         _check_layout(global_batch, lanes, seed, rank, world_size, prefetch)
-        if not sources:
-            raise DataError("data.train: no sources; give a manifest from `python -m data_tools prepare`")
-        if on_corrupt not in ("stop", "skip"):
-            raise DataError(f"data.on_corrupt {on_corrupt!r}: use stop or skip")
-        self.corpora = [_load_corpus(s) for s in sources]
-        if on_corrupt == "skip":
-            self.corpora, verify = [_without_corrupt_shards(c, rank) for c in self.corpora], False  # verified just now
-        if doc_positions and (old := next((c for c in self.corpora if not c.manifest.has_doc_starts), None)):
-            raise DataError(f"{old.directory}: format_version {old.manifest.format_version} rows without document starts; "
-                            "prepare the data again with this dstrain, or read them without document positions")
+        self.corpora, verify = open_corpora(sources, on_corrupt, verify, rank, doc_positions)
         self.global_batch, self.lanes, self.seed, self.doc_positions = global_batch, lanes, seed, doc_positions
-        self.row_shape = (2, self.corpora[0].manifest.seq_len) if doc_positions else self.corpora[0].manifest.row_shape
+        self.row_shape = row_shape(self.corpora[0].manifest, doc_positions)
         self.rank, self.world_size, self.prefetch, self.verify = rank, world_size, prefetch, verify
         self.rows_per_lane = global_batch // lanes  # k: rows each lane gives every step
         self.rows_per_rank = global_batch // world_size
@@ -405,6 +418,18 @@ class LanesLoader:
         for i, lane in enumerate(self.local_lanes):
             digests[lane.index] = xxhash.xxh3_64_intdigest(np.ascontiguousarray(rows[i * k : (i + 1) * k], "<i8"))
         return digests.view(np.int64)
+
+    def end_step(self, start: int, steps: int) -> int:
+        """The step a run at `start` ends at: lanes wrap every source, so `steps` (a mixture may stop earlier)."""
+        return steps
+
+    def source_state(self, step: int) -> dict:
+        """Per-source counts for the checkpoint: none, a lane's position is step × k (a mixture has some)."""
+        return {}
+
+    def source_record(self, step: int) -> dict[str, float]:
+        """Per-source metrics: none, each source's share is its fixed share of lanes (a mixture logs some)."""
+        return {}
 
     def close(self) -> None:
         if self._stream is not None:
@@ -467,6 +492,15 @@ def _check_layout(global_batch: int, lanes: int, seed: int, rank: int, world_siz
             f"train.global_batch {global_batch} is not a multiple of data.lanes {lanes}; "
             "each lane gives global_batch / lanes rows per step"
         )
+    check_ranks(global_batch, seed, rank, world_size, prefetch)
+
+
+def check_ranks(global_batch: int, seed: int, rank: int, world_size: int, prefetch: int) -> None:
+    """What every loader needs of its layout, whatever deals the rows."""
+    if global_batch < 1 or world_size < 1 or prefetch < 1:
+        raise DataError(f"global_batch {global_batch}, world size {world_size}, prefetch {prefetch}: all must be >= 1")
+    if global_batch % world_size:
+        raise DataError(f"train.global_batch {global_batch} is not a multiple of the world size {world_size}")
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank}: outside 0..{world_size - 1}")
     if seed < 0:

@@ -268,7 +268,7 @@ def data_shape(config: Config, vocab_size: int | None = None, seq_len: int | Non
     defaults to DEFAULT_SEQ_LEN; the note says so."""
     if vocab_size and seq_len:
         return vocab_size, seq_len, None
-    path = config.data.sources()[0].path
+    path = config.data.train_sources()[0].path
     try:
         manifest = load_manifest(path)
     except ManifestError as err:
