@@ -185,13 +185,17 @@ def planted(_enwiki_docs):
     return tasks, expected, Counter(reason for _, reason in docs if reason)
 
 
-@pytest.mark.parametrize("buckets_per_band", [1, 3])
-def test_planted_exact_and_near_copies_are_found_whatever_the_bucket_layout(planted, buckets_per_band):
+@pytest.mark.parametrize("buckets_per_band, tasks_per_cluster_shard", [(1, 256), (3, 1), (4, 2)])
+def test_planted_exact_and_near_copies_are_found_whatever_the_bucket_and_cluster_layout(
+    planted, buckets_per_band, tasks_per_cluster_shard
+):
     """Every planted copy (2% of words changed and a sentence added, Jaccard ~0.75) is dropped and no
-    original is: recall and precision 1 here, with one or three hash ranges per band."""
+    original is: recall and precision 1 here, with one to four hash ranges per band, and the clusters
+    found in one shard or in a shard per task."""
     tasks, expected, reasons = planted
     assert len(reasons) == 2 and sum(reasons.values()) == 32 and sum(map(len, tasks)) > 80
-    dropped, stats = dedup(tasks, DedupConfig(buckets_per_band=buckets_per_band))
+    config = DedupConfig(buckets_per_band=buckets_per_band, tasks_per_cluster_shard=tasks_per_cluster_shard)
+    dropped, stats = dedup(tasks, config)
     assert dropped == expected
     assert stats.dropped == reasons
 
@@ -204,14 +208,16 @@ def test_the_candidate_check_keeps_pairs_below_the_threshold(planted):
     assert stats.dropped == {"exact_duplicate": reasons["exact_duplicate"]}
 
 
-def test_a_cluster_keeps_its_first_document_in_input_order(article):
+@pytest.mark.parametrize("tasks_per_cluster_shard", [256, 1])
+def test_a_cluster_keeps_its_first_document_in_input_order(article, tasks_per_cluster_shard):
     """A chain of near copies (each of the one before) in reverse task order: one cluster, and the
-    document that comes first in the input is kept, wherever the original is."""
+    document that comes first in the input is kept, wherever the original is, also when each task is
+    a cluster shard of its own (the chain then crosses shards back and forth)."""
     rng = np.random.default_rng(1)
     chain = [article("Albedo")]
     for _ in range(3):
         chain.append(near_copy(chain[-1], article("Aristotle"), rng, fraction=0.01))
     tasks = [[text_doc(chain[3]), text_doc(article("Alchemy"))], [text_doc(chain[1])], [text_doc(chain[2]), text_doc(chain[0])]]
-    dropped, stats = dedup(tasks, DedupConfig())
+    dropped, stats = dedup(tasks, DedupConfig(tasks_per_cluster_shard=tasks_per_cluster_shard))
     assert dropped == [[], [0], [0, 1]]
     assert stats.dropped == {"near_duplicate": 3} and stats.docs_out == 2

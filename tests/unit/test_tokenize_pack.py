@@ -402,7 +402,8 @@ def test_write_tar_is_byte_identical(tmp_path, rows):
 
 def test_plan_records_the_expected_peak_memory_of_each_stage():
     """plan.json's peak_mb has every stage; it follows the knobs (more hash ranges per band: smaller bucket
-    tasks; larger shards: larger pack tasks), and a task's input size, not the number of tasks, sets extract's."""
+    tasks; smaller cluster shards: a smaller cluster stage; larger shards: larger pack tasks), and a task's input
+    size, not the number of tasks, sets extract's and cluster's."""
     from data_tools.config import DedupConfig, PackConfig, PipelineConfig
     from data_tools.pipeline import STAGES, Plan
 
@@ -414,6 +415,11 @@ def test_plan_records_the_expected_peak_memory_of_each_stage():
     assert list(base) == list(STAGES) and all(v >= 100 for v in base.values())
     assert peak(10_000)["extract"] == base["extract"] and peak(10_000)["tokenize"] == base["tokenize"]
     assert peak(10_000, dedup=DedupConfig(buckets_per_band=64))["bucket"] < peak(10_000)["bucket"]
+    # cluster holds one shard of tasks_per_cluster_shard tasks: the same for 1,000 or 100,000 tasks, smaller shards less
+    smaller_shards = peak(1_000, dedup=DedupConfig(tasks_per_cluster_shard=16))["cluster"]
+    assert peak(1_000)["cluster"] == peak(100_000)["cluster"] > smaller_shards
+    # manifest: the task and shard lists, nothing per document (8.7e9 of them here)
+    assert peak(100_000, pack=PackConfig(rows_per_shard=2**20))["manifest"] < 2 * peak(1_000)["manifest"]
     assert peak(pack=PackConfig(rows_per_shard=65536))["pack"] > base["pack"]
     # documents per MiB follow the input kind: a WARC record (~30 KiB) is ~20× a compressed JSONL line (~1.5 KiB)
     warc = peak(10_000, "crawl.warc.gz", "warc")
