@@ -429,10 +429,11 @@ class Job:
             out_dir.mkdir(parents=True, exist_ok=True)
             seed = pack.seed + (split == "valid")
             written[split] = []
-            for shard in self.owned_shards(index, shard_count(stream.n_rows, pack.rows_per_shard)):
+            n_shards = shard_count(stream.n_rows, pack.rows_per_shard)
+            for shard in self.owned_shards(index, n_shards):
                 first, stop = shard * pack.rows_per_shard, min((shard + 1) * pack.rows_per_shard, stream.n_rows)
                 order = row_order(stream.n_rows, first, stop, pack.shuffle_window, pack.shuffle_chunk, seed)
-                info = write_shard(stream.rows(order), out_dir, shard, dtype, pack.rows_per_sample)
+                info = write_shard(stream.rows(order), out_dir, shard, dtype, pack.rows_per_sample, n_shards)
                 written[split].append(asdict(info))
                 progress(len(order))
         _write_json(self.marker("pack", index), {"shards": written, "seconds": round(time.perf_counter() - start, 3)})

@@ -23,6 +23,7 @@ from data_tools.manifest import (
     index_shard,
     iter_blocks,
     load_manifest,
+    shard_stem,
     verify_shard,
 )
 from data_tools.pack import Rows, TokenStream, cut_rows, row_order, write_shard
@@ -440,3 +441,31 @@ def test_task_names_sort_and_stay_unique_past_99999_tasks(tmp_path):
     assert names(100_000, [99_999]) == ["t99999"]
     large = names(250_000, [0, 9_999, 99_999, 100_000, 249_999])
     assert large == ["t000000", "t009999", "t099999", "t100000", "t249999"] and sorted(large) == large
+
+
+def test_shard_names_widen_past_99999_shards_and_old_five_digit_splits_still_load_and_train(shards, tmp_path):
+    """A split of more than 100,000 shards gets names as wide as its last index, so they sort in shard order; the
+    same rows written the old way (5 digits, what every earlier split has) load through the manifest and give the
+    trainer's loader the same batches."""
+    from trainer.data import LanesLoader, Source
+
+    packed, old_infos, old_dir = shards
+    assert [shard_stem(i, 100_000) for i in (0, 99_999)] == ["00000", "99999"]
+    wide = [f"shard-{shard_stem(i, 250_000)}.tar" for i in (7, 99_999, 100_000, 249_999)]
+    assert wide == ["shard-000007.tar", "shard-099999.tar", "shard-100000.tar", "shard-249999.tar"] == sorted(wide)
+    new_dir = tmp_path / "wide"
+    new_dir.mkdir()
+    new_infos = [write_shard(packed.take(slice(first, first + 10)), new_dir, index, "uint16", 4, n_shards=250_000)
+                 for index, first in enumerate((0, 10, 20))]
+    assert [s.path for s in new_infos] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    with tarfile.open(new_dir / new_infos[0].path) as tar:
+        assert tar.getnames()[0] == "000000-00000.npy"
+    batches = []
+    for infos, directory in ((old_infos, old_dir), (new_infos, new_dir)):
+        packed_manifest(infos, directory).save(directory)
+        loader = LanesLoader([Source(str(directory))], global_batch=4, lanes=2, seed=1, rank=0, world_size=1, prefetch=1)
+        stream = loader.batches(0)
+        batches.append([next(stream) for _ in range(6)])
+        loader.close()
+    for old, new in zip(*batches, strict=True):
+        np.testing.assert_array_equal(old, new)
