@@ -72,6 +72,33 @@ def sentence_pool() -> list[str]:
     return list(seen)
 
 
+def handbook_near_copies() -> dict[str, list[str]]:
+    """The handbook WARC's pages dropped as near copies, with `dedup.same_language` on (the default) and off, over the
+    same pipeline as the bench (filters off, language ID labelling only): which translations the guard keeps."""
+    import numpy as np
+
+    from data_tools.config import DedupConfig, ExtractConfig, GopherQualityConfig, LangConfig
+    from data_tools.dedup import DedupSignatures, find_duplicates, language_keys
+    from data_tools.extract import ExtractText
+    from data_tools.lang import LanguageFilter
+    from data_tools.readers import detect_format, get_reader
+    from data_tools.stats import StageStats
+
+    path = CORPORA / "handbook-multilingual.warc.gz"
+    pages = get_reader(detect_format(path))(path, StageStats(), lambda message: None)
+    labelled = LanguageFilter(LangConfig(threshold=0.0))(ExtractText(ExtractConfig())(pages))
+    docs = list(DedupSignatures(DedupConfig(), GopherQualityConfig().unspaced_langs)(labelled))
+    task = (np.stack([np.frombuffer(d.meta["exact"], np.uint8) for d in docs]), np.stack([d.meta["minhash"] for d in docs]),
+            language_keys(d.lang for d in docs))
+    found = {}
+    for same_language in (True, False):
+        exact_only = find_duplicates([task], DedupConfig(same_language=same_language, near=False), StageStats())[0]
+        dropped = find_duplicates([task], DedupConfig(same_language=same_language), StageStats())[0]
+        found[f"same_language={same_language}"] = [f"{docs[i].url.split('/browse/')[1]} ({docs[i].lang})"
+                                                   for i in np.setdiff1d(dropped, exact_only)]
+    return found
+
+
 def _exact_copy(text: str, rng: random.Random) -> str:
     """The same normalised text: another case, doubled spaces, paragraph breaks changed."""
     text = rng.choice((str.upper, str.lower, str.title))(text)
@@ -258,6 +285,8 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}; python {platform.python_version()}")
     print(f"corpus: {len(sentences)} distinct sentences from examples/corpora; {args.files} JSONL files; "
           f"dedup {dedup.ngram}-gram shingles, {dedup.bands} bands × {dedup.rows_per_band} rows, seed {dedup.seed}")
+    for setting, pages in handbook_near_copies().items():
+        print(f"handbook WARC, near copies dropped with dedup.{setting}: {len(pages)}: {', '.join(pages)}")
     results = []
     for size in sizes:
         work = OUT / f"n{size}"

@@ -97,6 +97,9 @@ class DedupConfig:
     # including near copies of true Jaccard 0.55 estimated 3 sd low from 112 values (README, "Memory and dedup").
     threshold: float = 0.4
     buckets_per_band: int = 4  # hash ranges per band: bucket tasks = (bands + 1) × this; memory per task ∝ docs / this
+    # Only documents of the same detected language can be near duplicates: translations of a page that share its
+    # code listings and command lines are kept (exact duplicates are found whatever the language).
+    same_language: bool = True
     # extract tasks whose duplicate pairs the cluster stage holds at once (one shard of its connected components):
     # its memory ∝ this × --task-mb, whatever the corpus; fewer shards need fewer rounds of label exchange
     tasks_per_cluster_shard: int = 256

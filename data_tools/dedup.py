@@ -2,7 +2,8 @@
 
 signatures (inside every extract task, `DedupSignatures` + `band_hashes`): the exact key (xxh3-128
     of the normalised text), a MinHash signature over word 5-gram shingles, and one 64-bit hash per
-    LSH band (plus one for the exact key), stored beside the task's documents.
+    LSH band (plus one for the exact key; of the document's language too by default), stored beside
+    the task's documents.
 bucket (one task per (band, hash range), `bucket_pairs`): the documents whose band hash falls in
     the range, sorted by hash; documents sharing a hash become candidate pairs (each with the first
     of its bucket), kept only if confirmed: equal exact keys, or a Jaccard similarity estimated from
@@ -86,13 +87,23 @@ _MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(
 PAIR_BATCH = 8192  # candidate pairs confirmed at once: bounds the signature rows gathered in memory
 
 
-def band_hashes(exact: np.ndarray, minhash: np.ndarray, config: DedupConfig) -> np.ndarray:
+def language_keys(langs: Iterable[str]) -> np.ndarray:
+    """uint64 per document: a hash of its detected language, which `dedup.same_language` mixes into the band hashes."""
+    return np.fromiter((xxhash.xxh64_intdigest(lang.encode()) for lang in langs), np.uint64)
+
+
+def band_hashes(exact: np.ndarray, minhash: np.ndarray, langs: np.ndarray, config: DedupConfig) -> np.ndarray:
     """[bands + 1, n] uint64: a hash of each band's rows (splitmix64 chain), then the exact key's first 8 bytes.
 
-    Band-major, so a bucket task reads one contiguous row per extract task."""
+    With `config.same_language` each band hash starts from the document's language key (`language_keys`), so
+    documents of different languages never share a band bucket: translations that share code listings or command
+    lines are never near-duplicate candidates. Exact keys stay language-blind. Band-major, so a bucket task reads
+    one contiguous row per extract task."""
     n = len(exact)
     values = minhash.reshape(n, config.bands, config.rows_per_band).astype(np.uint64)
     hashes = np.full((n, config.bands), np.uint64(config.seed)) + np.arange(config.bands, dtype=np.uint64) * _MIX[0]
+    if config.same_language:
+        hashes += np.asarray(langs, np.uint64).reshape(n, 1)
     for column in range(config.rows_per_band):
         hashes = (hashes ^ values[:, :, column]) * _MIX[1]
         hashes ^= hashes >> np.uint64(31)
@@ -210,12 +221,12 @@ def count_stats(stats: StageStats, n_docs: int, n_exact: int, n_near: int) -> No
 
 
 def find_duplicates(
-    tasks: Sequence[tuple[np.ndarray, np.ndarray]], config: DedupConfig, stats: StageStats
+    tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], config: DedupConfig, stats: StageStats
 ) -> list[np.ndarray]:
-    """All stages in one process over in-memory (exact keys [n,16] uint8, signatures [n,perm] uint32) per task:
-    the indices to drop in each task. The job runs the same functions as separate tasks."""
-    offsets = np.cumsum([0] + [len(exact) for exact, _ in tasks])
-    hashes = [band_hashes(exact, minhash, config) for exact, minhash in tasks]
+    """All stages in one process over in-memory (exact keys [n,16] uint8, signatures [n,perm] uint32, language keys
+    [n] uint64) per task: the indices to drop in each task. The job runs the same functions as separate tasks."""
+    offsets = np.cumsum([0] + [len(exact) for exact, _, _ in tasks])
+    hashes = [band_hashes(exact, minhash, langs, config) for exact, minhash, langs in tasks]
     exact_rows, minhash_rows = RowLookup(offsets, lambda t: tasks[t][0]), RowLookup(offsets, lambda t: tasks[t][1])
 
     def pairs() -> Iterator[tuple[bool, np.ndarray]]:

@@ -202,7 +202,7 @@ class Job:
     # ----------------------------------------------------------------- stage: extract
 
     def run_extract(self, index: int, progress: Progress = lambda n: None) -> None:
-        from data_tools.dedup import SIGNATURE_DTYPE, DedupSignatures, band_hashes
+        from data_tools.dedup import SIGNATURE_DTYPE, DedupSignatures, band_hashes, language_keys
         from data_tools.extract import ExtractText
         from data_tools.lang import LanguageFilter
         from data_tools.pii import MaskPII
@@ -230,12 +230,13 @@ class Job:
         out_dir = self.work / "extract"
         out_dir.mkdir(parents=True, exist_ok=True)
         name = self.task_name(index)
-        exact, signatures = [], []
+        exact, signatures, langs = [], [], []
 
         def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
             for n, doc in enumerate(docs):
                 exact.append(np.frombuffer(doc.meta.pop("exact"), dtype=np.uint8))
                 signatures.append(doc.meta.pop("minhash"))
+                langs.append(doc.lang)
                 meta = {"id": doc.id, "url": doc.url, "source": doc.source, "lang": doc.lang, **doc.meta}
                 if n % 64 == 63:
                     progress(64)
@@ -248,7 +249,7 @@ class Job:
         minhash = np.array(signatures, dtype=SIGNATURE_DTYPE).reshape(-1, n_perm)
         save_npy(out_dir / f"{name}.exact.npy", exact)
         save_npy(out_dir / f"{name}.minhash.npy", minhash)
-        save_npy(out_dir / f"{name}.bands.npy", band_hashes(exact, minhash, config.dedup))
+        save_npy(out_dir / f"{name}.bands.npy", band_hashes(exact, minhash, language_keys(langs), config.dedup))
         stages = {"read": read_stats.to_dict(), **{s.name: s.stats.to_dict() for s in steps}}
         _write_json(self.marker("extract", index), {"task": item, "docs": len(exact), "stages": stages})
 
