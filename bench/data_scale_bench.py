@@ -19,6 +19,7 @@ removes. dstrain's time includes tokenize + pack, which the datatrove side does 
 
     make bench-data                                  # 10k, 40k, 160k documents
     python bench/data_scale_bench.py --sizes 2000    # a quick run
+    python bench/data_scale_bench.py --cluster-shards 1,8,32   # the cluster stage's peak memory by shard count
 """
 
 from __future__ import annotations
@@ -199,6 +200,37 @@ def run_measured(cmd: list[str], env: dict[str, str], poll_s: float = 0.05) -> t
     return seconds, cpu, peak / MIB, who
 
 
+CLUSTER_PAIRS = 1 << 21  # star-shaped duplicate pairs over 2 × as many documents, added in chunks as bucket files are
+
+
+def cluster_graph(shards: int) -> None:
+    """The cluster stage's connected components over CLUSTER_PAIRS pairs in `shards` shards (run in a child process,
+    whose peak RSS the parent measures): memory follows one shard's pairs."""
+    import tempfile
+
+    import numpy as np
+
+    from data_tools.components import ShardedGraph
+
+    rng, n_docs, chunk = np.random.default_rng(0), 2 * CLUSTER_PAIRS, 1 << 18
+    with tempfile.TemporaryDirectory() as folder:
+        graph = ShardedGraph(Path(folder) / "graph", np.linspace(0, n_docs, shards + 1).astype(np.int64))
+        for _ in range(CLUSTER_PAIRS // chunk):
+            keepers, copies = rng.integers(0, n_docs, chunk // 2), rng.integers(0, n_docs, (chunk // 2, 2))
+            pairs = np.concatenate([np.stack([keepers, copies[:, 0]], 1), np.stack([keepers, copies[:, 1]], 1)])
+            graph.add(np.sort(pairs[pairs[:, 0] != pairs[:, 1]], axis=1))
+        sum(len(ids) for ids in graph.non_keepers())
+
+
+def cluster_memory(shard_counts: list[int]) -> None:
+    """Peak RSS and CPU time of the cluster stage's components at each shard count, on the same pairs."""
+    print(f"cluster stage, {CLUSTER_PAIRS:,} pairs over {2 * CLUSTER_PAIRS:,} documents:")
+    for shards in shard_counts:
+        cmd = [sys.executable, __file__, "--cluster-child", str(shards)]
+        seconds, cpu, peak, _ = run_measured(cmd, {**os.environ, "OMP_NUM_THREADS": "1"})
+        print(f"  {shards:>4} shards: peak RSS {peak:>5.0f} MiB, {cpu:.1f} s CPU ({1e6 * cpu / CLUSTER_PAIRS:.1f} µs a pair)")
+
+
 def dstrain_config(path: Path) -> Path:
     """Quality, PII and language filters off (language ID only labels): only dedup removes."""
     path.write_text(
@@ -269,7 +301,13 @@ def main() -> None:
     parser.add_argument("--datatrove-sizes", help="sizes to run the datatrove side at (default: every size; 'none' to skip)")
     parser.add_argument("--speedup-sizes", help="sizes to run 2 workers at (default: every size; 'none' to skip)")
     parser.add_argument("--report", action="store_true", help="print the table of the last run (bench/out/data_scale.json)")
+    parser.add_argument("--cluster-shards", help="only measure the cluster stage's memory at these shard counts (e.g. 1,8,32)")
+    parser.add_argument("--cluster-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cluster_child:
+        return cluster_graph(args.cluster_child)
+    if args.cluster_shards:
+        return cluster_memory([int(s) for s in args.cluster_shards.split(",")])
     if args.report:
         return report(json.loads((OUT.parent / "data_scale.json").read_text()))
     from data_tools.config import DedupConfig
