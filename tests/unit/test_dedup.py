@@ -190,12 +190,12 @@ def planted(_enwiki_docs):
     return tasks, expected, Counter(reason for _, reason in docs if reason)
 
 
-@pytest.mark.parametrize("buckets_per_band, tasks_per_cluster_shard", [(1, 256), (3, 1), (4, 2)])
+@pytest.mark.parametrize("buckets_per_band, tasks_per_cluster_shard", [(1, 256), (3, 1)])
 def test_planted_exact_and_near_copies_are_found_whatever_the_bucket_and_cluster_layout(
     planted, buckets_per_band, tasks_per_cluster_shard
 ):
     """Every planted copy (2% of words changed and a sentence added, Jaccard ~0.75) is dropped and no
-    original is: recall and precision 1 here, with one to four hash ranges per band, and the clusters
+    original is: recall and precision 1 here, with one or three hash ranges per band, and the clusters
     found in one shard or in a shard per task."""
     tasks, expected, reasons = planted
     assert len(reasons) == 2 and sum(reasons.values()) == 32 and sum(map(len, tasks)) > 80
