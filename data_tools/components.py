@@ -4,9 +4,10 @@ smallest node of its component.
 Why: dedup's cluster stage must find, over the duplicate pairs of the whole job, the document each duplicate
 cluster keeps (its first in input order). At Common Crawl scale the pairs are ~1e9, more than a node holds as a
 union-find. Here the node range (global document indices) is cut into shards; a shard's state, the adjacency of
-its nodes (both directions of each pair), their labels and their components within the shard, is in memory one
-shard at a time and lives in files under `folder` otherwise. A process's peak therefore follows the pairs of
-one shard, which the caller bounds by choosing the shards, not the corpus.
+its nodes (both directions of each pair), and for every node id of its range a label and a component within the
+shard (dense arrays: no lookups), is in memory one shard at a time and lives in files under `folder` otherwise.
+A process's peak therefore follows one shard's documents and pairs, which the caller bounds by choosing the
+shards, not the corpus.
 
 Label propagation: each node starts as the smallest node of its component inside its shard; each round, the
 nodes whose label dropped send it along their edges that leave the shard, and each shard takes the smallest
@@ -102,26 +103,29 @@ class ShardedGraph:
                     self._send(shard)
             changed = [self._receive(shard) for shard in range(self.n_shards)]
         for shard in range(self.n_shards):
-            nodes, labels = self._load("nodes", shard), self._load("labels", shard)
-            yield nodes[labels < nodes]
+            ids = self._ids(shard)
+            yield ids[self._load("labels", shard) < ids]
         shutil.rmtree(self.folder)
+
+    def _ids(self, shard: int) -> np.ndarray:
+        """Every node id of the shard: its state is held densely, indexed by id - shard start (no lookups)."""
+        return np.arange(self.bounds[shard], self.bounds[shard + 1], dtype=np.int64)
 
     def _start(self, shard: int) -> bool:
         """Find the shard's in-shard components, label each node with its component's minimum, and keep its edges
-        that leave the shard (as source node positions and neighbours, by the neighbour's shard); whether it has any."""
+        that leave the shard (as source positions and neighbours, by the neighbour's shard); whether it has any."""
         edges = self._unique(_read_pairs(self._file("edges", shard)), shard)
-        nodes = _sorted_unique(edges[:, 0])
+        ids, first = self._ids(shard), int(self.bounds[shard])
         target_shard = self.shard_of(edges[:, 1])
         inside = target_shard == shard
-        local = np.searchsorted(nodes, edges[inside])
-        graph = coo_matrix((np.ones(len(local), np.int8), (local[:, 0], local[:, 1])), shape=(len(nodes), len(nodes)))
+        local = edges[inside] - first
+        graph = coo_matrix((np.ones(len(local), np.int8), (local[:, 0], local[:, 1])), shape=(len(ids), len(ids)))
         n_components, component = connected_components(graph, directed=False)
         leaving = np.flatnonzero(~inside)
         leaving = leaving[np.argsort(target_shard[leaving], kind="stable")]
-        for kind, array in (("source", np.searchsorted(nodes, edges[leaving, 0])), ("target", edges[leaving, 1]),
-                            ("nodes", nodes), ("component", component),
-                            ("labels", _component_minimum(component, nodes, n_components)),
-                            ("changed", np.ones(len(nodes), bool))):
+        for kind, array in (("source", edges[leaving, 0] - first), ("target", edges[leaving, 1]), ("component", component),
+                            ("labels", _component_minimum(component, ids, n_components)),
+                            ("changed", np.ones(len(ids), bool))):
             self._save(kind, shard, array)
         self._file("edges", shard).unlink(missing_ok=True)
         return bool(len(leaving))
@@ -149,9 +153,9 @@ class ShardedGraph:
         if not path.exists():
             return False  # nothing arrived: its labels stand, and it sends nothing next round
         messages = _read_pairs(path)
-        nodes, component, labels = (self._load(kind, shard) for kind in ("nodes", "component", "labels"))
+        component, labels = self._load("component", shard), self._load("labels", shard)
         received = labels.copy()
-        np.minimum.at(received, np.searchsorted(nodes, messages[:, 0]), messages[:, 1])
+        np.minimum.at(received, messages[:, 0] - self.bounds[shard], messages[:, 1])
         lowered = _component_minimum(component, received, int(component.max()) + 1)
         changed = lowered < labels
         self._save("labels", shard, lowered)

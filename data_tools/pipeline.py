@@ -98,8 +98,9 @@ def expected_peak_mb(plan: Plan) -> dict[str, int]:
     estimates = {
         "extract": 2 * plan.task_mb,  # one document at a time, signatures of the task
         "bucket": docs / dedup.buckets_per_band * 48 / mib + PAIR_BATCH * perm * 8 / mib,
-        # a shard's pairs (if half its documents were duplicates) both ways, sorted, and their labels; a chunk added
-        "cluster": shard_docs * 0.5 * 64 / mib + CLUSTER_CHUNK * 16 * 4 / mib,
+        # a shard's pairs (if half its documents were duplicates) both ways and sorted, a label, component and flag
+        # for each of its documents, and one chunk of pairs being added
+        "cluster": shard_docs * (0.5 * 64 + 24) / mib + CLUSTER_CHUNK * 16 * 4 / mib,
         "tokenizer": 0.0,
         "tokenize": 3 * plan.task_mb,  # the task's token streams
         "pack": (pack.rows_per_shard * plan.seq_len * 8 + rows / pack.shuffle_chunk * 24 + pack.shuffle_window * 16) / mib,
