@@ -88,6 +88,7 @@ def measure(seq_len: int, steps: int) -> None:
         train = prepare(Path(tmp) / "data", seq_len)
         manifest = load_manifest(train)
         tokenizer = Tokenizer.from_file(str(train / manifest.tokenizer.path))
+        steps = max(steps, steps * 1024 // seq_len)  # shorter rows: more steps, the same tokens timed
         rows = first_batches(train, steps + WARMUP)
     config = load_config(None, ["data.train=x", "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4"])
     tok = manifest.tokenizer
@@ -128,7 +129,8 @@ def measure(seq_len: int, steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant and round (after the warm-up)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps of 1024-token rows per variant and round "
+                                                             "(after the warm-up); shorter rows take more")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("document attention on CPU SDPA: Llama 256x4, 1 thread, the first batches of the sample WARCs' lane")
