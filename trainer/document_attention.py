@@ -55,20 +55,27 @@ def document_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return attend_per_document(query, key, value, attention_mask, dropout, scaling, causal), None
+
+
+@torch.compiler.disable  # the spans are data: traced, every new layout of documents would compile the block again
+def attend_per_document(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, documents: torch.Tensor,
+                        dropout: float, scaling: float | None, causal: bool) -> torch.Tensor:
+    """[rows, L, heads, head_dim] attention output of SDPA run on each document's span of each row."""
     grouped = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=causal,
                                                                 **grouped)
 
-    whole, spans = document_spans(attention_mask)
+    whole, spans = document_spans(documents)
     out = query.new_empty(query.shape)  # [rows, heads, L, head_dim], every position written below
     if whole:
         index = torch.tensor(whole, device=query.device)
         out[index] = attend(query[index], key[index], value[index])
     for row, first, stop in spans:
         out[row, :, first:stop] = attend(query[row, :, first:stop], key[row, :, first:stop], value[row, :, first:stop])
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 def document_spans(documents: torch.Tensor) -> tuple[list[int], list[tuple[int, int, int]]]:
