@@ -95,9 +95,9 @@ def test_lm_eval_harness_scores_the_export_as_the_trainer_does(trained, tmp_path
 
 def test_evaluate_scores_packed_rows_per_document_as_the_loop_does(config_file, token_data, tmp_path):
     """`evaluate MODEL --data VALID` on a checkpoint of a document-attention run gives the loop's eval/loss: one lane and
-    as many eval batches as valid rows make the loop score every row once, in forwards of one row, so a mean weighted
-    by rows instead of targets (rows differ in how many documents start in them) would differ. The same checkpoint
-    with its run's data.doc_attention set false is scored across documents."""
+    as many eval batches as valid rows make the loop score every row once, in forwards of one row each, weighted by
+    their targets (fewer where documents start). The same checkpoint with its run's data.doc_attention set false is
+    scored across documents."""
     valid = token_data / "tokens/valid"
     rows = sum(shard.rows for shard in load_manifest(valid).shards)
     run = tmp_path / "run"

@@ -123,10 +123,10 @@ def test_the_documents_kernel_is_plain_sdpa_for_unpacked_and_padded_rows():
 
 
 def test_models_the_documents_kernel_was_not_checked_on_keep_the_dense_mask():
-    t5 = AutoModelForMaskedLM.from_config(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                     intermediate_size=64, vocab_size=VOCAB))
-    t5.config.model_type = "t5"
-    assert not attend_within_documents(t5) and t5.config._attn_implementation == "sdpa"
+    other = AutoModelForMaskedLM.from_config(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                        intermediate_size=64, vocab_size=VOCAB))
+    other.config.model_type = "roberta"  # a model type whose masks were not checked against the per-span kernel
+    assert not attend_within_documents(other) and other.config._attn_implementation == "sdpa"
     eager = decoder("gpt2", "sdpa")
     eager.config._attn_implementation = "eager"
     assert not attend_within_documents(eager) and eager.config._attn_implementation == "eager"
