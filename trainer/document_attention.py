@@ -73,8 +73,9 @@ def attend_per_document(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     if whole:
         index = torch.tensor(whole, device=query.device)
         out[index] = attend(query[index], key[index], value[index])
-    for row, first, stop in spans:
-        out[row, :, first:stop] = attend(query[row, :, first:stop], key[row, :, first:stop], value[row, :, first:stop])
+    for row, first, stop in spans:  # 4-d slices: CPU SDPA takes its flash kernel for 4-d inputs only, else the math path
+        span = (slice(row, row + 1), slice(None), slice(first, stop))
+        out[span] = attend(query[span], key[span], value[span])
     return out.transpose(1, 2).contiguous()
 
 
