@@ -21,7 +21,8 @@ without one runs the same unmasked SDPA in every variant, so this is the worst c
 Why: masking per document should cost at most 5% of training throughput on CPU SDPA. The machine
 is shared, so each batch runs in every variant back to back (the order rotating), ROUNDS times, the
 first WARMUP batches are left out, and the median of the per-step paired ratios beside the ratio of
-the means shows how much spikes from other processes moved it.
+the means shows how much spikes from other processes moved it. The last column compares the CPU time
+the process used (one thread), which other processes on the cores hardly move.
 
     .venv/bin/python bench/doc_attention_bench.py [--seq-len 256 1024] [--steps 6]
 """
@@ -72,15 +73,15 @@ def first_batches(train: Path, count: int) -> list[np.ndarray]:
 
 
 def step_time(variant: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: np.ndarray,
-              tasks: dict) -> float:
-    """Seconds of one training step on `batch`, attending as `variant` says."""
+              tasks: dict) -> tuple[float, float]:
+    """(wall-clock, CPU) seconds of one training step on `batch`, attending as `variant` says."""
     model.config._attn_implementation = NAME if variant == "spans" else "sdpa"
     inputs = tasks[variant != "off"].inputs(torch.from_numpy(batch if variant != "off" else batch[:, 0].copy()), 0)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     model(**inputs).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def measure(seq_len: int, steps: int) -> None:
@@ -98,7 +99,7 @@ def measure(seq_len: int, steps: int) -> None:
              for on in (False, True)}
     # each batch runs in every variant back to back (the order rotating), so a spike from another process
     # lands on one step of one variant, and the paired ratio of that batch shows it
-    times: dict[str, list[list[float]]] = {variant: [[] for _ in range(steps)] for variant in VARIANTS}
+    times: dict[str, list[list[tuple[float, float]]]] = {variant: [[] for _ in range(steps)] for variant in VARIANTS}
     order = list(VARIANTS)
     for _ in range(ROUNDS):
         for i, batch in enumerate(rows):
@@ -116,14 +117,14 @@ def measure(seq_len: int, steps: int) -> None:
         if not chosen:
             continue
         print(f"  {title}, {len(chosen)} steps x {ROUNDS} rounds per variant")
-        print(f"  {'variant':<8}{'tokens/s (mean)':>17}{'tokens/s (median)':>19}{'ratio to off':>14}{'paired median':>15}")
-        picked = {variant: [t for i in chosen for t in runs[i]] for variant, runs in times.items()}
-        base = statistics.mean(picked["off"])
+        print(f"  {'variant':<8}{'tokens/s (mean)':>17}{'ratio to off':>14}{'paired median':>15}{'CPU-time ratio':>16}")
+        wall = {variant: [t[0] for i in chosen for t in runs[i]] for variant, runs in times.items()}
+        cpu = {variant: sum(t[1] for i in chosen for t in runs[i]) for variant, runs in times.items()}
         for variant in VARIANTS:
-            paired = statistics.median(off / t for off, t in zip(picked["off"], picked[variant]))
-            mean = MICRO_BATCH * seq_len / statistics.mean(picked[variant])
-            median = MICRO_BATCH * seq_len / statistics.median(picked[variant])
-            print(f"  {variant:<8}{mean:>17.0f}{median:>19.0f}{base / statistics.mean(picked[variant]):>14.3f}{paired:>15.3f}")
+            paired = statistics.median(off / t for off, t in zip(wall["off"], wall[variant]))
+            mean = statistics.mean(wall[variant])
+            print(f"  {variant:<8}{MICRO_BATCH * seq_len / mean:>17.0f}{statistics.mean(wall['off']) / mean:>14.3f}"
+                  f"{paired:>15.3f}{cpu['off'] / cpu[variant]:>16.3f}")
 
 
 def main() -> None:
