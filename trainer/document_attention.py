@@ -68,26 +68,29 @@ def attend_per_document(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=causal,
                                                                 **grouped)
 
-    whole, spans = document_spans(documents)
-    out = query.new_empty(query.shape)  # [rows, heads, L, head_dim], every position written below
+    whole, lengths = document_spans(documents)
+    # rows by unbind, documents by split, results by cat and stack: their backward passes concatenate gradients,
+    # where a slice's would fill a zero tensor of the whole input for every document
+    rows = [t.unbind(0) for t in (query, key, value)]
+    out: list[torch.Tensor | None] = [None] * len(query)
     if whole:
-        index = torch.tensor(whole, device=query.device)
-        out[index] = attend(query[index], key[index], value[index])
-    for row, first, stop in spans:  # 4-d slices: CPU SDPA takes its flash kernel for 4-d inputs only, else the math path
-        span = (slice(row, row + 1), slice(None), slice(first, stop))
-        out[span] = attend(query[span], key[span], value[span])
-    return out.transpose(1, 2).contiguous()
+        together = attend(*(torch.stack([part[row] for row in whole]) for part in rows))
+        for row, result in zip(whole, together.unbind(0)):
+            out[row] = result
+    for row, sizes in lengths.items():  # 4-d spans: CPU SDPA takes its flash kernel for 4-d inputs only, else the math path
+        spans = zip(*(part[row].split(sizes, 1) for part in rows))
+        out[row] = torch.cat([attend(q[None], k[None], v[None])[0] for q, k, v in spans], 1)
+    return torch.stack(out).transpose(1, 2).contiguous()
 
 
-def document_spans(documents: torch.Tensor) -> tuple[list[int], list[tuple[int, int, int]]]:
-    """(rows holding a single document, (row, first, stop) of each document in the other rows) from document indices."""
+def document_spans(documents: torch.Tensor) -> tuple[list[int], dict[int, list[int]]]:
+    """(rows holding a single document, {row: its documents' lengths} of the other rows) from document indices."""
     length = documents.shape[1]
     starts: dict[int, list[int]] = {}
     for row, offset in (documents[:, 1:] != documents[:, :-1]).nonzero().tolist():
         starts.setdefault(row, [0]).append(offset + 1)
     whole = [row for row in range(len(documents)) if row not in starts]
-    spans = [(row, first, stop) for row, firsts in starts.items() for first, stop in zip(firsts, [*firsts[1:], length])]
-    return whole, spans
+    return whole, {row: [stop - first for first, stop in zip(firsts, [*firsts[1:], length])] for row, firsts in starts.items()}
 
 
 AttentionInterface.register(NAME, document_sdpa)
