@@ -31,6 +31,7 @@ from trainer.checkpoint import Checkpoints, TrainerState, rng_state, set_rng_sta
 from trainer.config import Config, ConfigError
 from trainer.data import LanesLoader, batch_digest
 from trainer.distill import objective
+from trainer.document_attention import attend_within_documents
 from trainer.early_stop import BestMetric
 from trainer.engines import Engine, build_engine
 from trainer.evaluate import Evaluator, validation_parts
@@ -244,6 +245,8 @@ def set_up(config: Config, resume_from: str) -> Run:
         trained = str(state.trained_doc_attention()).lower()
         raise CheckpointError(f"{checkpoints.root / resume}: trained with data.doc_attention {trained}, this run resolves it to "
                               f"{str(ctx.doc_attention).lower()}; set data.doc_attention={trained} or use a new run.name")
+    if ctx.doc_attention:
+        attend_within_documents(model)  # SDPA per document span, not a dense mask (trainer.document_attention)
     task = build_task(ctx)
     parts = validation_parts(task, ctx, manifests.named_valid)
     evaluator = Evaluator(config, tokenizer, tok.eos_id, positions(model.config), parts)
