@@ -28,7 +28,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import BinaryIO
+from typing import BinaryIO, Self
 from dataclasses import dataclass, replace
 from itertools import accumulate, count
 from pathlib import Path
@@ -41,7 +41,10 @@ from data_tools.manifest import (
     STARTS_DTYPE, Manifest, ManifestError, ShardIndex, index_shard, load_manifest, open_shard, verify_shard,
 )
 
-__all__ = ["DataError", "Lane", "LanesLoader", "RowRange", "Source", "batch_digest", "deal_rows", "doc_positions", "lane_shares"]
+__all__ = [
+    "BatchStream", "DataError", "Lane", "LanesLoader", "RowRange", "Source", "batch_digest", "deal_rows", "doc_positions",
+    "lane_shares",
+]
 
 log = logging.getLogger("trainer.data")
 
@@ -340,7 +343,39 @@ class _Prefetch(Iterator[np.ndarray]):
         self._thread.join()
 
 
-class LanesLoader:
+class BatchStream:
+    """What every loader shares: its batches come from `_produce` in a prefetch thread, one stream at a time.
+
+    Calling `batches` again (a resume, a restart after an error) closes the previous stream first.
+    """
+
+    prefetch: int
+    _stream: _Prefetch | None = None
+
+    def _produce(self, start_step: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def batches(self, start_step: int) -> Iterator[np.ndarray]:
+        """This rank's rows for steps start_step, start_step + 1, …: int64 [rows_per_rank, *row_shape]."""
+        if start_step < 0:
+            raise DataError(f"start_step {start_step}: must be >= 0")
+        self.close()
+        self._stream = _Prefetch(lambda: self._produce(start_step), self.prefetch)
+        return self._stream
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LanesLoader(BatchStream):
     """This rank's batches of the run's global batch sequence; see the module docstring for the contract.
 
     `plan` lists every lane (index, source, row ranges) and `local_lanes` this rank's, in the order
@@ -374,7 +409,6 @@ class LanesLoader:
         self.plan = _plan_lanes(self.corpora, lanes)
         self.local_lanes = self.plan[rank::world_size]
         self._shards: dict[tuple[int, int], ShardIndex] | None = None
-        self._stream: _Prefetch | None = None
 
     def fingerprint(self) -> str:
         """What fixes the batch sequence (shard checksums, weights, seed, batch, lanes), not world size."""
@@ -385,17 +419,6 @@ class LanesLoader:
             "lanes": self.lanes,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-    def batches(self, start_step: int) -> Iterator[np.ndarray]:
-        """This rank's rows for steps start_step, start_step + 1, …: int64 [rows_per_rank, *row_shape].
-
-        Calling it again (a resume, a restart after an error) closes the previous stream first.
-        """
-        if start_step < 0:
-            raise DataError(f"start_step {start_step}: must be >= 0")
-        self.close()
-        self._stream = _Prefetch(lambda: self._produce(start_step), self.prefetch)
-        return self._stream
 
     def row_sources(self) -> np.ndarray:
         """The source index of each of this rank's rows, the same in every batch: lane i of `local_lanes`
@@ -430,17 +453,6 @@ class LanesLoader:
     def source_record(self, step: int) -> dict[str, float]:
         """Per-source metrics: none, each source's share is its fixed share of lanes (a mixture logs some)."""
         return {}
-
-    def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
-
-    def __enter__(self) -> LanesLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _produce(self, start_step: int) -> Iterator[np.ndarray]:
         """Runs in the prefetch thread: the batches from `start_step` on, every lane at row step * k."""

@@ -27,7 +27,7 @@ import xxhash
 from data_tools.common import DataError
 from data_tools.manifest import Manifest, ShardIndex, index_shard, verify_shard
 from trainer.config import Config
-from trainer.data import Lane, LanesLoader, Source, _Corpus, _LaneReader, _Prefetch, check_ranks, deal_rows, open_corpora
+from trainer.data import BatchStream, Lane, LanesLoader, Source, _Corpus, _LaneReader, check_ranks, deal_rows, open_corpora
 from trainer.data import row_shape
 from trainer.mixture_weights import RowCounts, WeightSchedule
 
@@ -80,7 +80,7 @@ class _Shards(Mapping):
         return len(self._index)
 
 
-class MixtureLoader:
+class MixtureLoader(BatchStream):
     """This rank's batches of a mixture's global batch sequence; see the module docstring for the contract.
 
     The interface is LanesLoader's (`batches`, `local_lane_digests`, `fingerprint`, `close`), plus the
@@ -116,7 +116,6 @@ class MixtureLoader:
         self.streams = [Lane(i, i, tuple(r for ranges in deal_rows([s.rows for s in c.manifest.shards], pieces) for r in ranges))
                         for i, c in enumerate(self.corpora)]
         self.counts = RowCounts([s.weight for s in self.sources], global_batch)  # the loop's; the prefetch thread has its own
-        self._stream: _Prefetch | None = None
 
     def fingerprint(self) -> str:
         """What fixes the batch sequence (shard checksums, weight schedules, seed, batch, pieces), not world size
@@ -164,14 +163,6 @@ class MixtureLoader:
             record[f"data/{s.name}/weight"] = s.weight.at(max(step - 1, 0))
         return record
 
-    def batches(self, start_step: int) -> Iterator[np.ndarray]:
-        """This rank's rows for steps start_step, start_step + 1, …: int64 [rows_per_rank, *row_shape]."""
-        if start_step < 0:
-            raise DataError(f"start_step {start_step}: must be >= 0")
-        self.close()
-        self._stream = _Prefetch(lambda: self._produce(start_step), self.prefetch)
-        return self._stream
-
     def local_lane_digests(self, rows: np.ndarray) -> np.ndarray:
         """Digest of each of this rank's rows in the global batch, int64 [global_batch], zero for other ranks' rows.
 
@@ -186,17 +177,6 @@ class MixtureLoader:
         for i, row in enumerate(tokens):
             digests[first + i] = xxhash.xxh3_64_intdigest(np.ascontiguousarray(row, "<i8"))
         return digests.view(np.int64)
-
-    def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
-
-    def __enter__(self) -> MixtureLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _produce(self, start_step: int) -> Iterator[np.ndarray]:
         """Runs in the prefetch thread: each step's rows of every source that fall in this rank's part of the batch."""

@@ -27,7 +27,7 @@ from trainer.config import ConfigError, load_config
 from trainer.data import DataError, Lane, LanesLoader, Source, batch_digest, deal_rows, lane_shares
 from trainer.loop import read_manifests
 
-from token_splits import SEQ_LEN, Corpus
+from token_splits import SEQ_LEN, Corpus, take
 
 SEED = 0
 
@@ -39,15 +39,6 @@ def load_sources(sources: list[Source], **overrides) -> LanesLoader:
 
 def make_loader(corpus: Corpus, **overrides) -> LanesLoader:
     return load_sources([Source(str(corpus.directory))], **overrides)
-
-
-def take(loader: LanesLoader, start: int, steps: int) -> list[np.ndarray]:
-    """`steps` batches from `start_step`, closing the loader's stream after."""
-    stream = loader.batches(start)
-    try:
-        return [next(stream) for _ in range(steps)]
-    finally:
-        loader.close()
 
 
 def reference_stream(corpus: Corpus, lane: Lane, seed: int, rows: int, part: str = "rows") -> np.ndarray:

@@ -26,7 +26,7 @@ from trainer.loop import check_data, read_manifests
 from trainer.mixture import MixtureLoader, WeightedSource
 from trainer.mixture_weights import RowCounts, WeightSchedule, largest_remainder
 
-from token_splits import SEQ_LEN, Corpus
+from token_splits import SEQ_LEN, Corpus, take
 
 SEED = 0
 
@@ -104,14 +104,6 @@ def mixture(sources: list[tuple[str, Corpus, object]], **overrides) -> MixtureLo
                                overrides.pop(f"exhaust_{name}", "wrap")) for name, c, w in sources]
     layout = dict(global_batch=8, pieces=4, seed=SEED, rank=0, world_size=1, prefetch=2)
     return MixtureLoader(weighted, **(layout | overrides))
-
-
-def take(loader: MixtureLoader, start: int, steps: int) -> list[np.ndarray]:
-    stream = loader.batches(start)
-    try:
-        return [next(stream) for _ in range(steps)]
-    finally:
-        loader.close()
 
 
 def source_stream(corpus: Corpus, index: int, pieces: int, rows: int, part: str = "rows") -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 
 from data_tools.cli import main as data_tools_main
 from data_tools.manifest import iter_blocks, load_manifest
+from trainer.data import BatchStream
 
 SEQ_LEN = 64
 
@@ -55,3 +56,12 @@ def prepare_splits(out: Path, corpora: Path, gpt2_dir: Path) -> tuple[Corpus, Co
     train, valid = (read_corpus(out / "job" / "tokens" / split) for split in ("train", "valid"))
     assert len(train.shards) == 6 and len(valid.shards) == 1  # the layouts the tests rely on
     return train, valid
+
+
+def take(loader: BatchStream, start: int, steps: int) -> list[np.ndarray]:
+    """`steps` batches from `start_step`, closing the loader's stream after."""
+    stream = loader.batches(start)
+    try:
+        return [next(stream) for _ in range(steps)]
+    finally:
+        loader.close()
