@@ -41,6 +41,7 @@ $(BENCH_DATATROVE):
 bench: $(INSTALLED) $(BENCH_DATATROVE)
 	$(BIN)/python bench/data_tools_bench.py
 	$(BIN)/python bench/loader_bench.py
+	$(BIN)/python bench/mixture_bench.py
 	$(BIN)/python bench/trainer_bench.py
 	$(BIN)/python bench/engine_bench.py
 	$(BIN)/python bench/step_knobs_bench.py

@@ -19,6 +19,7 @@ removes. dstrain's time includes tokenize + pack, which the datatrove side does 
 
     make bench-data                                  # 10k, 40k, 160k documents
     python bench/data_scale_bench.py --sizes 2000    # a quick run
+    python bench/data_scale_bench.py --cluster-shards 1,8,32   # the cluster stage's peak memory by shard count
 """
 
 from __future__ import annotations
@@ -70,6 +71,33 @@ def sentence_pool() -> list[str]:
                     if 6 <= len(sentence.split()) <= 60 and sentence[-1:] in ".!?":
                         seen.setdefault(" ".join(sentence.split()))
     return list(seen)
+
+
+def handbook_near_copies() -> dict[str, list[str]]:
+    """The handbook WARC's pages dropped as near copies, with `dedup.same_language` on (the default) and off, over the
+    same pipeline as the bench (filters off, language ID labelling only): which translations the guard keeps."""
+    import numpy as np
+
+    from data_tools.config import DedupConfig, ExtractConfig, GopherQualityConfig, LangConfig
+    from data_tools.dedup import DedupSignatures, find_duplicates, language_keys
+    from data_tools.extract import ExtractText
+    from data_tools.lang import LanguageFilter
+    from data_tools.readers import detect_format, get_reader
+    from data_tools.stats import StageStats
+
+    path = CORPORA / "handbook-multilingual.warc.gz"
+    pages = get_reader(detect_format(path))(path, StageStats(), lambda message: None)
+    labelled = LanguageFilter(LangConfig(threshold=0.0))(ExtractText(ExtractConfig())(pages))
+    docs = list(DedupSignatures(DedupConfig(), GopherQualityConfig().unspaced_langs)(labelled))
+    task = (np.stack([np.frombuffer(d.meta["exact"], np.uint8) for d in docs]), np.stack([d.meta["minhash"] for d in docs]),
+            language_keys(d.lang for d in docs))
+    found = {}
+    for same_language in (True, False):
+        exact_only = find_duplicates([task], DedupConfig(same_language=same_language, near=False), StageStats())[0]
+        dropped = find_duplicates([task], DedupConfig(same_language=same_language), StageStats())[0]
+        found[f"same_language={same_language}"] = [f"{docs[i].url.split('/browse/')[1]} ({docs[i].lang})"
+                                                   for i in np.setdiff1d(dropped, exact_only)]
+    return found
 
 
 def _exact_copy(text: str, rng: random.Random) -> str:
@@ -172,6 +200,37 @@ def run_measured(cmd: list[str], env: dict[str, str], poll_s: float = 0.05) -> t
     return seconds, cpu, peak / MIB, who
 
 
+CLUSTER_PAIRS = 1 << 21  # star-shaped duplicate pairs over 2 × as many documents, added in chunks as bucket files are
+
+
+def cluster_graph(shards: int) -> None:
+    """The cluster stage's connected components over CLUSTER_PAIRS pairs in `shards` shards (run in a child process,
+    whose peak RSS the parent measures): memory follows one shard's pairs."""
+    import tempfile
+
+    import numpy as np
+
+    from data_tools.components import ShardedGraph
+
+    rng, n_docs, chunk = np.random.default_rng(0), 2 * CLUSTER_PAIRS, 1 << 18
+    with tempfile.TemporaryDirectory() as folder:
+        graph = ShardedGraph(Path(folder) / "graph", np.linspace(0, n_docs, shards + 1).astype(np.int64))
+        for _ in range(CLUSTER_PAIRS // chunk):
+            keepers, copies = rng.integers(0, n_docs, chunk // 2), rng.integers(0, n_docs, (chunk // 2, 2))
+            pairs = np.concatenate([np.stack([keepers, copies[:, 0]], 1), np.stack([keepers, copies[:, 1]], 1)])
+            graph.add(np.sort(pairs[pairs[:, 0] != pairs[:, 1]], axis=1))
+        sum(len(ids) for ids in graph.non_keepers())
+
+
+def cluster_memory(shard_counts: list[int]) -> None:
+    """Peak RSS and CPU time of the cluster stage's components at each shard count, on the same pairs."""
+    print(f"cluster stage, {CLUSTER_PAIRS:,} pairs over {2 * CLUSTER_PAIRS:,} documents:")
+    for shards in shard_counts:
+        cmd = [sys.executable, __file__, "--cluster-child", str(shards)]
+        seconds, cpu, peak, _ = run_measured(cmd, {**os.environ, "OMP_NUM_THREADS": "1"})
+        print(f"  {shards:>4} shards: peak RSS {peak:>5.0f} MiB, {cpu:.1f} s CPU ({1e6 * cpu / CLUSTER_PAIRS:.1f} µs a pair)")
+
+
 def dstrain_config(path: Path) -> Path:
     """Quality, PII and language filters off (language ID only labels): only dedup removes."""
     path.write_text(
@@ -242,7 +301,13 @@ def main() -> None:
     parser.add_argument("--datatrove-sizes", help="sizes to run the datatrove side at (default: every size; 'none' to skip)")
     parser.add_argument("--speedup-sizes", help="sizes to run 2 workers at (default: every size; 'none' to skip)")
     parser.add_argument("--report", action="store_true", help="print the table of the last run (bench/out/data_scale.json)")
+    parser.add_argument("--cluster-shards", help="only measure the cluster stage's memory at these shard counts (e.g. 1,8,32)")
+    parser.add_argument("--cluster-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cluster_child:
+        return cluster_graph(args.cluster_child)
+    if args.cluster_shards:
+        return cluster_memory([int(s) for s in args.cluster_shards.split(",")])
     if args.report:
         return report(json.loads((OUT.parent / "data_scale.json").read_text()))
     from data_tools.config import DedupConfig
@@ -258,6 +323,8 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}; python {platform.python_version()}")
     print(f"corpus: {len(sentences)} distinct sentences from examples/corpora; {args.files} JSONL files; "
           f"dedup {dedup.ngram}-gram shingles, {dedup.bands} bands × {dedup.rows_per_band} rows, seed {dedup.seed}")
+    for setting, pages in handbook_near_copies().items():
+        print(f"handbook WARC, near copies dropped with dedup.{setting}: {len(pages)}: {', '.join(pages)}")
     results = []
     for size in sizes:
         work = OUT / f"n{size}"

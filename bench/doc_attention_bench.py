@@ -2,24 +2,29 @@
 
 What it measures: the mean wall-clock time of one training step (forward, backward, AdamW) of the
 Llama `trainer.models.build_model` makes (hidden 256, 4 layers, 4 heads, fp32, 1 thread) on the
-same packed rows of the sample WARCs (BPE-4096 trained by `data_tools prepare`, rows of
-`--seq-len` tokens, read by `LanesLoader` with document positions). The inputs come from the
-causal-LM task itself, so the two variants are what the trainer runs:
+same packed rows of the sample WARCs (BPE-4096 trained by `data_tools prepare`, rows of 256 and of
+1024 tokens, read by `LanesLoader` with document positions): the first micro-batches of the lane in
+order, so the rows hold the corpus's real mix of document lengths. The inputs come from the
+causal-LM task itself, so the variants are what the trainer runs:
 
 1. `off` (data.doc_attention=false): every token attends to the whole row before it; SDPA runs
    with `is_causal` and no mask.
-2. `on` (the default for format 2 shards): position ids restart at each document; Hugging Face
-   builds a block-diagonal causal mask from them, and SDPA takes it as a dense boolean mask.
+2. `dense`: position ids restart at each document; Hugging Face builds a block-diagonal causal mask
+   from them and SDPA takes it as a dense boolean mask (model.attention sdpa; what document
+   attention cost before trainer.document_attention).
+3. `spans` (the default for format 2 shards): the same position ids, attention through
+   `trainer.document_attention` (SDPA with `is_causal` on each document's span).
 
-Only batches in which some row holds a document start are timed: a batch without one runs the
-same unmasked SDPA in both variants, so this is the worst case for `on`.
+A second table keeps only the micro-batches in which some row holds a document start: a batch
+without one runs the same unmasked SDPA in every variant, so this is the worst case for masking.
 
 Why: masking per document should cost at most 5% of training throughput on CPU SDPA. The machine
-is shared, so the variants alternate in ROUNDS rounds (the order reversed every other round), the
-first WARMUP steps of each run are left out, and the median beside the mean shows how much spikes
-from other processes moved it.
+is shared, so each batch runs in every variant back to back (the order rotating), ROUNDS times, the
+first WARMUP batches are left out, and the median of the per-step paired ratios beside the ratio of
+the means shows how much spikes from other processes moved it. The last column compares the CPU time
+the process used (one thread), which other processes on the cores hardly move.
 
-    .venv/bin/python bench/doc_attention_bench.py [--seq-len 1024] [--steps 8]
+    .venv/bin/python bench/doc_attention_bench.py [--seq-len 256 1024] [--steps 6]
 """
 
 from __future__ import annotations
@@ -42,13 +47,14 @@ from tokenizers import Tokenizer  # noqa: E402
 from data_tools.manifest import load_manifest  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data import LanesLoader, Source  # noqa: E402
+from trainer.document_attention import NAME  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.tasks import TaskContext, build_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA = ROOT / "examples" / "corpora"
-MICRO_BATCH, WARMUP, ROUNDS = 4, 2, 4
-VARIANTS = ("off", "on")
+MICRO_BATCH, WARMUP, ROUNDS = 4, 1, 2
+VARIANTS = ("off", "dense", "spans")
 
 
 def prepare(out: Path, seq_len: int) -> Path:
@@ -58,64 +64,79 @@ def prepare(out: Path, seq_len: int) -> Path:
     return out / "tokens" / "train"
 
 
-def masked_batches(train: Path, seq_len: int, count: int) -> list[np.ndarray]:
-    """The first `count` micro-batches ([MICRO_BATCH, 2, seq_len], tokens and document positions) in which
-    some row holds a document start: a batch without one runs unmasked SDPA either way, so these are
-    the worst case, every step paying for the mask."""
-    loader = LanesLoader([Source(train)], global_batch=MICRO_BATCH, lanes=1, seed=0, rank=0,
-                         world_size=1, doc_positions=True)
-    try:
-        return [batch for batch, _ in zip((b for b in loader.batches(0) if (b[:, 1, 1:] == 0).any()), range(count))]
-    finally:
-        loader.close()
+def first_batches(train: Path, count: int) -> list[np.ndarray]:
+    """The lane's first `count` micro-batches ([MICRO_BATCH, 2, seq_len], tokens and document positions)."""
+    with LanesLoader([Source(train)], global_batch=MICRO_BATCH, lanes=1, seed=0, rank=0, world_size=1,
+                     doc_positions=True) as loader:
+        batches = loader.batches(0)
+        return [next(batches) for _ in range(count)]
 
 
-def step_times(variant: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: list[np.ndarray],
-               tasks: dict) -> list[float]:
-    times = []
-    for batch in rows:
-        inputs = tasks[variant].inputs(torch.from_numpy(batch if variant == "on" else batch[:, 0].copy()), 0)
-        started = time.perf_counter()
-        model(**inputs).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-    return times[WARMUP:]
+def step_time(variant: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: np.ndarray,
+              tasks: dict) -> tuple[float, float]:
+    """(wall-clock, CPU) seconds of one training step on `batch`, attending as `variant` says."""
+    model.config._attn_implementation = NAME if variant == "spans" else "sdpa"
+    inputs = tasks[variant != "off"].inputs(torch.from_numpy(batch if variant != "off" else batch[:, 0].copy()), 0)
+    started, cpu = time.perf_counter(), time.process_time()
+    model(**inputs).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
+def measure(seq_len: int, steps: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        train = prepare(Path(tmp) / "data", seq_len)
+        manifest = load_manifest(train)
+        tokenizer = Tokenizer.from_file(str(train / manifest.tokenizer.path))
+        steps = max(steps, steps * 1024 // seq_len)  # shorter rows: more steps, the same tokens timed
+        rows = first_batches(train, steps + WARMUP)
+    config = load_config(None, ["data.train=x", "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4"])
+    tok = manifest.tokenizer
+    model = build_model(config, tok.vocab_size, seq_len, tok.eos_id, [], 0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tasks = {on: build_task(TaskContext(config, seq_len, tokenizer, tok.eos_id, tok.eos_id, [], None, doc_attention=on))
+             for on in (False, True)}
+    # each batch runs in every variant back to back (the order rotating), so a spike from another process
+    # lands on one step of one variant, and the paired ratio of that batch shows it
+    times: dict[str, list[list[tuple[float, float]]]] = {variant: [[] for _ in range(steps)] for variant in VARIANTS}
+    order = list(VARIANTS)
+    for _ in range(ROUNDS):
+        for i, batch in enumerate(rows):
+            order = order[1:] + order[:1]
+            for variant in order:
+                seconds = step_time(variant, model, optimizer, batch, tasks)
+                if i >= WARMUP:
+                    times[variant][i - WARMUP].append(seconds)
+    timed = rows[WARMUP:]
+    starts_inside = (np.concatenate(timed)[:, 1, 1:] == 0).sum(1)
+    with_start = [i for i, batch in enumerate(timed) if (batch[:, 1, 1:] == 0).any()]
+    print(f"\n{MICRO_BATCH} rows x {seq_len} tokens per step: {1 + starts_inside.mean():.2f} documents per row, "
+          f"{np.mean(starts_inside > 0):.0%} of rows and {len(with_start) / len(timed):.0%} of steps hold a document start")
+    for title, chosen in (("every step (the corpus's mix)", range(len(timed))), ("steps with a document start", with_start)):
+        if not chosen:
+            continue
+        print(f"  {title}, {len(chosen)} steps x {ROUNDS} rounds per variant")
+        print(f"  {'variant':<8}{'tokens/s (mean)':>17}{'ratio to off':>14}{'paired median':>15}{'CPU-time ratio':>16}")
+        wall = {variant: [t[0] for i in chosen for t in runs[i]] for variant, runs in times.items()}
+        cpu = {variant: sum(t[1] for i in chosen for t in runs[i]) for variant, runs in times.items()}
+        for variant in VARIANTS:
+            paired = statistics.median(off / t for off, t in zip(wall["off"], wall[variant]))
+            mean = statistics.mean(wall[variant])
+            print(f"  {variant:<8}{MICRO_BATCH * seq_len / mean:>17.0f}{statistics.mean(wall['off']) / mean:>14.3f}"
+                  f"{paired:>15.3f}{cpu['off'] / cpu[variant]:>16.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant and round (after the warm-up)")
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--steps", type=int, default=6, help="timed steps of 1024-token rows per variant and round "
+                                                             "(after the warm-up); shorter rows take more")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        train = prepare(Path(tmp) / "data", args.seq_len)
-        manifest = load_manifest(train)
-        tokenizer = Tokenizer.from_file(str(train / manifest.tokenizer.path))
-        rows = masked_batches(train, args.seq_len, args.steps + WARMUP)
-    config = load_config(None, ["data.train=x", "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4"])
-    tok = manifest.tokenizer
-    model = build_model(config, tok.vocab_size, args.seq_len, tok.eos_id, [], 0).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tasks = {variant: build_task(TaskContext(config, args.seq_len, tokenizer, tok.eos_id, tok.eos_id, [], None,
-                                             doc_attention=variant == "on")) for variant in VARIANTS}
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for round_ in range(ROUNDS):
-        for variant in VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]:
-            times[variant] += step_times(variant, model, optimizer, rows, tasks)
-    positions = np.concatenate(rows)[:, 1]
-    starts_inside = (positions[:, 1:] == 0).sum(1)
-    tokens = MICRO_BATCH * args.seq_len
-    print(f"document attention on CPU SDPA: Llama 256x4, {MICRO_BATCH} rows x {args.seq_len} tokens per step, 1 thread, "
-          f"{ROUNDS} rounds x {args.steps} steps per variant")
-    print(f"every step's batch holds a document start (the worst case): {np.mean(starts_inside > 0):.0%} of rows do, "
-          f"{1 + starts_inside.mean():.2f} documents per row")
-    print(f"{'variant':<8}{'tokens/s (mean)':>17}{'tokens/s (median)':>19}{'ratio to off':>14}")
-    base = tokens / statistics.mean(times["off"])
-    for variant in VARIANTS:
-        mean, median = tokens / statistics.mean(times[variant]), tokens / statistics.median(times[variant])
-        print(f"{variant:<8}{mean:>17.0f}{median:>19.0f}{mean / base:>14.3f}")
+    print("document attention on CPU SDPA: Llama 256x4, 1 thread, the first batches of the sample WARCs' lane")
+    for seq_len in args.seq_len:
+        measure(seq_len, args.steps)
 
 
 if __name__ == "__main__":

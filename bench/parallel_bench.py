@@ -4,7 +4,7 @@
 Every layout runs `torchrun --nproc-per-node 4 -m trainer` (engine fsdp2, fp32) on the same token
 shards (BPE-4096, 256-token rows from the sample WARCs), global batch 16 in micro-batches of 4 rows
 (a layout with fewer data-parallel ranks accumulates more micro-batches per step; a pipeline runs
-them through its schedule), embeddings untied in every layout, as pipeline stages need. step_s and
+them through its schedule), embeddings untied in every layout (tied, the last stage holds a copy). step_s and
 peak_mem_gb (rank 0's peak resident set: under pp the first stage's) come from metrics.jsonl; the first WARMUP steps are left
 out. With ROUNDS > 1 the layouts alternate, so a change in the shared machine's load hits all. On
 CPU tensor parallel only adds collectives (gloo, no fast interconnect, no kernel that gets faster

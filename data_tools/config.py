@@ -97,9 +97,15 @@ class DedupConfig:
     # including near copies of true Jaccard 0.55 estimated 3 sd low from 112 values (README, "Memory and dedup").
     threshold: float = 0.4
     buckets_per_band: int = 4  # hash ranges per band: bucket tasks = (bands + 1) × this; memory per task ∝ docs / this
+    # Only documents of the same detected language can be near duplicates: translations of a page that share its
+    # code listings and command lines are kept (exact duplicates are found whatever the language).
+    same_language: bool = True
+    # extract tasks whose duplicate pairs the cluster stage holds at once (one shard of its connected components):
+    # its memory ∝ this × --task-mb, whatever the corpus; fewer shards need fewer rounds of label exchange
+    tasks_per_cluster_shard: int = 256
 
     def __post_init__(self) -> None:
-        for key in ("bands", "rows_per_band", "ngram", "buckets_per_band"):
+        for key in ("bands", "rows_per_band", "ngram", "buckets_per_band", "tasks_per_cluster_shard"):
             _at_least_one("dedup", key, getattr(self, key))
         if not 0 < self.threshold <= 1:
             raise ConfigError(f"dedup.threshold {self.threshold}: must be in (0, 1], the least estimated Jaccard of a duplicate")

@@ -2,21 +2,25 @@
 
 signatures (inside every extract task, `DedupSignatures` + `band_hashes`): the exact key (xxh3-128
     of the normalised text), a MinHash signature over word 5-gram shingles, and one 64-bit hash per
-    LSH band (plus one for the exact key), stored beside the task's documents.
+    LSH band (plus one for the exact key; of the document's language too by default), stored beside
+    the task's documents.
 bucket (one task per (band, hash range), `bucket_pairs`): the documents whose band hash falls in
     the range, sorted by hash; documents sharing a hash become candidate pairs (each with the first
     of its bucket), kept only if confirmed: equal exact keys, or a Jaccard similarity estimated from
     the full signatures of at least `threshold`. Memory: the range's hashes, not the corpus.
-cluster (once, `duplicates`): connected components over the confirmed pairs; the first document in
-    input order is each cluster's keeper, every other member is dropped. Pairs are O(duplicates).
+cluster (once, `cluster_duplicates`): connected components over the confirmed pairs; the first document
+    in input order is each cluster's keeper, every other member is dropped. Components are found shard by
+    shard on disk (data_tools.components), so memory follows `tasks_per_cluster_shard` tasks' pairs.
 The result is a pure function of the documents in input order, never of how tasks were run.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import xxhash
@@ -83,13 +87,23 @@ _MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(
 PAIR_BATCH = 8192  # candidate pairs confirmed at once: bounds the signature rows gathered in memory
 
 
-def band_hashes(exact: np.ndarray, minhash: np.ndarray, config: DedupConfig) -> np.ndarray:
+def language_keys(langs: Iterable[str]) -> np.ndarray:
+    """uint64 per document: a hash of its detected language, which `dedup.same_language` mixes into the band hashes."""
+    return np.fromiter((xxhash.xxh64_intdigest(lang.encode()) for lang in langs), np.uint64)
+
+
+def band_hashes(exact: np.ndarray, minhash: np.ndarray, langs: np.ndarray, config: DedupConfig) -> np.ndarray:
     """[bands + 1, n] uint64: a hash of each band's rows (splitmix64 chain), then the exact key's first 8 bytes.
 
-    Band-major, so a bucket task reads one contiguous row per extract task."""
+    With `config.same_language` each band hash starts from the document's language key (`language_keys`), so
+    documents of different languages never share a band bucket: translations that share code listings or command
+    lines are never near-duplicate candidates. Exact keys stay language-blind. Band-major, so a bucket task reads
+    one contiguous row per extract task."""
     n = len(exact)
     values = minhash.reshape(n, config.bands, config.rows_per_band).astype(np.uint64)
     hashes = np.full((n, config.bands), np.uint64(config.seed)) + np.arange(config.bands, dtype=np.uint64) * _MIX[0]
+    if config.same_language:
+        hashes += np.asarray(langs, np.uint64).reshape(n, 1)
     for column in range(config.rows_per_band):
         hashes = (hashes ^ values[:, :, column]) * _MIX[1]
         hashes ^= hashes >> np.uint64(31)
@@ -155,27 +169,13 @@ def bucket_pairs(
     return np.concatenate(confirmed) if confirmed else np.empty((0, 2), np.int64)
 
 
-def _non_keepers(pairs: np.ndarray) -> np.ndarray:
-    """Global indices of every member of a connected component but its smallest (first in input order)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    if not len(pairs):
-        return np.empty(0, np.int64)
-    nodes, inverse = np.unique(pairs, return_inverse=True)
-    inverse = inverse.reshape(-1, 2)
-    graph = coo_matrix((np.ones(len(inverse), np.int8), (inverse[:, 0], inverse[:, 1])), shape=(len(nodes), len(nodes)))
-    _, labels = connected_components(graph, directed=False)
-    keeper = np.zeros(len(nodes), bool)
-    keeper[np.unique(labels, return_index=True)[1]] = True  # nodes are sorted: the first of each label is its minimum
-    return nodes[~keeper]
+CLUSTER_CHUNK = 1 << 18  # pairs added to the graphs at once
 
 
-def duplicates(exact_pairs: np.ndarray, near_pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(exact, near) dropped global indices: a document is an exact duplicate if an earlier one has its
-    exact key, else a near duplicate if it is in a cluster with an earlier document."""
-    exact = _non_keepers(exact_pairs)
-    return exact, np.setdiff1d(_non_keepers(np.concatenate([exact_pairs, near_pairs])), exact)
+def cluster_bounds(offsets: np.ndarray, tasks_per_shard: int) -> np.ndarray:
+    """The global document index where each cluster shard (`tasks_per_shard` consecutive extract tasks) begins, and the end."""
+    n_tasks = len(offsets) - 1
+    return offsets[np.r_[np.arange(0, n_tasks, tasks_per_shard), n_tasks]]
 
 
 def dropped_per_task(dropped: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
@@ -184,27 +184,55 @@ def dropped_per_task(dropped: np.ndarray, offsets: np.ndarray) -> list[np.ndarra
     return [dropped[a:b] - offsets[t] for t, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
 
-def count_stats(stats: StageStats, n_docs: int, exact: np.ndarray, near: np.ndarray) -> None:
+def cluster_duplicates(
+    folder: Path, offsets: np.ndarray, config: DedupConfig, pairs: Iterable[tuple[bool, np.ndarray]], stats: StageStats
+) -> Iterator[np.ndarray]:
+    """The dropped local indices of each extract task, in task order, from confirmed (is exact, pairs [k, 2]) arrays.
+
+    A document is dropped if its cluster holds an earlier one: an exact duplicate if its cluster of exact pairs
+    does, else a near duplicate. Clusters are the connected components of a `ShardedGraph` per kind (exact pairs;
+    all pairs) under `folder`, sharded by `config.tasks_per_cluster_shard` extract tasks, so memory follows one
+    shard's pairs. `stats` is counted once the last task's indices are taken."""
+    from data_tools.components import ShardedGraph
+
+    per_shard = config.tasks_per_cluster_shard
+    bounds = cluster_bounds(offsets, per_shard)
+    exact_graph, all_graph = ShardedGraph(folder / "exact", bounds), ShardedGraph(folder / "all", bounds)
+    for is_exact, found in pairs:
+        for start in range(0, len(found), CLUSTER_CHUNK):
+            chunk = np.asarray(found[start : start + CLUSTER_CHUNK])
+            all_graph.add(chunk)
+            if is_exact:
+                exact_graph.add(chunk)
+    n_exact = sum(len(ids) for ids in exact_graph.non_keepers())
+    n_dropped = 0
+    for shard, dropped in enumerate(all_graph.non_keepers()):  # the exact duplicates are among them
+        n_dropped += len(dropped)
+        yield from dropped_per_task(dropped, offsets[shard * per_shard : (shard + 1) * per_shard + 1])
+    count_stats(stats, int(offsets[-1]), n_exact, n_dropped - n_exact)
+
+
+def count_stats(stats: StageStats, n_docs: int, n_exact: int, n_near: int) -> None:
     stats.docs_in += n_docs
-    stats.docs_out += n_docs - len(exact) - len(near)
-    for reason, ids in (("exact_duplicate", exact), ("near_duplicate", near)):
-        if len(ids):
-            stats.dropped[reason] += len(ids)
+    stats.docs_out += n_docs - n_exact - n_near
+    for reason, count in (("exact_duplicate", n_exact), ("near_duplicate", n_near)):
+        if count:
+            stats.dropped[reason] += count
 
 
 def find_duplicates(
-    tasks: Sequence[tuple[np.ndarray, np.ndarray]], config: DedupConfig, stats: StageStats
+    tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], config: DedupConfig, stats: StageStats
 ) -> list[np.ndarray]:
-    """All stages in one process over in-memory (exact keys [n,16] uint8, signatures [n,perm] uint32) per task:
-    the indices to drop in each task. The job runs the same functions as separate tasks."""
-    offsets = np.cumsum([0] + [len(exact) for exact, _ in tasks])
-    hashes = [band_hashes(exact, minhash, config) for exact, minhash in tasks]
+    """All stages in one process over in-memory (exact keys [n,16] uint8, signatures [n,perm] uint32, language keys
+    [n] uint64) per task: the indices to drop in each task. The job runs the same functions as separate tasks."""
+    offsets = np.cumsum([0] + [len(exact) for exact, _, _ in tasks])
+    hashes = [band_hashes(exact, minhash, langs, config) for exact, minhash, langs in tasks]
     exact_rows, minhash_rows = RowLookup(offsets, lambda t: tasks[t][0]), RowLookup(offsets, lambda t: tasks[t][1])
-    pairs = {True: [], False: []}
-    for index in range(bucket_count(config)):
-        band = index // config.buckets_per_band
-        found = bucket_pairs(index, config, (h[band] for h in hashes), offsets, exact_rows, minhash_rows)
-        pairs[band == config.bands].append(found)
-    exact, near = duplicates(np.concatenate(pairs[True]), np.concatenate(pairs[False]))
-    count_stats(stats, int(offsets[-1]), exact, near)
-    return dropped_per_task(np.sort(np.concatenate([exact, near])), offsets)
+
+    def pairs() -> Iterator[tuple[bool, np.ndarray]]:
+        for index in range(bucket_count(config)):
+            band = index // config.buckets_per_band
+            yield band == config.bands, bucket_pairs(index, config, (h[band] for h in hashes), offsets, exact_rows, minhash_rows)
+
+    with tempfile.TemporaryDirectory(prefix="dstrain-cluster-") as folder:
+        return list(cluster_duplicates(Path(folder), offsets, config, pairs(), stats))

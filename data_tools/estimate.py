@@ -30,7 +30,7 @@ class Costs:
     tokenize_mb_per_s: float  # text encoded per core
     pack_mb_per_s: float  # token rows shuffled and written per core
     bucket_us_per_hash: float  # one band hash read, sorted and compared in a bucket task
-    cluster_us_per_pair: float  # one confirmed pair through connected components
+    cluster_us_per_pair: float  # one confirmed pair through the sharded connected components, all rounds
     manifest_ms_per_task: float  # one input task's markers, shard list and histograms in the report
 
 
@@ -43,7 +43,7 @@ COSTS = Costs(
     tokenize_mb_per_s=1.0,
     pack_mb_per_s=200.0,
     bucket_us_per_hash=0.5,
-    cluster_us_per_pair=2.0,
+    cluster_us_per_pair=4.0,
     manifest_ms_per_task=20.0,
 )
 DEFAULT_KEPT = 0.9  # formats not in kept_after_filters: text that was cleaned already
@@ -95,7 +95,8 @@ def estimate_stages(
                     (kept_text_mib + volume.docs_kept * signature_bytes / MIB) * gib, 0.0),
         "bucket": (volume.docs_kept * (config.dedup.bands + 1) * costs.bucket_us_per_hash / 1e6 / hour,
                    pairs * 16 / MIB * gib, 0.0),
-        "cluster": (pairs * costs.cluster_us_per_pair / 1e6 / hour, volume.docs_kept * 8 / MIB * gib, 0.0),
+        # each pair both ways in the graph of all pairs and (exact ones) in that of exact pairs: 16 B each
+        "cluster": (pairs * costs.cluster_us_per_pair / 1e6 / hour, pairs * 64 / MIB * gib, 0.0),
         "tokenizer": ((kept_text_mib / costs.tokenize_mb_per_s / hour) if train_tokenizer else 0.0, 0.0, 0.0),
         "tokenize": (volume.text_mib / costs.tokenize_mb_per_s / hour, volume.tokens * 4 / MIB * gib, volume.text_mib * gib),
         "pack": (tokens_mib / costs.pack_mb_per_s / hour, 0.0, tokens_mib * gib),

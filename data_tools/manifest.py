@@ -37,6 +37,16 @@ STARTS_EXT = "starts.npy"  # the member beside `<key>.npy` with each row's docum
 STARTS_DTYPE = np.dtype("<i4")
 
 
+MIN_SHARD_DIGITS = 5  # shard-00000.tar: a job of up to 100,000 shards keeps the names it always had
+
+
+def shard_stem(index: int, n_shards: int) -> str:
+    """`00042` of `shard-00042.tar`: zero-padded to the widest index of the split's `n_shards` (at least 5 digits), so
+    names sort in shard order past 99,999 shards too. Readers never parse it: the manifest lists every shard's path,
+    so splits written with 5-digit names past 99,999 load as before."""
+    return f"{index:0{max(MIN_SHARD_DIGITS, len(str(n_shards - 1)))}d}"
+
+
 class ManifestError(DataError):
     """A manifest or shard that does not match the contract; the message is one line."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.manifest import STARTS_EXT, ShardInfo, doc_starts_array
+from data_tools.manifest import STARTS_EXT, ShardInfo, doc_starts_array, shard_stem
 from data_tools.shards import json_bytes, npy_bytes, write_tar
 from data_tools.taskfiles import TaskArrays
 
@@ -118,17 +118,16 @@ def shard_count(n_rows: int, rows_per_shard: int) -> int:
     return -(-n_rows // rows_per_shard)
 
 
-def write_shard(block: Rows, out_dir: Path, index: int, dtype: str, rows_per_sample: int) -> ShardInfo:
-    """Write `shard-NNNNN.tar`: `rows_per_sample`-row blocks with their doc starts (an array the trainer
-    reads, and lists in the metadata) and source counts."""
-    samples = []
+def write_shard(block: Rows, out_dir: Path, index: int, dtype: str, rows_per_sample: int, n_shards: int = 1) -> ShardInfo:
+    """Write `shard-NNNNN.tar` (as wide as the split's `n_shards` needs): `rows_per_sample`-row blocks with their doc
+    starts (an array the trainer reads, and lists in the metadata) and source counts."""
+    samples, stem = [], shard_stem(index, n_shards)
     for sample, first in enumerate(range(0, len(block), rows_per_sample)):
         part = block.take(slice(first, first + rows_per_sample))
         meta = {"doc_starts": part.doc_starts, "sources": dict(sorted(Counter(part.sources).items()))}
         members = {"npy": npy_bytes(part.tokens.astype(dtype)), STARTS_EXT: npy_bytes(doc_starts_array(part.doc_starts)),
                    "json": json_bytes(meta)}  # metadata last: a reader has the arrays when it sees it
-        samples.append((f"{index:05d}-{sample:05d}", members))
-    name = f"shard-{index:05d}.tar"
+        samples.append((f"{stem}-{sample:05d}", members))
+    name = f"shard-{stem}.tar"
     size, sha = write_tar(out_dir / name, samples)
     return ShardInfo(name, len(block), int(block.tokens.size), size, sha)
-

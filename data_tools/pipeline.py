@@ -2,7 +2,7 @@
 
     extract   (one task per input range)      read → extract → lang → quality → PII → signatures, band hashes
     bucket    (one per band × hash range)     candidate duplicate pairs of one bucket, confirmed from signatures
-    cluster   (once; O(duplicates))           connected components of the pairs: all but each first are dropped
+    cluster   (once; one shard at a time)     connected components of the pairs: all but each first are dropped
     tokenizer (once)                          load the given tokenizer, or train BPE on the corpus
     tokenize  (one task per input range)      drop duplicates, document shards, token streams, valid split
     pack      (one task per input range)      the token shards this task owns, rows read by memory map
@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,8 @@ PER_TASK_STAGES = ("extract", "bucket", "tokenize", "pack")  # the others run on
 BASE_MB = 100  # a task process before its data: the interpreter, numpy, tokenizers, the language model
 REPORT_MB = 150  # torch, imported by the manifest step's tensorboard writer
 TEXT_BYTES_PER_TOKEN = 4  # cleaned text per token, for the rows the pack estimate assumes
+MARKER_BYTES = 2048  # one pack task's marker as Python objects in the manifest step
+SHARD_ENTRY_BYTES = 1024  # one shard's ShardInfo and its JSON in manifest.json
 TEXT_BYTES_PER_DOC = 4096  # cleaned text of a document, whatever its input kind (a WARC record is mostly markup)
 Progress = Callable[[int], None]
 
@@ -78,26 +81,31 @@ class Plan:
 
 
 def expected_peak_mb(plan: Plan) -> dict[str, int]:
-    """Peak memory of one task of each stage from the knobs (README, "Memory"); none grows with the corpus
-    except bucket (÷ buckets_per_band) and cluster (duplicate pairs), which the knobs scale out."""
-    from data_tools.dedup import PAIR_BATCH
-
+    """Peak memory of one task of each stage from the knobs (README, "Memory"); none grows with the corpus:
+    bucket follows docs / buckets_per_band, cluster the documents of tasks_per_cluster_shard tasks."""
+    from data_tools.dedup import CLUSTER_CHUNK, PAIR_BATCH
     from data_tools.listing import assumed_docs
 
     dedup, pack, mib = plan.config.dedup, plan.config.pack, 2**20
     perm = dedup.bands * dedup.rows_per_band
     # Documents of a task of --task-mb by its input kind (listing.assumed_docs: ~30 KiB a WARC record, ~1.5 KiB a
     # compressed JSONL line); at most, as whole small files count as one task each and the filters drop none.
-    docs = sum(assumed_docs(Path(task["path"]).name, task["format"], plan.task_mb) for task in plan.tasks)
+    task_docs = [assumed_docs(Path(task["path"]).name, task["format"], plan.task_mb) for task in plan.tasks]
+    docs = sum(task_docs)
+    shard = dedup.tasks_per_cluster_shard
+    shard_docs = max((sum(task_docs[i : i + shard]) for i in range(0, len(task_docs), shard)), default=0)
     rows = docs * TEXT_BYTES_PER_DOC / TEXT_BYTES_PER_TOKEN / plan.seq_len
     estimates = {
         "extract": 2 * plan.task_mb,  # one document at a time, signatures of the task
         "bucket": docs / dedup.buckets_per_band * 48 / mib + PAIR_BATCH * perm * 8 / mib,
-        "cluster": docs * 0.5 * 64 / mib,  # if half the documents were duplicates
+        # a shard's pairs (if half its documents were duplicates) both ways and sorted, a label, component and flag
+        # for each of its documents, and one chunk of pairs being added
+        "cluster": shard_docs * (0.5 * 64 + 24) / mib + CLUSTER_CHUNK * 16 * 4 / mib,
         "tokenizer": 0.0,
         "tokenize": 3 * plan.task_mb,  # the task's token streams
         "pack": (pack.rows_per_shard * plan.seq_len * 8 + rows / pack.shuffle_chunk * 24 + pack.shuffle_window * 16) / mib,
-        "manifest": REPORT_MB + docs * 24 / mib,  # the document-length histograms of the report
+        # every pack task's marker and every shard's entry in the manifest; the other markers are read one at a time
+        "manifest": REPORT_MB + (len(task_docs) * MARKER_BYTES + rows / pack.rows_per_shard * SHARD_ENTRY_BYTES) / mib,
     }
     return {stage: BASE_MB + round(estimates[stage]) for stage in STAGES}
 
@@ -195,7 +203,7 @@ class Job:
     # ----------------------------------------------------------------- stage: extract
 
     def run_extract(self, index: int, progress: Progress = lambda n: None) -> None:
-        from data_tools.dedup import SIGNATURE_DTYPE, DedupSignatures, band_hashes
+        from data_tools.dedup import SIGNATURE_DTYPE, DedupSignatures, band_hashes, language_keys
         from data_tools.extract import ExtractText
         from data_tools.lang import LanguageFilter
         from data_tools.pii import MaskPII
@@ -223,12 +231,13 @@ class Job:
         out_dir = self.work / "extract"
         out_dir.mkdir(parents=True, exist_ok=True)
         name = self.task_name(index)
-        exact, signatures = [], []
+        exact, signatures, langs = [], [], []
 
         def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
             for n, doc in enumerate(docs):
                 exact.append(np.frombuffer(doc.meta.pop("exact"), dtype=np.uint8))
                 signatures.append(doc.meta.pop("minhash"))
+                langs.append(doc.lang)
                 meta = {"id": doc.id, "url": doc.url, "source": doc.source, "lang": doc.lang, **doc.meta}
                 if n % 64 == 63:
                     progress(64)
@@ -241,7 +250,7 @@ class Job:
         minhash = np.array(signatures, dtype=SIGNATURE_DTYPE).reshape(-1, n_perm)
         save_npy(out_dir / f"{name}.exact.npy", exact)
         save_npy(out_dir / f"{name}.minhash.npy", minhash)
-        save_npy(out_dir / f"{name}.bands.npy", band_hashes(exact, minhash, config.dedup))
+        save_npy(out_dir / f"{name}.bands.npy", band_hashes(exact, minhash, language_keys(langs), config.dedup))
         stages = {"read": read_stats.to_dict(), **{s.name: s.stats.to_dict() for s in steps}}
         _write_json(self.marker("extract", index), {"task": item, "docs": len(exact), "stages": stages})
 
@@ -273,7 +282,7 @@ class Job:
         _write_json(self.marker("bucket", index), {"pairs": len(pairs), "seconds": round(time.perf_counter() - start, 3)})
 
     def run_cluster(self) -> None:
-        from data_tools.dedup import count_stats, dropped_per_task, duplicates
+        from data_tools.dedup import cluster_duplicates
 
         config = self.plan.config.dedup
         offsets = self.doc_offsets()
@@ -281,13 +290,10 @@ class Job:
         out_dir.mkdir(parents=True, exist_ok=True)
         stats = StageStats()
         start = time.perf_counter()
-        pairs: dict[bool, list[np.ndarray]] = {True: [np.empty((0, 2), np.int64)], False: [np.empty((0, 2), np.int64)]}
-        for index in range(self.task_count("bucket")):
-            is_exact = index // config.buckets_per_band == config.bands
-            pairs[is_exact].append(np.load(self.work / "buckets" / f"{self.task_name(index)}.npy"))
-        exact, near = duplicates(np.concatenate(pairs[True]), np.concatenate(pairs[False]))
-        count_stats(stats, int(offsets[-1]), exact, near)
-        for index, dropped in enumerate(dropped_per_task(np.sort(np.concatenate([exact, near])), offsets)):
+        buckets = range(self.task_count("bucket"))
+        pairs = ((i // config.buckets_per_band == config.bands, load_npy(self.work / "buckets" / f"{self.task_name(i)}.npy"))
+                 for i in buckets)  # (exact?, memory-mapped pairs) of each bucket task
+        for index, dropped in enumerate(cluster_duplicates(self.work / "cluster", offsets, config, pairs, stats)):
             save_npy(out_dir / f"{self.task_name(index)}.npy", dropped)
         stats.seconds = time.perf_counter() - start
         _write_json(self.marker("cluster"), {"stages": {"dedup": stats.to_dict()}})
@@ -336,6 +342,7 @@ class Job:
     def run_tokenize(self, index: int, progress: Progress = lambda n: None, batch: int = 256) -> None:
         from tokenizers import Tokenizer
 
+        from data_tools.report import DocSummary
         from data_tools.tokenize import LoadedTokenizer, encode_documents
 
         info = self.tokenizer_info()
@@ -346,7 +353,7 @@ class Job:
         for folder in (docs_dir, out_dir):
             folder.mkdir(parents=True, exist_ok=True)
         streams: dict[str, tuple[list, list]] = {"train": ([], []), "valid": ([], [])}
-        char_lens, token_lens, langs = [], [], []
+        summary = DocSummary()
         stats = StageStats()
         start = time.perf_counter()
 
@@ -356,9 +363,7 @@ class Job:
             for (text, meta, split), end, length in zip(pending, ends, lengths):
                 streams[split][0].append(tokens[end - length : end])
                 streams[split][1].append(length)
-                char_lens.append(len(text))
-                token_lens.append(int(length))
-                langs.append(meta["lang"])
+            summary.add((len(text) for text, _, _ in pending), lengths, (meta["lang"] for _, meta, _ in pending))
             progress(len(pending))
 
         def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -384,12 +389,9 @@ class Job:
             save_npy(self.stream_file(index, split, "starts"), np.cumsum(lengths) - lengths)
             counts[split] = int(tokens.size)
             stats.events[f"{split}_tokens"] += counts[split]
-        report = dict(char_lens=np.asarray(char_lens, np.int64), token_lens=np.asarray(token_lens, np.int64),
-                      langs=np.asarray(langs, dtype=str))
-        np.savez(out_dir / f"{name}.tmp.npz", **report)
-        os.replace(out_dir / f"{name}.tmp.npz", out_dir / f"{name}.npz")
         stats.seconds = time.perf_counter() - start
-        _write_json(self.marker("tokenize", index), {"tokens": counts, "stages": {"tokenize": stats.to_dict()}})
+        _write_json(self.marker("tokenize", index),
+                    {"tokens": counts, "stages": {"tokenize": stats.to_dict()}, "docs": asdict(summary)})
 
     def stream_file(self, index: int, split: str, kind: str) -> Path:
         """Tokenize task `index`'s `split` tokens (uint32) or document start offsets in them (int64)."""
@@ -429,16 +431,17 @@ class Job:
             out_dir.mkdir(parents=True, exist_ok=True)
             seed = pack.seed + (split == "valid")
             written[split] = []
-            for shard in self.owned_shards(index, shard_count(stream.n_rows, pack.rows_per_shard)):
+            n_shards = shard_count(stream.n_rows, pack.rows_per_shard)
+            for shard in self.owned_shards(index, n_shards):
                 first, stop = shard * pack.rows_per_shard, min((shard + 1) * pack.rows_per_shard, stream.n_rows)
                 order = row_order(stream.n_rows, first, stop, pack.shuffle_window, pack.shuffle_chunk, seed)
-                info = write_shard(stream.rows(order), out_dir, shard, dtype, pack.rows_per_sample)
+                info = write_shard(stream.rows(order), out_dir, shard, dtype, pack.rows_per_sample, n_shards)
                 written[split].append(asdict(info))
                 progress(len(order))
         _write_json(self.marker("pack", index), {"shards": written, "seconds": round(time.perf_counter() - start, 3)})
 
     def run_manifest(self) -> None:
-        from data_tools.report import write_tensorboard
+        from data_tools.report import DocSummary, write_tensorboard
 
         plan, pack = self.plan, self.plan.config.pack
         info = self.tokenizer_info()
@@ -463,17 +466,20 @@ class Job:
             if not shards:
                 log.warning("%s split has no complete row of %d tokens; add data or lower --seq-len", split, plan.seq_len)
         _write_json(self.out / "stats.json", stats)
-        write_tensorboard(self.out, stats, [self.work / "tokens" / f"{self.task_name(i)}.npz" for i in range(len(plan.tasks))])
+        docs = DocSummary()
+        for index in range(len(plan.tasks)):
+            docs.merge(DocSummary.from_dict(self.read_marker("tokenize", index)["docs"]))
+        write_tensorboard(self.out, stats, docs)
         _write_json(self.marker("manifest"), {"stats": stats["pack"]})
 
     def collect_stats(self) -> dict:
         """Stage counters summed over tasks, in pipeline order, plus job-level totals."""
         n_tasks = range(len(self.plan.tasks))
-        stages = merge_stage_stats(
-            [self.read_marker("extract", i)["stages"] for i in n_tasks]
-            + [self.read_marker("cluster")["stages"]]
-            + [self.read_marker("tokenize", i)["stages"] for i in n_tasks]
-        )
+        stages = merge_stage_stats(chain(  # one marker at a time: memory does not grow with the tasks
+            (self.read_marker("extract", i)["stages"] for i in n_tasks),
+            [self.read_marker("cluster")["stages"]],
+            (self.read_marker("tokenize", i)["stages"] for i in n_tasks),
+        ))
         return {
             "stages": {name: s.to_dict() for name, s in stages.items()},
             "tokenizer": self.read_marker("tokenizer")["tokenizer"],

@@ -43,6 +43,15 @@ class TrainerState:
     nan_skips: int = 0
     config: dict = field(default_factory=dict)
     best: dict | None = None  # the best-metric tracker's state (trainer.early_stop), so patience resumes exactly
+    sources: dict = field(default_factory=dict)  # a mixture's rows and epoch per source (trainer.mixture), checked on resume
+    doc_attention: bool | None = None  # rows attended per document (data.doc_attention as resolved); None: not recorded
+
+    def trained_doc_attention(self) -> bool | None:
+        """Whether the run trained with document attention: as recorded, else (older checkpoints) as its config
+        set it explicitly; None when neither says. A resume must keep it: the model learnt one kind of attention."""
+        if self.doc_attention is not None:
+            return self.doc_attention
+        return self.config.get("data", {}).get("doc_attention")
 
 
 def tag(step: int) -> str:

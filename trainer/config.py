@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from data_tools.common import ConfigError, from_dict, read_yaml
+from trainer.mixture_weights import WeightSchedule, check_total_weight
 
 log = logging.getLogger("trainer")
 
@@ -79,8 +80,21 @@ class DataSource:
 
 
 @dataclass
+class MixtureSource:
+    """One source of a weighted mixture (`data.sources`, trainer.mixture): its splits and its weight over the run."""
+
+    name: str = ""  # in metrics: data/<name>/rows, eval/<name>/loss
+    train: str = ""  # a manifest.json or its directory
+    valid: str | None = None  # scored as eval/<name>/loss
+    weight: float | list[list[float]] = 1.0  # a number, or [[step, weight], …]: linear between the steps, flat outside
+    exhaust: Literal["wrap", "stop"] = "wrap"  # out of rows: its next epoch (reshuffled), or end the run at a checkpoint
+
+
+@dataclass
 class DataConfig:
     train: str | list[DataSource] = ""
+    # instead of data.train: a weighted mixture, each batch holding each source's share exactly (trainer.mixture)
+    sources: list[MixtureSource] = field(default_factory=list)
     # a manifest (eval/loss), or name → manifest: one loss per validation source (eval/<name>/loss)
     valid: str | dict[str, str] | None = None
     lanes: int = 8  # fixed for a run: world_size and global_batch must divide by it (ARCHITECTURE.md, "Contracts: lanes")
@@ -91,19 +105,25 @@ class DataConfig:
     # packed rows (causal_lm, mlm): attend within each document and restart positions at its start;
     # None: on when every split records document starts (format 2), off otherwise
     doc_attention: bool | None = None
+    # sequence-length warmup (trainer.seq_len_schedule): [[step, seq_len], …] from [0, …], ascending, each length a divisor
+    # of the shards' seq_len; shorter rows are cut from the same rows, tokens per step unchanged; unset: the shards' rows
+    seq_len_schedule: list[list[int]] | None = None
 
-    def sources(self) -> list[DataSource]:
+    def train_sources(self) -> list[DataSource]:
+        """The train manifests, in order: data.train's, or data.sources' (their weights live in data.sources)."""
+        if self.sources:
+            return [DataSource(s.train, name=s.name) for s in self.sources]
         return [DataSource(self.train)] if isinstance(self.train, str) else self.train
 
     def has_valid(self) -> bool:
-        """Whether the run evaluates: a data.valid split, or (multitask) a `valid:` on some source."""
-        return bool(self.valid or any(s.valid for s in self.sources()))
+        """Whether the run evaluates: a data.valid split, or a `valid:` on some source."""
+        return bool(self.valid_sources() or any(s.valid for s in self.train_sources()))
 
     def valid_sources(self) -> dict[str, str]:
-        """data.valid as name → manifest; the name "" stands for a single data.valid (logged as eval/loss)."""
-        if isinstance(self.valid, dict):
-            return dict(self.valid)
-        return {"": self.valid} if self.valid else {}
+        """data.valid as name → manifest, and each data.sources' valid under its name; the name "" stands for a
+        single data.valid (logged as eval/loss)."""
+        named = dict(self.valid) if isinstance(self.valid, dict) else {"": self.valid} if self.valid else {}
+        return {**named, **{s.name: s.valid for s in self.sources if s.valid}}
 
 
 @dataclass
@@ -374,14 +394,16 @@ def _check(config: Config, where: str) -> None:
         if config.train.async_checkpoint:  # checked on DeepSpeed 0.19.8: the decoupled writer cannot pickle ZeRO's state
             raise ConfigError(f"{where}: 'train.async_checkpoint' needs engine.type fsdp2: DeepSpeed's decoupled checkpoint "
                               "writer (checkpoint.writer.decoupled) fails on ZeRO optimizer state; set it to false")
-    if not config.data.sources() or not config.data.sources()[0].path:
+    if config.data.sources:
+        _check_mixture(config, where)
+    if not config.data.train_sources() or not config.data.train_sources()[0].path:
         raise ConfigError(f"{where}: 'data.train' is empty; give a manifest from `python -m data_tools prepare`")
     for name in config.data.valid if isinstance(config.data.valid, dict) else ():
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
             raise ConfigError(f"{where}: 'data.valid' source name {name!r} is not a plain word (letters, digits, _ -)")
     if config.task.type == "multitask":
         _check_multitask(config, where)
-    elif (given := next((i for i, s in enumerate(config.data.sources()) if s.valid), None)) is not None:
+    elif (given := next((i for i, s in enumerate(config.data.train_sources()) if s.valid), None)) is not None:
         raise ConfigError(f"{where}: 'data.train[{given}].valid' is for task.type multitask only; use data.valid")
 
 
@@ -403,3 +425,31 @@ def _check_multitask(config: Config, where: str) -> None:
             raise ConfigError(f"{where}: 'data.train[{i}].name' {source.name!r} is empty, repeated or not a plain word "
                               "(letters, digits, _ -); give each source a distinct name")
         names.add(source.name)
+
+
+def _check_mixture(config: Config, where: str) -> None:
+    """`data.sources`: plain, distinct names (they become metric paths), a train split each, weights that
+    are schedules (trainer.mixture_weights) never all zero at one step."""
+    data = config.data
+    if data.train:
+        raise ConfigError(f"{where}: 'data.train' and 'data.sources' are both set; give the mixture's splits in data.sources")
+    if config.task.type == "multitask":
+        raise ConfigError(f"{where}: task.type multitask reads 'data.train' as a list of sources (a head each), "
+                          "not data.sources; move them to data.train")
+    named_valid = set(data.valid) if isinstance(data.valid, dict) else set()
+    schedules: dict[str, WeightSchedule] = {}
+    for i, source in enumerate(data.sources):
+        key = f"data.sources[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", source.name) or source.name in schedules:
+            raise ConfigError(f"{where}: '{key}.name' {source.name!r} is empty, repeated or not a plain word "
+                              "(letters, digits, _ -); give each source a distinct name")
+        if not source.train:
+            raise ConfigError(f"{where}: '{key}.train' is empty; give a manifest from `python -m data_tools prepare`")
+        if source.valid and source.name in named_valid:
+            raise ConfigError(f"{where}: '{key}.valid' and 'data.valid.{source.name}' both name eval/{source.name}; "
+                              "keep one")
+        try:
+            schedules[source.name] = WeightSchedule.parse(source.weight, f"{key}.weight")
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    check_total_weight(schedules, where)

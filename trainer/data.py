@@ -28,7 +28,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import BinaryIO
+from typing import BinaryIO, Self
 from dataclasses import dataclass, replace
 from itertools import accumulate, count
 from pathlib import Path
@@ -41,7 +41,10 @@ from data_tools.manifest import (
     STARTS_DTYPE, Manifest, ManifestError, ShardIndex, index_shard, load_manifest, open_shard, verify_shard,
 )
 
-__all__ = ["DataError", "Lane", "LanesLoader", "RowRange", "Source", "batch_digest", "deal_rows", "doc_positions", "lane_shares"]
+__all__ = [
+    "BatchStream", "DataError", "Lane", "LanesLoader", "RowRange", "Source", "batch_digest", "deal_rows", "doc_positions",
+    "lane_shares",
+]
 
 log = logging.getLogger("trainer.data")
 
@@ -156,6 +159,28 @@ def _load_corpus(source: Source) -> _Corpus:
     if not source.weight > 0:
         raise DataError(f"{manifest.directory}: weight {source.weight}; a source's weight must be positive")
     return _Corpus(manifest.directory, manifest, float(source.weight))
+
+
+def open_corpora(sources: Sequence[Source], on_corrupt: str, verify: bool, rank: int,
+                 doc_positions: bool) -> tuple[list[_Corpus], bool]:
+    """The sources' corpora as a loader reads them, and whether shards still need verifying before use
+    (not after `on_corrupt: skip`, which verified every shard just now)."""
+    if not sources:
+        raise DataError("data.train: no sources; give a manifest from `python -m data_tools prepare`")
+    if on_corrupt not in ("stop", "skip"):
+        raise DataError(f"data.on_corrupt {on_corrupt!r}: use stop or skip")
+    corpora = [_load_corpus(s) for s in sources]
+    if on_corrupt == "skip":
+        corpora, verify = [_without_corrupt_shards(c, rank) for c in corpora], False
+    if doc_positions and (old := next((c for c in corpora if not c.manifest.has_doc_starts), None)):
+        raise DataError(f"{old.directory}: format_version {old.manifest.format_version} rows without document starts; "
+                        "prepare the data again with this dstrain, or read them without document positions")
+    return corpora, verify
+
+
+def row_shape(manifest: Manifest, doc_positions: bool) -> tuple[int, ...]:
+    """The shape of one row a loader yields: [2, seq_len] with document positions, else the shard's rows'."""
+    return (2, manifest.seq_len) if doc_positions else manifest.row_shape
 
 
 def _without_corrupt_shards(corpus: _Corpus, rank: int) -> _Corpus:
@@ -318,7 +343,39 @@ class _Prefetch(Iterator[np.ndarray]):
         self._thread.join()
 
 
-class LanesLoader:
+class BatchStream:
+    """What every loader shares: its batches come from `_produce` in a prefetch thread, one stream at a time.
+
+    Calling `batches` again (a resume, a restart after an error) closes the previous stream first.
+    """
+
+    prefetch: int
+    _stream: _Prefetch | None = None
+
+    def _produce(self, start_step: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def batches(self, start_step: int) -> Iterator[np.ndarray]:
+        """This rank's rows for steps start_step, start_step + 1, …: int64 [rows_per_rank, *row_shape]."""
+        if start_step < 0:
+            raise DataError(f"start_step {start_step}: must be >= 0")
+        self.close()
+        self._stream = _Prefetch(lambda: self._produce(start_step), self.prefetch)
+        return self._stream
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LanesLoader(BatchStream):
     """This rank's batches of the run's global batch sequence; see the module docstring for the contract.
 
     `plan` lists every lane (index, source, row ranges) and `local_lanes` this rank's, in the order
@@ -343,25 +400,15 @@ class LanesLoader:
         doc_positions: bool = False,
     ):
         _check_layout(global_batch, lanes, seed, rank, world_size, prefetch)
-        if not sources:
-            raise DataError("data.train: no sources; give a manifest from `python -m data_tools prepare`")
-        if on_corrupt not in ("stop", "skip"):
-            raise DataError(f"data.on_corrupt {on_corrupt!r}: use stop or skip")
-        self.corpora = [_load_corpus(s) for s in sources]
-        if on_corrupt == "skip":
-            self.corpora, verify = [_without_corrupt_shards(c, rank) for c in self.corpora], False  # verified just now
-        if doc_positions and (old := next((c for c in self.corpora if not c.manifest.has_doc_starts), None)):
-            raise DataError(f"{old.directory}: format_version {old.manifest.format_version} rows without document starts; "
-                            "prepare the data again with this dstrain, or read them without document positions")
+        self.corpora, verify = open_corpora(sources, on_corrupt, verify, rank, doc_positions)
         self.global_batch, self.lanes, self.seed, self.doc_positions = global_batch, lanes, seed, doc_positions
-        self.row_shape = (2, self.corpora[0].manifest.seq_len) if doc_positions else self.corpora[0].manifest.row_shape
+        self.row_shape = row_shape(self.corpora[0].manifest, doc_positions)
         self.rank, self.world_size, self.prefetch, self.verify = rank, world_size, prefetch, verify
         self.rows_per_lane = global_batch // lanes  # k: rows each lane gives every step
         self.rows_per_rank = global_batch // world_size
         self.plan = _plan_lanes(self.corpora, lanes)
         self.local_lanes = self.plan[rank::world_size]
         self._shards: dict[tuple[int, int], ShardIndex] | None = None
-        self._stream: _Prefetch | None = None
 
     def fingerprint(self) -> str:
         """What fixes the batch sequence (shard checksums, weights, seed, batch, lanes), not world size."""
@@ -372,17 +419,6 @@ class LanesLoader:
             "lanes": self.lanes,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-    def batches(self, start_step: int) -> Iterator[np.ndarray]:
-        """This rank's rows for steps start_step, start_step + 1, …: int64 [rows_per_rank, *row_shape].
-
-        Calling it again (a resume, a restart after an error) closes the previous stream first.
-        """
-        if start_step < 0:
-            raise DataError(f"start_step {start_step}: must be >= 0")
-        self.close()
-        self._stream = _Prefetch(lambda: self._produce(start_step), self.prefetch)
-        return self._stream
 
     def row_sources(self) -> np.ndarray:
         """The source index of each of this rank's rows, the same in every batch: lane i of `local_lanes`
@@ -406,16 +442,17 @@ class LanesLoader:
             digests[lane.index] = xxhash.xxh3_64_intdigest(np.ascontiguousarray(rows[i * k : (i + 1) * k], "<i8"))
         return digests.view(np.int64)
 
-    def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+    def end_step(self, start: int, steps: int) -> int:
+        """The step a run at `start` ends at: lanes wrap every source, so `steps` (a mixture may stop earlier)."""
+        return steps
 
-    def __enter__(self) -> LanesLoader:
-        return self
+    def source_state(self, step: int) -> dict:
+        """Per-source counts for the checkpoint: none, a lane's position is step × k (a mixture has some)."""
+        return {}
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def source_record(self, step: int) -> dict[str, float]:
+        """Per-source metrics: none, each source's share is its fixed share of lanes (a mixture logs some)."""
+        return {}
 
     def _produce(self, start_step: int) -> Iterator[np.ndarray]:
         """Runs in the prefetch thread: the batches from `start_step` on, every lane at row step * k."""
@@ -467,6 +504,15 @@ def _check_layout(global_batch: int, lanes: int, seed: int, rank: int, world_siz
             f"train.global_batch {global_batch} is not a multiple of data.lanes {lanes}; "
             "each lane gives global_batch / lanes rows per step"
         )
+    check_ranks(global_batch, seed, rank, world_size, prefetch)
+
+
+def check_ranks(global_batch: int, seed: int, rank: int, world_size: int, prefetch: int) -> None:
+    """What every loader needs of its layout, whatever deals the rows."""
+    if global_batch < 1 or world_size < 1 or prefetch < 1:
+        raise DataError(f"global_batch {global_batch}, world size {world_size}, prefetch {prefetch}: all must be >= 1")
+    if global_batch % world_size:
+        raise DataError(f"train.global_batch {global_batch} is not a multiple of the world size {world_size}")
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank}: outside 0..{world_size - 1}")
     if seed < 0:

@@ -23,6 +23,7 @@ from data_tools.common import ConfigError
 from data_tools.manifest import Manifest
 from trainer import distributed
 from trainer.config import Config
+from trainer.document_attention import attend_within_documents
 from trainer.downstream import Scorer, load_task, positions, score
 from trainer.export import read_configs, resolve_checkpoint
 from trainer.model_files import load_model
@@ -118,6 +119,8 @@ def _run_parts(config, tokenizer, model) -> list[tuple[str, Task]]:
     distributed.init(config.train.collective_timeout_s)
     manifests = read_manifests(config)
     ctx = task_context(config, manifests, tokenizer, model)
+    if ctx.doc_attention:
+        attend_within_documents(model)
     return validation_parts(build_task(ctx), ctx, manifests.named_valid)
 
 

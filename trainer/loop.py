@@ -29,15 +29,18 @@ from trainer import distributed
 from trainer.adapt import adapt
 from trainer.checkpoint import Checkpoints, TrainerState, rng_state, set_rng_state, tag
 from trainer.config import Config, ConfigError
-from trainer.data import LanesLoader, Source, batch_digest
+from trainer.data import LanesLoader, batch_digest
 from trainer.distill import objective
+from trainer.document_attention import attend_within_documents
 from trainer.early_stop import BestMetric
 from trainer.engines import Engine, build_engine
 from trainer.evaluate import Evaluator, validation_parts
 from trainer.metrics import TRAIN_TAGS, Metrics, peak_flops, peak_memory_gb
+from trainer.mixture import MixtureLoader, build_loader
 from trainer.downstream import positions
 from trainer.models import base_model, build_model, flops_per_token
 from trainer.plan import check_memory
+from trainer.seq_len_schedule import SeqLenSchedule, seq_len_schedule
 from trainer.tasks import DATA_TASK, Task, TaskContext, build_task, doc_attention, model_vocab_size
 
 log = logging.getLogger("trainer")
@@ -70,24 +73,25 @@ class RunManifests(NamedTuple):
 def read_manifests(config: Config) -> RunManifests:
     """The run's manifests, checked to agree with each other and with `task.type`. A multi-task run's
     sources may differ in task and labels (a head each); each is checked against its own valid split."""
-    sources = [load_manifest(s.path) for s in config.data.sources()]
+    sources = [load_manifest(s.path) for s in config.data.train_sources()]
     source_valid: list[Manifest | None] = []
     first, accepted = sources[0], DATA_TASK[config.task.type]
     multitask = config.task.type == "multitask"
-    for i, (source, manifest) in enumerate(zip(config.data.sources(), sources)):
+    for i, (source, manifest) in enumerate(zip(config.data.train_sources(), sources)):
+        key = f"data.sources[{i}].train" if config.data.sources else "data.train"
         if manifest.task not in accepted:
             made_by = f"prepare-finetune --task {manifest.task}" if manifest.task else "data_tools prepare (packed tokens)"
             needs = " or ".join(f"prepare-finetune --task {wanted}" if wanted else "data_tools prepare" for wanted in accepted)
-            raise ConfigError(f"data.train {source.path}: made by {made_by}, but task.type {config.task.type} "
+            raise ConfigError(f"{key} {source.path}: made by {made_by}, but task.type {config.task.type} "
                               f"reads data from {needs}")
         if (manifest.seq_len, manifest.tokenizer.sha256, manifest.row_shape) != (first.seq_len, first.tokenizer.sha256,
                                                                                 first.row_shape):
             raise ConfigError(
-                f"data.train {source.path}: seq_len {manifest.seq_len} / tokenizer {manifest.tokenizer.name} differ from "
+                f"{key} {source.path}: seq_len {manifest.seq_len} / tokenizer {manifest.tokenizer.name} differ from "
                 f"the first source's {first.seq_len} / {first.tokenizer.name}; a mixture needs one tokenizer and seq_len"
             )
         if not multitask and manifest.labels != first.labels:
-            raise ConfigError(f"data.train {source.path}: labels {manifest.labels} differ from the first source's {first.labels}")
+            raise ConfigError(f"{key} {source.path}: labels {manifest.labels} differ from the first source's {first.labels}")
         source_valid.append(load_manifest(source.valid) if source.valid else None)
         if source_valid[-1]:
             check_valid(f"data.train[{i}].valid {source.valid}", source_valid[-1], manifest)
@@ -189,7 +193,7 @@ class Run:
     rank: int
     world: int
     engine: Engine
-    loader: LanesLoader
+    loader: LanesLoader | MixtureLoader
     task: Task
     evaluator: Evaluator
     loss_of: Callable
@@ -201,8 +205,9 @@ class Run:
     progress: Progress
     steps_total: int
     accum: int
-    flops_per_token: float
+    flops_per_token: dict[int, float]  # by row length: the attention term grows with it
     peak_flops: float | None
+    seq_lens: SeqLenSchedule  # each step's row length (data.seq_len_schedule)
 
     def due(self, every: int) -> bool:
         """A periodic event falls on this step: every `every` steps, and always on the last one."""
@@ -222,6 +227,7 @@ def set_up(config: Config, resume_from: str) -> Run:
     tokenizer_file = data_dir / tok.path  # copied into each checkpoint
     tokenizer = Tokenizer.from_str(tokenizer_file.read_text())
     steps_total = total_steps(config, data.seq_len)
+    seq_lens = seq_len_schedule(config, data.seq_len)
     check_memory(config, world, tok.vocab_size, data.seq_len)  # refuse what cannot fit before building any of it
 
     checkpoints = Checkpoints(config.run_dir / "checkpoints")
@@ -235,6 +241,12 @@ def set_up(config: Config, resume_from: str) -> Run:
             "use a new run.name or the old model settings"
         )
     ctx = task_context(config, manifests, tokenizer, model)
+    if state and state.trained_doc_attention() not in (None, ctx.doc_attention):
+        trained = str(state.trained_doc_attention()).lower()
+        raise CheckpointError(f"{checkpoints.root / resume}: trained with data.doc_attention {trained}, this run resolves it to "
+                              f"{str(ctx.doc_attention).lower()}; set data.doc_attention={trained} or use a new run.name")
+    if ctx.doc_attention:
+        attend_within_documents(model)  # SDPA per document span, not a dense mask (trainer.document_attention)
     task = build_task(ctx)
     parts = validation_parts(task, ctx, manifests.named_valid)
     evaluator = Evaluator(config, tokenizer, tok.eos_id, positions(model.config), parts)
@@ -251,19 +263,13 @@ def set_up(config: Config, resume_from: str) -> Run:
             if rank == 0:
                 checkpoints.rewind(resume)
 
-    loader = LanesLoader(
-        [Source(manifest, s.weight) for manifest, s in zip(manifests.train, config.data.sources())],
-        global_batch=config.train.global_batch, lanes=config.data.lanes, seed=config.run.seed, rank=engine.data_rank,
-        world_size=engine.data_world, prefetch=config.data.prefetch, verify=config.data.verify, on_corrupt=config.data.on_corrupt,
-        doc_positions=ctx.doc_attention,
-    )
+    loader = build_loader(config, manifests.train, engine.data_rank, engine.data_world, ctx.doc_attention)
     if config.task.type == "multitask":
         task.route(loader.row_sources())
-    if state and state.data_fingerprint != loader.fingerprint():
-        raise CheckpointError(
-            f"{checkpoints.root / resume}: written for other data, seed, global batch or lanes (fingerprint "
-            f"{state.data_fingerprint[:12]}…, now {loader.fingerprint()[:12]}…); use a new run.name"
-        )
+    if state:
+        check_data(checkpoints.root / resume, state, loader)
+    # a source with `exhaust: stop` may end the run early; the engine's LR schedule keeps the planned length
+    steps_total = loader.end_step(progress.step, steps_total)
     config_text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     if rank == 0:
         config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -272,11 +278,26 @@ def set_up(config: Config, resume_from: str) -> Run:
     saver = Saver(engine, checkpoints, config, loader, data_dir, tokenizer_file, world, rank)
     if rank == 0:
         engine_name = f"ZeRO-{config.engine.zero_stage}" if config.engine.type == "deepspeed" else "FSDP2"
-        log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s%s", config.task.type,
+        log.info("%s: %d steps, %d processes × %d micro-batches of %d rows × %d tokens, %s, %s%s%s", config.task.type,
                  steps_total, world, accum, config.train.micro_batch, data.seq_len, engine_name, config.precision,
-                 ", attention within documents" if ctx.doc_attention else "")
+                 ", attention within documents" if ctx.doc_attention else "",
+                 f", {seq_lens.describe()}" if config.data.seq_len_schedule else "")
     return Run(config, rank, world, engine, loader, task, evaluator, loss_of, checkpoints, saver, metrics, StopSignal(), best,
-               progress, steps_total, accum, flops_per_token(engine.module, data.seq_len), peak_flops(config.metrics.peak_tflops))
+               progress, steps_total, accum, {s: flops_per_token(engine.module, s) for s in seq_lens.lengths},
+               peak_flops(config.metrics.peak_tflops), seq_lens)
+
+
+def check_data(checkpoint: Path, state: TrainerState, loader: LanesLoader | MixtureLoader) -> None:
+    """A checkpoint continues only the batch sequence it was written for: the same fingerprint and, for a
+    mixture, the rows per source that the mixture gives at its step."""
+    if state.data_fingerprint != loader.fingerprint():
+        raise CheckpointError(
+            f"{checkpoint}: written for other data, seed, global batch or lanes (fingerprint "
+            f"{state.data_fingerprint[:12]}…, now {loader.fingerprint()[:12]}…); use a new run.name"
+        )
+    if state.sources != loader.source_state(state.step):
+        raise CheckpointError(f"{checkpoint}: per-source rows {state.sources} differ from the "
+                              f"{loader.source_state(state.step)} the mixture gives at step {state.step}; use a new run.name")
 
 
 def resume_engine(config: Config, checkpoints: Checkpoints, resume: str, state: TrainerState, engine: Engine,
@@ -308,8 +329,8 @@ def train_step(run: Run, rows: np.ndarray) -> float | None:
     that an engine that owns the micro-batch schedule (pipeline parallel) can replace it.
     """
     config, engine, progress = run.config, run.engine, run.progress
-    micro_batch = config.train.micro_batch
-    batch = torch.from_numpy(rows).to(distributed.device())
+    batch = run.seq_lens.cut(torch.from_numpy(rows).to(distributed.device()), progress.step)
+    micro_batch = len(batch) // run.accum  # train.micro_batch rows, or S/s times as many cut rows of the same tokens
     poisoned = progress.step + 1 in config.debug.nan_at_steps  # micro-batch 0's loss made NaN
     if engine.pipelined:  # the engine's schedule runs all micro-batches (trainer.parallel.pipeline)
         step_loss, non_finite = engine.forward_backward(run.task.inputs(batch, progress.step, train=True), poisoned)
@@ -378,11 +399,13 @@ def log_window(run: Run, window: Window, rows: np.ndarray) -> None:
         "loss": loss_sum / world, "lr": engine.lr, "grad_norm": engine.grad_norm, "tokens": run.progress.tokens.sum(),
         "tokens_per_s": window_tokens / window.time, "step_s": window.time / window.steps,
         "data_wait_frac": window.wait / window.time, "batch_digest": batch_digest(lane_digests.numpy()),
-        "peak_mem_gb": peak_memory_gb(), "nan_skips": run.progress.nan_skips,
+        "peak_mem_gb": peak_memory_gb(), "nan_skips": run.progress.nan_skips, "seq_len": run.seq_lens.at(run.progress.step - 1),
     }
+    sources = run.loader.source_record(run.progress.step)  # a mixture's rows, tokens, epoch and weight per source
+    record.update(sources)
     if run.peak_flops:
-        record["mfu"] = run.flops_per_token * record["tokens_per_s"] / (run.peak_flops * world)
-    run.metrics.log(run.progress.step, record, TRAIN_TAGS)
+        record["mfu"] = run.flops_per_token[record["seq_len"]] * record["tokens_per_s"] / (run.peak_flops * world)
+    run.metrics.log(run.progress.step, record, {**TRAIN_TAGS, **{key: key for key in sources}})
     log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %s | %.0f tok/s | %.2f s/step | data wait %.1f%%",
              run.progress.step, run.steps_total, record["loss"], record["lr"],
              "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}",
@@ -449,7 +472,7 @@ class Saver:
     for it first. A kill during the write leaves `latest` at the previous checkpoint.
     """
 
-    def __init__(self, engine, checkpoints: Checkpoints, config: Config, loader: LanesLoader, data_dir: Path,
+    def __init__(self, engine, checkpoints: Checkpoints, config: Config, loader: LanesLoader | MixtureLoader, data_dir: Path,
                  tokenizer_file: Path, world: int, rank: int) -> None:
         self.engine, self.checkpoints, self.config, self.loader = engine, checkpoints, config, loader
         self.data_dir, self.tokenizer_file, self.world, self.rank = data_dir, tokenizer_file, world, rank
@@ -500,7 +523,8 @@ class Saver:
     def _state(self, step: int, tokens: int, nan_skips: int, best: BestMetric) -> TrainerState:
         model = base_model(self.engine.module)
         return TrainerState(step, tokens, self.loader.fingerprint(), self.world, self.config.engine.type,
-                            self.config.engine.zero_stage, model_shape(model), nan_skips, self.config.to_dict(), best.state())
+                            self.config.engine.zero_stage, model_shape(model), nan_skips, self.config.to_dict(), best.state(),
+                            self.loader.source_state(step), doc_attention=self.loader.doc_positions)
 
     def _publish(self, staging: Path, state: TrainerState, is_best: bool, waited: float) -> None:
         checkpoints, config = self.checkpoints, self.config

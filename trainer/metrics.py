@@ -23,7 +23,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per de
 TRAIN_TAGS = {
     "loss": "train/loss", "lr": "train/lr", "tokens_per_s": "perf/tokens_per_s", "step_s": "perf/step_s",
     "data_wait_frac": "perf/data_wait_frac", "peak_mem_gb": "mem/peak_gb", "nan_skips": "train/nan_skips",
-    "grad_norm": "train/grad_norm", "mfu": "perf/mfu",
+    "grad_norm": "train/grad_norm", "mfu": "perf/mfu", "seq_len": "train/seq_len",
 }
 
 

@@ -114,7 +114,9 @@ def attention_kernel(config: Config) -> dict[str, str]:
 
     `auto` takes flash-attn's varlen kernel where it runs (CUDA, bf16, the package installed): with
     document attention it gets each row's documents as `cu_seqlens` from the position ids. That path
-    needs a GPU and is not exercised on CPU. Kernels that cannot train here are refused at start."""
+    needs a GPU and is not exercised on CPU. Elsewhere SDPA, which a run with document attention then
+    switches to trainer.document_attention's per-document spans. Kernels that cannot train here are
+    refused at start."""
     choice, cuda = config.model.attention, torch.cuda.is_available()
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if choice == "auto":

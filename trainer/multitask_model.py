@@ -47,7 +47,7 @@ class Head:
 def heads(config: Config, sources: Sequence[Manifest]) -> list[Head]:
     """One head per data.train source, in source order (a row's source index is its head's index)."""
     return [Head(source.name, manifest.task, list(manifest.labels))
-            for source, manifest in zip(config.data.sources(), sources, strict=True)]
+            for source, manifest in zip(config.data.train_sources(), sources, strict=True)]
 
 
 def head_targets(task: str, labels: torch.Tensor) -> torch.Tensor:

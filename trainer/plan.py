@@ -268,7 +268,7 @@ def data_shape(config: Config, vocab_size: int | None = None, seq_len: int | Non
     defaults to DEFAULT_SEQ_LEN; the note says so."""
     if vocab_size and seq_len:
         return vocab_size, seq_len, None
-    path = config.data.sources()[0].path
+    path = config.data.train_sources()[0].path
     try:
         manifest = load_manifest(path)
     except ManifestError as err:
@@ -421,6 +421,7 @@ MESH_FLAGS = ("tp", "pp", "cp", "dp_replicate", "dp_shard")
 def main(argv: list[str]) -> int:
     from trainer.metrics import PEAK_TFLOPS
     from trainer import plan_mesh  # builds on this module's counts
+    from trainer.seq_len_schedule import KEY as WARMUP_KEY, seq_len_schedule
 
     parser = _parser(PEAK_TFLOPS)
     args = parser.parse_args(argv)
@@ -438,6 +439,10 @@ def main(argv: list[str]) -> int:
     shape = Shape.of(config.model, vocab, seq_len)
     header = (f"plan for {args.config}: {shape.arch}, vocabulary {vocab}, seq_len {seq_len}, "
               f"{args.nodes} × {args.gpus_per_node} = {world} GPUs")
+    warmup = seq_len_schedule(config, seq_len)  # refused here as at the start of the run
+    if config.data.seq_len_schedule:  # shorter rows need less memory (trainer.seq_len_schedule): planned at the longest
+        header += (f"\n{WARMUP_KEY}: {warmup.describe()}; memory and FLOPs per token below are at the longest rows, "
+                   f"{seq_len} tokens")
     if args.search:
         ranked, considered = plan_mesh.search(shape, config, world, seq_len, hardware, args.gpu_memory_gb, eager)
         if not ranked:

@@ -10,7 +10,7 @@ m micro-batches per step, n = dp_shard × cp (FSDP shards over both, as torchtit
 Memory of pipeline rank r (the table shows the fullest rank):
   - model states: `trainer.plan.model_states` (FSDP2 row) for the rank's own parameters: its
     layers (L/(p·v) per virtual stage, rank r holding stages r, r+p, …), the first rank the
-    embeddings, the last the final norm and head (the engine refuses tied ones once p > 1); every
+    embeddings, the last the final norm and head (a tied head is a copy there once p > 1); every
     matrix split over t (column/row-wise, vocab-parallel embedding and head), norms and row-wise
     biases replicated; sharded over n, replicated over dp_replicate (HSDP).
   - activations of one micro-batch and layer: `trainer.plan.layer_activation_bytes` with s/c
@@ -39,7 +39,8 @@ micro-batch's hidden states in bf16:
     (Shoeybi et al. 2019, §3); with SP each is an all-gather + reduce-scatter of the same volume
     (Korthikanti et al. §4.2.2); recomputation repeats the forward's two; the embedding's and the
     head's input add one each way. The vocab-parallel loss's s·b max/sum exchange is not counted.
-  - pp: each virtual-stage boundary sends X/t forward and its gradient back per micro-batch.
+  - pp: each virtual-stage boundary sends X/t forward and its gradient back per micro-batch; with tied
+    embeddings the first and last rank also all-reduce the embedding's fp32 gradient shard, 4·V·h/(t·n), once a step.
   - cp: ring attention (torch.distributed.tensor.experimental.context_parallel) passes each rank's
     K and V, 2·b·(s/c)·h·k/(a·t)·2 bytes, c − 1 times per layer in forward; backward is counted as
     twice that (K, V and their gradients go round), recomputation adds a forward.
@@ -252,7 +253,10 @@ def _traffic(shape: Shape, mesh: Mesh, rank: int, seq_len: int, precision: str, 
         out.append(Traffic("tp", t, f"{collectives} all-gather+reduce-scatter pairs per micro-batch", volume, intra("tp"), False))
     if mesh.pp > 1:
         volume = m * 2 * mesh.stages_per_rank * hidden_states / t
-        out.append(Traffic("pp", 2, f"{2 * mesh.stages_per_rank} sends per micro-batch", volume, intra("pp"), False))
+        tied = shape.tied and (first or last)  # the embedding's and its head copy's gradients summed (trainer.parallel.pipeline)
+        volume += 4 * shape.vocab * shape.hidden / (t * n) if tied else 0
+        what = f"{2 * mesh.stages_per_rank} sends per micro-batch" + (" + the tied embedding's gradient" if tied else "")
+        out.append(Traffic("pp", 2, what, volume, intra("pp"), False))
     if c > 1:
         kv = 2 * mesh.rows * seq_len / c * shape.hidden * shape.kv_heads / (shape.heads * t) * compute
         passes = 4 if mesh.checkpointing else 3
@@ -312,14 +316,13 @@ def layouts(shape: Shape, config: Config, world: int, gpus_per_node: int, seq_le
     """Every layout of `world` GPUs the trainer can run: TP inside a node and dividing the heads, kv heads
     and vocabulary; CP dividing seq_len into 2·cp load-balanced chunks; data-parallel size dividing
     data.lanes and the global batch; micro-batches of 1, 2, 4, 8 or 16 rows, at least pp of them (a
-    multiple of pp when interleaved, 2 stages per rank; pp only with untied embeddings); recomputation off and on."""
+    multiple of pp when interleaved, 2 stages per rank); recomputation off and on."""
     out = []
     batch, lanes = config.train.global_batch, config.data.lanes
     tps = [t for t in _divisors(gpus_per_node) if not (shape.heads % t or shape.kv_heads % t or shape.vocab % t)]
     for t in tps:
         for c in (c for c in _divisors(world // t) if seq_len % (2 * c) == 0 or c == 1):
-            # pipeline stages need untied embeddings (the engine refuses a head tied across the first and last stage)
-            for p in (p for p in _divisors(world // (t * c)) if p <= shape.layers and (p == 1 or not shape.tied)):
+            for p in (p for p in _divisors(world // (t * c)) if p <= shape.layers):
                 dp = world // (t * c * p)
                 if lanes % dp or batch % dp:
                     continue

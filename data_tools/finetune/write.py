@@ -22,7 +22,7 @@ from data_tools.config import PackConfig
 from data_tools.errors import DataError
 from data_tools.finetune.encode import Example
 from data_tools.finetune.rows import Row, array, starts
-from data_tools.manifest import MANIFEST_NAME, ShardInfo
+from data_tools.manifest import MANIFEST_NAME, ShardInfo, shard_stem
 from data_tools.shards import Sample, json_bytes, npy_bytes, write_tar
 
 ROWS_PER_SAMPLE = PackConfig.rows_per_sample
@@ -58,20 +58,21 @@ def _meta(block: list[Row], packed: bool) -> dict:
     return {"records": [[example.record for example in row] for row in block], "starts": [starts(row) for row in block]}
 
 
-def _samples(index: int, rows: list[Row], seq_len: int, packed: bool) -> Iterator[Sample]:
+def _samples(stem: str, rows: list[Row], seq_len: int, packed: bool) -> Iterator[Sample]:
     for sample, first in enumerate(range(0, len(rows), ROWS_PER_SAMPLE)):
         block = rows[first : first + ROWS_PER_SAMPLE]
         data = np.stack([array(row, seq_len) for row in block])
-        yield f"{index:05d}-{sample:05d}", {"npy": npy_bytes(data), "json": json_bytes(_meta(block, packed))}
+        yield f"{stem}-{sample:05d}", {"npy": npy_bytes(data), "json": json_bytes(_meta(block, packed))}
 
 
 def write_shards(directory: Path, rows: list[Row], seq_len: int, packed: bool) -> list[ShardInfo]:
-    """`shard-NNNNN.tar` files of ROWS_PER_SHARD rows, in blocks of ROWS_PER_SAMPLE; tokens = input tokens."""
-    shards = []
+    """`shard-NNNNN.tar` files (wider past 100,000 shards) of ROWS_PER_SHARD rows, in blocks of ROWS_PER_SAMPLE;
+    tokens = input tokens."""
+    shards, n_shards = [], -(-len(rows) // ROWS_PER_SHARD)
     for index, first in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
         part = rows[first : first + ROWS_PER_SHARD]
-        name = f"shard-{index:05d}.tar"
-        size, sha = write_tar(directory / name, _samples(index, part, seq_len, packed))
+        stem = shard_stem(index, n_shards)
+        size, sha = write_tar(directory / f"shard-{stem}.tar", _samples(stem, part, seq_len, packed))
         tokens = sum(len(example.inputs) for row in part for example in row)
-        shards.append(ShardInfo(name, len(part), tokens, size, sha))
+        shards.append(ShardInfo(f"shard-{stem}.tar", len(part), tokens, size, sha))
     return shards

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from data_tools.manifest import load_manifest
 from tests.integration.conftest import STEPS
 from tests.integration.trainer_runs import ENV, metrics, train
+from trainer.compress.evaluate import evaluate as evaluate_packed
 from trainer.evaluate import evaluate_saved
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,3 +91,24 @@ def test_lm_eval_harness_scores_the_export_as_the_trainer_does(trained, tmp_path
     assert (ours["eval/wiki-continuation/acc"], ours["eval/wiki-continuation/acc_norm"]) == (choice["acc"], choice["acc_norm"])
     assert ours["eval/wiki-lastword/acc"] == cloze["acc"]
     assert ours["eval/wiki-lastword/perplexity"] == pytest.approx(cloze["perplexity"], rel=1e-5)  # lm-eval sums in fp32
+
+
+def test_evaluate_scores_packed_rows_per_document_as_the_loop_does(config_file, token_data, tmp_path):
+    """`evaluate MODEL --data VALID` on a checkpoint of a document-attention run gives the loop's eval/loss: one lane and
+    as many eval batches as valid rows make the loop score every row once, in forwards of one row each, weighted by
+    their targets (fewer where documents start). The same checkpoint with its run's data.doc_attention set false is
+    scored across documents."""
+    valid = token_data / "tokens/valid"
+    rows = sum(shard.rows for shard in load_manifest(valid).shards)
+    run = tmp_path / "run"
+    train(config_file, 1, run, "engine.type=fsdp2", "data.lanes=1", "train.max_steps=2", "train.eval_every=2",
+          "train.ckpt_every=2", f"train.eval_batches={rows}")
+    logged = next(m["eval_loss"] for m in metrics(run) if "eval_loss" in m)
+    checkpoint = run / "checkpoints" / "step_000002"
+    assert evaluate_packed(checkpoint, valid).metrics["loss"] == pytest.approx(logged, rel=1e-6)
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["config"]["data"]["doc_attention"] = False
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    across = evaluate_packed(checkpoint, valid).metrics["loss"]
+    assert across != pytest.approx(logged, rel=1e-6)

@@ -9,15 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.integration.conftest import STEPS
 from tests.integration.trainer_runs import digests, losses, metrics, rewind, train
+from trainer.export import consolidated_state_dict
 
 RTOL = 1e-5
 TINY = ("engine.type=fsdp2", "model.num_heads=4")  # 4 heads: tp up to 4
-# 4 layers: 2 stages of 2, or 2 ranks × 2 interleaved stages of 1; tied embeddings would live on the first and last stage
-# pipeline stages carry no position ids (data.doc_attention is refused under pp), so the reference runs without it too
-PIPE = (*TINY, "model.num_layers=4", "model.tie_embeddings=false", "train.ckpt_every=2", "data.doc_attention=false")
+# 4 layers: 2 stages of 2, or 2 ranks × 2 interleaved stages of 1. The embeddings are tied (the default): the first stage
+# holds the embedding, the last a copy as its head. Document attention is on (the data records document starts): every
+# stage masks per document as the unsplit model does.
+PIPE = (*TINY, "model.num_layers=4", "train.ckpt_every=2")
 
 
 def grad_norms(run_dir) -> dict[int, float]:
@@ -76,13 +79,16 @@ def pipe_reference(config_file, tmp_path_factory):
 
 
 def test_tp2_pp2_matches_one_process_and_resumes_at_dp2_tp2_then_on_one_process(config_file, pipe_reference, tmp_path):
-    """1F1B over 2 stages, each tensor parallel over 2 ranks; its step-4 checkpoint continues at dp2×tp2, whose
-    step-6 checkpoint continues on one process: one curve, the uninterrupted run's."""
+    """1F1B over 2 stages, each tensor parallel over 2 ranks, the embedding on the first and its tied copy on the last
+    (their gradients summed); its step-4 checkpoint continues at dp2×tp2, whose step-6 checkpoint continues on one
+    process: one curve, the uninterrupted run's."""
     run = tmp_path / "tp2pp2"
     train(config_file, 4, run, *PIPE, "parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=1f1b")
     assert_same_curve(run, pipe_reference, range(1, STEPS + 1))
     assert eval_losses(run) == pytest.approx(eval_losses(pipe_reference), rel=RTOL)  # the forward-only pass through the stages
     assert (run / "export" / "config.json").exists()
+    weights = consolidated_state_dict(run / "checkpoints" / f"step_{STEPS:06d}")  # the tied copies stayed equal
+    assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
     dp2tp2, one = tmp_path / "dp2tp2", tmp_path / "one"
     rewind(run, dp2tp2, 4)
     train(config_file, 4, dp2tp2, *PIPE, "parallel.tp=2")
@@ -95,6 +101,16 @@ def test_dp2_pp2_interleaved_matches_one_process(config_file, pipe_reference, tm
     """Interleaved 1F1B, 2 stages of 1 layer on each pipeline rank, each stage sharded over 2 data-parallel ranks."""
     run = tmp_path / "dp2pp2"
     train(config_file, 4, run, *PIPE, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=2")
+    assert_same_curve(run, pipe_reference, range(1, STEPS + 1))
+
+
+def test_a_one_process_checkpoint_continues_at_pp2_with_the_tied_weights_optimizer_state(config_file, pipe_reference,
+                                                                                        tmp_path):
+    """One process saves the tied weight's optimizer state once, under the embedding's name; the last stage's head
+    copy reads it from there (GPipe over 2 stages, steps 5-8)."""
+    run = tmp_path / "pp2"
+    rewind(pipe_reference, run, 4)
+    train(config_file, 2, run, *PIPE, "parallel.pp=2", "parallel.pp_schedule=gpipe")
     assert_same_curve(run, pipe_reference, range(1, STEPS + 1))
 
 

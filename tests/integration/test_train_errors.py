@@ -52,6 +52,8 @@ def corrupted_copy(token_data: Path, tmp: Path) -> Path:
         ("model_shape", "checkpoint of model"),
         ("model_shape_fsdp2", "checkpoint of model"),
         ("latest_missing", "names step_000099, which is missing or incomplete"),
+        ("doc_attention_differs", "trained with data.doc_attention false, this run resolves it to true; "
+                                  "set data.doc_attention=false or use a new run.name"),
     ],
 )
 def test_bad_run_fails_with_one_line(tmp_path, config_file, token_data, other_tokenizer_data, case, message):
@@ -67,10 +69,11 @@ def test_bad_run_fails_with_one_line(tmp_path, config_file, token_data, other_to
         "model_shape": ["model.hidden_size=64"],
         "model_shape_fsdp2": ["engine.type=fsdp2", "model.hidden_size=64"],
         "latest_missing": [],
+        "doc_attention_differs": [],  # unset: on, the data records document starts
     }[case]
-    if case in ("model_shape", "model_shape_fsdp2", "latest_missing"):
-        engine = overrides[:1] if case == "model_shape_fsdp2" else []
-        ok = run_trainer(train_cmd(config_file, 1, run_dir, *engine, "train.max_steps=1"))
+    if case in ("model_shape", "model_shape_fsdp2", "latest_missing", "doc_attention_differs"):
+        first = {"model_shape_fsdp2": overrides[:1], "doc_attention_differs": ["data.doc_attention=false"]}.get(case, [])
+        ok = run_trainer(train_cmd(config_file, 1, run_dir, *first, "train.max_steps=1"))
         assert ok.returncode == 0, ok.stderr[-2000:]
         if case == "latest_missing":
             (run_dir / "checkpoints" / "latest").write_text("step_000099\n")

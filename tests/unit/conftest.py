@@ -13,6 +13,7 @@ import torch.distributed as dist
 from data_tools.config import ExtractConfig
 from data_tools.doc import Doc
 from data_tools.stats import StageStats
+from token_splits import Corpus, prepare_splits
 
 def _extracted(path: Path) -> list[Doc]:
     from data_tools.extract import ExtractText
@@ -72,3 +73,19 @@ def one_process_group(tmp_path_factory):
     if not dist.is_initialized():
         store = tmp_path_factory.mktemp("group") / "store"
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+
+
+@pytest.fixture(scope="session")
+def splits(tmp_path_factory, corpora, gpt2_dir) -> tuple[Corpus, Corpus]:
+    """(train, valid) token splits of the sample WARCs (token_splits.prepare_splits), prepared once."""
+    return prepare_splits(tmp_path_factory.mktemp("lanes-data"), corpora, gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def train(splits) -> Corpus:
+    return splits[0]
+
+
+@pytest.fixture(scope="session")
+def valid(splits) -> Corpus:
+    return splits[1]

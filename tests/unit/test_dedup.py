@@ -3,6 +3,7 @@ drops later exact and near duplicates (first occurrence wins)."""
 
 from __future__ import annotations
 
+import copy
 import gzip
 import re
 from collections import Counter
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from data_tools.config import DedupConfig
-from data_tools.dedup import DedupSignatures, find_duplicates, normalize
+from data_tools.dedup import DedupSignatures, find_duplicates, language_keys, normalize
 from data_tools.doc import Doc
 from data_tools.stats import StageStats
 
@@ -28,13 +29,17 @@ def signed(docs, config):
     """Run DedupSignatures; return the task arrays find_duplicates takes."""
     docs = list(DedupSignatures(config, UNSPACED)(docs))
     exact = np.stack([np.frombuffer(d.meta["exact"], dtype=np.uint8) for d in docs])
-    return exact, np.stack([d.meta["minhash"] for d in docs])
+    return exact, np.stack([d.meta["minhash"] for d in docs]), language_keys(d.lang for d in docs)
 
 
 def dedup(task_docs, config):
     """Dropped indices per task, and the dedup stats."""
+    return dedup_signed([signed(docs, config) for docs in task_docs], config)
+
+
+def dedup_signed(tasks, config):
     stats = StageStats()
-    return [d.tolist() for d in find_duplicates([signed(docs, config) for docs in task_docs], config, stats)], stats
+    return [d.tolist() for d in find_duplicates(tasks, config, stats)], stats
 
 
 def text_doc(text, lang="en", name="doc"):
@@ -185,13 +190,17 @@ def planted(_enwiki_docs):
     return tasks, expected, Counter(reason for _, reason in docs if reason)
 
 
-@pytest.mark.parametrize("buckets_per_band", [1, 3])
-def test_planted_exact_and_near_copies_are_found_whatever_the_bucket_layout(planted, buckets_per_band):
+@pytest.mark.parametrize("buckets_per_band, tasks_per_cluster_shard", [(1, 256), (3, 1)])
+def test_planted_exact_and_near_copies_are_found_whatever_the_bucket_and_cluster_layout(
+    planted, buckets_per_band, tasks_per_cluster_shard
+):
     """Every planted copy (2% of words changed and a sentence added, Jaccard ~0.75) is dropped and no
-    original is: recall and precision 1 here, with one or three hash ranges per band."""
+    original is: recall and precision 1 here, with one or three hash ranges per band, and the clusters
+    found in one shard or in a shard per task."""
     tasks, expected, reasons = planted
     assert len(reasons) == 2 and sum(reasons.values()) == 32 and sum(map(len, tasks)) > 80
-    dropped, stats = dedup(tasks, DedupConfig(buckets_per_band=buckets_per_band))
+    config = DedupConfig(buckets_per_band=buckets_per_band, tasks_per_cluster_shard=tasks_per_cluster_shard)
+    dropped, stats = dedup(tasks, config)
     assert dropped == expected
     assert stats.dropped == reasons
 
@@ -204,14 +213,40 @@ def test_the_candidate_check_keeps_pairs_below_the_threshold(planted):
     assert stats.dropped == {"exact_duplicate": reasons["exact_duplicate"]}
 
 
-def test_a_cluster_keeps_its_first_document_in_input_order(article):
+@pytest.mark.parametrize("tasks_per_cluster_shard", [256, 1])
+def test_a_cluster_keeps_its_first_document_in_input_order(article, tasks_per_cluster_shard):
     """A chain of near copies (each of the one before) in reverse task order: one cluster, and the
-    document that comes first in the input is kept, wherever the original is."""
+    document that comes first in the input is kept, wherever the original is, also when each task is
+    a cluster shard of its own (the chain then crosses shards back and forth)."""
     rng = np.random.default_rng(1)
     chain = [article("Albedo")]
     for _ in range(3):
         chain.append(near_copy(chain[-1], article("Aristotle"), rng, fraction=0.01))
     tasks = [[text_doc(chain[3]), text_doc(article("Alchemy"))], [text_doc(chain[1])], [text_doc(chain[2]), text_doc(chain[0])]]
-    dropped, stats = dedup(tasks, DedupConfig())
+    dropped, stats = dedup(tasks, DedupConfig(tasks_per_cluster_shard=tasks_per_cluster_shard))
     assert dropped == [[], [0], [0, 1]]
     assert stats.dropped == {"near_duplicate": 3} and stats.docs_out == 2
+
+
+@pytest.fixture(scope="module")
+def labelled_handbook(_handbook_docs):
+    """The handbook pages with the language lid.176 detects (threshold 0: every page kept), signed with the defaults."""
+    from data_tools.config import LangConfig
+    from data_tools.lang import LanguageFilter
+
+    docs = list(LanguageFilter(LangConfig(threshold=0.0))(copy.deepcopy(_handbook_docs)))
+    return docs, signed(docs, DedupConfig())
+
+
+@pytest.mark.parametrize("same_language", [True, False])
+def test_translations_sharing_their_listings_are_kept_unless_the_language_guard_is_off(labelled_handbook, same_language):
+    """The Italian page "Futuro di questo libro" (lang it) shares half its shingles with the French one (lang fr):
+    without the guard it is dropped as a near copy of it; with it (the default) only English pages are dropped: the
+    exact copies and the untranslated pages (English under other locales) that are near copies of each other."""
+    docs, task = labelled_handbook
+    (dropped,), stats = dedup_signed([task], DedupConfig(same_language=same_language))
+    urls = {docs[i].url.split("/browse/")[1] for i in dropped}
+    assert ("it-IT/stable/sect.future-of-this-book.html" in urls) is not same_language
+    assert {"it-IT/stable/sect.aptosid.html", "vi-VN/stable/sect.quality-of-service.html"} <= urls
+    assert stats.dropped == {"exact_duplicate": 5, "near_duplicate": 3 if same_language else 4}
+    assert all(docs[i].lang == "en" for i in dropped) == same_language

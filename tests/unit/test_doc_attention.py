@@ -18,6 +18,8 @@ from data_tools.manifest import doc_starts_array
 from data_tools.tokenize import load_tokenizer
 from trainer.config import ConfigError, load_config
 from trainer.data import doc_positions
+from trainer import document_attention
+from trainer.document_attention import NAME, attend_within_documents
 from trainer.models import attention_kernel
 from trainer.tasks import TaskContext, build_task, doc_attention
 
@@ -48,8 +50,9 @@ def test_doc_positions_count_from_each_start_and_from_the_row_start():
     assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 3, 4, 5]]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_packed_row_loss_is_the_token_weighted_loss_of_its_documents_run_alone(arch):
+def decoder(arch: str, kernel: str) -> torch.nn.Module:
+    """A tiny decoder in fp32 (Llama with grouped KV heads) attending through `kernel`: transformers' SDPA with its
+    dense document mask, or SDPA per document span (trainer.document_attention)."""
     torch.manual_seed(0)
     if arch == "llama":
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -57,6 +60,14 @@ def test_a_packed_row_loss_is_the_token_weighted_loss_of_its_documents_run_alone
     else:
         config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=SEQ_LEN)
     model = AutoModelForCausalLM.from_config(config).float().eval()
+    assert attend_within_documents(model) if kernel == NAME else kernel == "sdpa"
+    return model
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", NAME])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_packed_row_loss_is_the_token_weighted_loss_of_its_documents_run_alone(arch, kernel):
+    model = decoder(arch, kernel)
     rows, spans = packed_rows(ROWS)
     task = task_for("causal_lm")
     with torch.no_grad():
@@ -75,12 +86,60 @@ def test_a_packed_row_loss_is_the_token_weighted_loss_of_its_documents_run_alone
     assert abs(plain - packed) > 1e-3  # attending across documents is measurably different
 
 
-def test_a_packed_bert_row_attends_within_each_document_both_ways(gpt2_dir):
+def test_per_span_sdpa_gives_the_dense_mask_gradients_and_runs_no_dense_mask(monkeypatch):
+    """Backward too: the documents kernel's loss and every gradient match transformers' dense-mask SDPA, and the per-document
+    path really ran (document indices reached the attention, no [rows, 1, L, L] mask was built)."""
+    rows, _ = packed_rows(ROWS)
+    inputs = task_for("causal_lm").inputs(rows, 0)
+    masks = []
+    spans = document_attention.document_spans
+    monkeypatch.setattr(document_attention, "document_spans", lambda documents: masks.append(documents) or spans(documents))
+    results = {}
+    for kernel in ("sdpa", NAME):
+        model = decoder("llama", kernel).train()
+        loss = model(**inputs).loss
+        loss.backward()
+        results[kernel] = loss, {name: p.grad for name, p in model.named_parameters()}
+    assert len(masks) == 2 and all(m.dtype == torch.long and m.shape == (len(ROWS), SEQ_LEN) for m in masks)
+    (dense_loss, dense_grads), (span_loss, span_grads) = results["sdpa"], results[NAME]
+    torch.testing.assert_close(span_loss, dense_loss, rtol=1e-5, atol=0)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(span_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_documents_kernel_is_plain_sdpa_for_unpacked_and_padded_rows():
+    """One document per row: no mask at all (SDPA's is_causal); a padding mask: transformers' own dense path."""
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(2))
+    padding = torch.ones_like(ids)
+    padding[1, 40:] = 0
+    plain, documents = decoder("llama", "sdpa"), decoder("llama", NAME)
+    with torch.no_grad():
+        for kwargs in ({"position_ids": torch.arange(5, 5 + SEQ_LEN).expand(2, -1)}, {"attention_mask": padding}):
+            torch.testing.assert_close(documents(input_ids=ids, use_cache=False, **kwargs).logits,
+                                       plain(input_ids=ids, use_cache=False, **kwargs).logits, rtol=0, atol=0)
+    assert document_attention.document_mask(2, 4, 4) is None
+    assert document_attention.document_mask(2, 4, 4, attention_mask=padding[:, :4].bool()) is None  # all real tokens
+    assert document_attention.document_mask(2, SEQ_LEN, SEQ_LEN, attention_mask=padding.bool()).shape == (2, 1, SEQ_LEN, SEQ_LEN)
+
+
+def test_models_the_documents_kernel_was_not_checked_on_keep_the_dense_mask():
+    other = AutoModelForMaskedLM.from_config(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                        intermediate_size=64, vocab_size=VOCAB))
+    other.config.model_type = "roberta"  # a model type whose masks were not checked against the per-span kernel
+    assert not attend_within_documents(other) and other.config._attn_implementation == "sdpa"
+    eager = decoder("gpt2", "sdpa")
+    eager.config._attn_implementation = "eager"
+    assert not attend_within_documents(eager) and eager.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", NAME])
+def test_a_packed_bert_row_attends_within_each_document_both_ways(gpt2_dir, kernel):
     torch.manual_seed(0)
     tokenizer = load_tokenizer(gpt2_dir).tokenizer
     model = AutoModelForMaskedLM.from_config(BertConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB + 1,
         max_position_embeddings=SEQ_LEN)).float().eval()
+    assert attend_within_documents(model) if kernel == NAME else kernel == "sdpa"
     rows, spans = packed_rows(ROWS)
     inputs = task_for("mlm", tokenizer).inputs(rows, 0)
     assert torch.equal(inputs["position_ids"], rows[:, 1])

@@ -33,9 +33,9 @@ def multitask_config(*overrides: str, train: list[dict] | str | None = None):
 
 
 def test_source_names_default_to_the_data_directory():
-    assert [s.name for s in multitask_config().data.sources()] == ["sentiment", "ner"]
+    assert [s.name for s in multitask_config().data.train_sources()] == ["sentiment", "ner"]
     named = multitask_config(train=[{"path": "a/train", "name": "reviews"}, {"path": "b/train"}])
-    assert [s.name for s in named.data.sources()] == ["reviews", "b"]
+    assert [s.name for s in named.data.train_sources()] == ["reviews", "b"]
 
 
 @pytest.mark.parametrize(("overrides", "train", "message"), [

@@ -23,6 +23,7 @@ from data_tools.manifest import (
     index_shard,
     iter_blocks,
     load_manifest,
+    shard_stem,
     verify_shard,
 )
 from data_tools.pack import Rows, TokenStream, cut_rows, row_order, write_shard
@@ -402,7 +403,8 @@ def test_write_tar_is_byte_identical(tmp_path, rows):
 
 def test_plan_records_the_expected_peak_memory_of_each_stage():
     """plan.json's peak_mb has every stage; it follows the knobs (more hash ranges per band: smaller bucket
-    tasks; larger shards: larger pack tasks), and a task's input size, not the number of tasks, sets extract's."""
+    tasks; smaller cluster shards: a smaller cluster stage; larger shards: larger pack tasks), and a task's input
+    size, not the number of tasks, sets extract's and cluster's."""
     from data_tools.config import DedupConfig, PackConfig, PipelineConfig
     from data_tools.pipeline import STAGES, Plan
 
@@ -414,6 +416,11 @@ def test_plan_records_the_expected_peak_memory_of_each_stage():
     assert list(base) == list(STAGES) and all(v >= 100 for v in base.values())
     assert peak(10_000)["extract"] == base["extract"] and peak(10_000)["tokenize"] == base["tokenize"]
     assert peak(10_000, dedup=DedupConfig(buckets_per_band=64))["bucket"] < peak(10_000)["bucket"]
+    # cluster holds one shard of tasks_per_cluster_shard tasks: the same for 1,000 or 100,000 tasks, smaller shards less
+    smaller_shards = peak(1_000, dedup=DedupConfig(tasks_per_cluster_shard=16))["cluster"]
+    assert peak(1_000)["cluster"] == peak(100_000)["cluster"] > smaller_shards
+    # manifest: the task and shard lists, nothing per document (8.7e9 of them here)
+    assert peak(100_000, pack=PackConfig(rows_per_shard=2**20))["manifest"] < 2 * peak(1_000)["manifest"]
     assert peak(pack=PackConfig(rows_per_shard=65536))["pack"] > base["pack"]
     # documents per MiB follow the input kind: a WARC record (~30 KiB) is ~20× a compressed JSONL line (~1.5 KiB)
     warc = peak(10_000, "crawl.warc.gz", "warc")
@@ -434,3 +441,31 @@ def test_task_names_sort_and_stay_unique_past_99999_tasks(tmp_path):
     assert names(100_000, [99_999]) == ["t99999"]
     large = names(250_000, [0, 9_999, 99_999, 100_000, 249_999])
     assert large == ["t000000", "t009999", "t099999", "t100000", "t249999"] and sorted(large) == large
+
+
+def test_shard_names_widen_past_99999_shards_and_old_five_digit_splits_still_load_and_train(shards, tmp_path):
+    """A split of more than 100,000 shards gets names as wide as its last index, so they sort in shard order; the
+    same rows written the old way (5 digits, what every earlier split has) load through the manifest and give the
+    trainer's loader the same batches."""
+    from trainer.data import LanesLoader, Source
+
+    packed, old_infos, old_dir = shards
+    assert [shard_stem(i, 100_000) for i in (0, 99_999)] == ["00000", "99999"]
+    wide = [f"shard-{shard_stem(i, 250_000)}.tar" for i in (7, 99_999, 100_000, 249_999)]
+    assert wide == ["shard-000007.tar", "shard-099999.tar", "shard-100000.tar", "shard-249999.tar"] == sorted(wide)
+    new_dir = tmp_path / "wide"
+    new_dir.mkdir()
+    new_infos = [write_shard(packed.take(slice(first, first + 10)), new_dir, index, "uint16", 4, n_shards=250_000)
+                 for index, first in enumerate((0, 10, 20))]
+    assert [s.path for s in new_infos] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    with tarfile.open(new_dir / new_infos[0].path) as tar:
+        assert tar.getnames()[0] == "000000-00000.npy"
+    batches = []
+    for infos, directory in ((old_infos, old_dir), (new_infos, new_dir)):
+        packed_manifest(infos, directory).save(directory)
+        loader = LanesLoader([Source(str(directory))], global_batch=4, lanes=2, seed=1, rank=0, world_size=1, prefetch=1)
+        stream = loader.batches(0)
+        batches.append([next(stream) for _ in range(6)])
+        loader.close()
+    for old, new in zip(*batches, strict=True):
+        np.testing.assert_array_equal(old, new)

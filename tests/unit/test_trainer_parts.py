@@ -115,6 +115,17 @@ def test_checkpoints_publish_atomically_and_keep_last_and_every(tmp_path):
     assert all((tmp_path / t / "COMPLETE").exists() for t in (tag(200), tag(400), tag(500)))
 
 
+@pytest.mark.parametrize(("recorded", "config", "trained"), [
+    (True, {"data": {"doc_attention": False}}, True),  # recorded: what the run resolved
+    (None, {"data": {"doc_attention": False}}, False),  # an older checkpoint: its explicit setting
+    (None, {"data": {"doc_attention": None}}, None),  # unset then: unknown, not checked at resume
+    (None, {}, None),
+])
+def test_checkpoint_says_whether_the_run_trained_with_document_attention(recorded, config, trained):
+    state = TrainerState(1, 10, "fp", 1, "fsdp2", None, {}, config=config, doc_attention=recorded)
+    assert state.trained_doc_attention() is trained
+
+
 def test_latest_naming_an_incomplete_checkpoint_is_refused(tmp_path):
     checkpoints = Checkpoints(tmp_path)
     _publish(checkpoints, 100)

@@ -1,7 +1,10 @@
 """`python -m trainer evaluate MODEL --data VALID_DIR`: task metrics, size on disk, parameters, CPU latency.
 
 Metrics come from the task code the trainer evaluates with (classification: accuracy and macro-F1
-from ClassificationMeter; other data: mean token loss), computed in this one process. Size counts
+from ClassificationMeter; other data: mean token loss), computed in this one process. Packed rows
+are scored as training read them: per document (positions restart, no attention across a document
+start, a document's first token no target) when the shards record document starts, unless the
+checkpoint's run set data.doc_attention false (an export keeps no run config: the default, on). Size counts
 the weight files only (the tokenizer is the same for every variant of a model). Latency is the
 median wall time of single-example forwards on the CPU, as a request-at-a-time server sees it.
 """
@@ -18,8 +21,14 @@ import numpy as np
 import torch
 
 from data_tools.manifest import Manifest, iter_blocks, load_manifest
+from trainer.config import Config
+from trainer.data import LanesLoader, Source
+from trainer.document_attention import attend_within_documents
+from trainer.export import read_configs
 from trainer.model_files import check_tokenizer, load_model, model_dir
+from trainer.tasks import doc_attention
 from trainer.tasks.base import LossMeter, encoder_inputs
+from trainer.tasks.causal_lm import document_inputs
 from trainer.tasks.classification import ClassificationMeter, scores
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -46,23 +55,38 @@ def evaluate(path: str | Path, data: str | Path | None, batch_size: int = 32, la
     size, parameters = size_on_disk(model_dir(path)), parameter_count(model)
     if data is None:
         return Report({}, size, parameters, None)
-    manifest, rows = read_split(Path(data))
+    manifest = load_manifest(Path(data))
     check_tokenizer(tokenizer, Path(data) / manifest.tokenizer.path, f"evaluate {path}")
+    per_document = manifest.task is None and doc_attention(run_config(path), [manifest])
+    if per_document:
+        attend_within_documents(model)
+    rows = read_rows(manifest, per_document)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else manifest.tokenizer.eos_id
     metrics = task_metrics(model, manifest, rows, pad_id, batch_size)
     return Report(metrics, size, parameters, latency_ms(model, manifest, rows[:latency_samples], pad_id))
 
 
-def read_split(directory: Path) -> tuple[Manifest, np.ndarray]:
-    manifest = load_manifest(directory)
-    blocks = [rows for shard in manifest.shards for rows, _ in iter_blocks(directory / shard.path)]
-    return manifest, np.concatenate(blocks).astype(np.int64)
+def run_config(path: str | Path) -> Config:
+    """The run config of a checkpoint; the defaults for a model saved without one."""
+    directory = model_dir(path)
+    return read_configs(directory)[1] if (directory / "COMPLETE").exists() else Config()
+
+
+def read_rows(manifest: Manifest, per_document: bool) -> np.ndarray:
+    """Every row of the split: [rows, seq_len] (finetuning rows [rows, channels, seq_len]), or with `per_document`
+    [rows, 2, seq_len] tokens and document positions, read by the trainer's loader (one lane, so each row once)."""
+    if not per_document:
+        blocks = [rows for shard in manifest.shards for rows, _ in iter_blocks(manifest.shard_path(shard))]
+        return np.concatenate(blocks).astype(np.int64)
+    with LanesLoader([Source(manifest)], global_batch=1, lanes=1, seed=0, rank=0, world_size=1, doc_positions=True) as loader:
+        batches = loader.batches(0)
+        return np.concatenate([next(batches) for _ in range(sum(shard.rows for shard in manifest.shards))]).astype(np.int64)
 
 
 def model_inputs(manifest: Manifest, rows: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
     """The inputs the trainer's tasks build from these rows, labels included."""
-    if manifest.task is None:  # packed LM rows: every token is a target
-        return {"input_ids": rows, "labels": rows}
+    if manifest.task is None:  # packed LM rows: every token is a target, or every token but a document's first
+        return document_inputs(rows) if rows.dim() == 3 else {"input_ids": rows, "labels": rows}
     inputs = encoder_inputs(rows[:, 0], pad_id)
     if manifest.task == "classification":
         return {**inputs, "labels": rows[:, 1, 0]}

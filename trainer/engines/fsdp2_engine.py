@@ -172,7 +172,7 @@ class FSDP2Engine:
 
     def forward(self, **inputs: torch.Tensor):
         if self.pipeline:  # forward only: evaluation
-            return self.pipeline.forward(inputs["input_ids"], inputs.get("labels"))
+            return self.pipeline.forward(inputs)
         with tensor.loss_context(self.tp):  # under tp the model's own loss is vocab-parallel
             output = self.model(**inputs)
         if isinstance(output.loss, DTensor):  # replicated: the same scalar on every tp rank
@@ -219,6 +219,8 @@ class FSDP2Engine:
 
     def save(self, root: Path, tag: str) -> Future | None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=BY_NAME)
+        if self.pipeline:  # a tied embedding's state once, as the unsplit model saves it
+            optim_state = self.pipeline.saved_optimizer_state(optim_state)
         state, path, written = {"model": model_state, "optim": optim_state}, root / tag / "dcp", None
         if self.background:  # train.async_checkpoint
             written = self.background.save(state, path)
@@ -232,11 +234,15 @@ class FSDP2Engine:
         metadata = verify_dcp(root / tag / "dcp")
         options = GROUPED if "optim.param_groups.0.lr" in metadata.state_dict_metadata else BY_NAME
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=options)
+        if self.pipeline:  # a tied head copy reads the embedding's state
+            optim_state = self.pipeline.optimizer_state_to_load(optim_state)
         state = {"model": model_state, "optim": optim_state}
         try:
             dcp.load(state, checkpoint_id=str(root / tag / "dcp"))
         except Exception as err:  # DCP wraps shape and key mismatches in CheckpointException
             raise CheckpointError(f"{root / tag}: cannot load into this model ({first_line(err, 200)})") from None
+        if self.pipeline:
+            state["optim"] = self.pipeline.optimizer_state_to_load(state["optim"], loaded=True)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=options)
         self.scheduler.load_state_dict(json.loads((root / tag / "scheduler.json").read_text()))

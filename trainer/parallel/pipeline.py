@@ -3,6 +3,10 @@ run by a `torch.distributed.pipelining` schedule over the ranks of the mesh's pp
 
 Stage j of S holds L // S layers (one more for the first L % S stages, as `trainer plan` counts them);
 the first stage also holds the token embeddings, the last the final norm, the LM head and the loss.
+Tied embeddings (Megatron's way): the last stage's head is a copy of the embedding weight; after each
+backward the first and last pipeline ranks sum the two copies' gradients, so the copies, equal at the
+start, get the same updates and stay equal. The norm counts that gradient once, and the checkpoint holds
+the tied weight's optimizer state once, under the embedding's name, as the unsplit tied model saves it.
 Rank r of pp holds stages r, r + pp, … (torch's looped placement: one stage per rank for `gpipe` /
 `1f1b`, `pp_stages_per_rank` for `interleaved_1f1b` / `looped_bfs`). The parts of the model a rank
 does not hold are moved to the meta device (shapes kept, storage freed). A rank's stages share one
@@ -43,7 +47,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from trainer.config import Config, ConfigError
 from trainer.parallel import tensor
-from trainer.parallel.mesh import MULTI_STAGE
+from trainer.parallel.mesh import MULTI_STAGE, Layout
 
 log = logging.getLogger("trainer")
 
@@ -51,7 +55,9 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": S
              "looped_bfs": ScheduleLoopedBFS}
 # torch's zero-bubble schedules (backward split into input and weight gradients) are left out: with FSDP
 # stages their gradients differ from the unsplit model's here.
-STAGE_INPUTS = {"input_ids", "labels"}  # what the first and the last stage read of a task's inputs
+# what the stages read of a task's inputs: the first stage the tokens, the last the labels, every stage the document
+# positions (data.doc_attention); use_cache=False comes with them and means nothing to a stage, which keeps no cache
+STAGE_INPUTS = {"input_ids", "labels", "position_ids", "use_cache"}
 
 
 def check_layout(config: Config, model: torch.nn.Module, pp: int, local_batch: int) -> int:
@@ -71,9 +77,6 @@ def check_layout(config: Config, model: torch.nn.Module, pp: int, local_batch: i
     if not all(hasattr(decoder, name) for name in parts) or not hasattr(model, "lm_head"):
         raise ConfigError(f"parallel.pp {pp}: {type(model).__name__} is not a Llama-family decoder "
                           "(model.embed_tokens, model.layers, model.norm, lm_head); use model.arch llama")
-    if model.config.tie_word_embeddings:
-        raise ConfigError(f"parallel.pp {pp}: the input embeddings are tied to the LM head, which live on the first and "
-                          "the last stage; set model.tie_embeddings=false")
     per_rank = par.pp_stages_per_rank
     if par.pp_schedule in MULTI_STAGE and per_rank < 2:
         raise ConfigError(f"parallel.pp_schedule {par.pp_schedule} runs several stages per rank; "
@@ -119,6 +122,20 @@ def local_model(model: torch.nn.Module, layer_ids: list[int], first: bool, last:
     return local
 
 
+def untie(model: torch.nn.Module) -> None:
+    """Give the LM head its own copy of the tied embedding weight: the first stage holds the embedding,
+    the last the head (Megatron's way). The copies start equal; `Pipeline` sums their gradients, so they stay equal."""
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+
+
+def ends_group(layout: Layout) -> dist.ProcessGroup:
+    """The process group of this rank's first and last pipeline ranks (the same other mesh coordinates), which
+    hold the two copies of a tied embedding. Every rank creates every pair's group, as torch requires."""
+    stride = layout.world // layout.pp  # pp is the outermost mesh dimension
+    groups = [dist.new_group([inner, (layout.pp - 1) * stride + inner]) for inner in range(stride)]
+    return groups[dist.get_rank() % stride]
+
+
 def release_others(model: torch.nn.Module, layer_ids: list[int], first: bool, last: bool) -> None:
     """Move the parts this rank does not hold to the meta device: their memory is freed, their shapes
     (the parameter count, FLOPs per token) stay."""
@@ -133,8 +150,12 @@ def release_others(model: torch.nn.Module, layer_ids: list[int], first: bool, la
 class DecoderStage(torch.nn.Module):
     """One pipeline stage: (embeddings) → decoder layers → (final norm → logits), calling the layers
     as the Hugging Face decoder does, with its rotary embeddings and causal mask computed per stage
-    (they depend only on the sequence length, so no stage sends them to the next). Under tensor
-    parallel a stage after the first receives its tp rank's 1/tp of the positions."""
+    from the position ids, so no stage sends them to the next. Without document attention they are
+    0 … S-1; with it every stage is given the micro-batch's per-document positions (a keyword argument
+    of the schedule, split into micro-batches as the tokens are), from which Hugging Face's mask
+    function derives the same block-diagonal mask as in the unsplit model. Under tensor parallel a
+    stage after the first receives its tp rank's 1/tp of the sequence, but the positions of all of it:
+    attention runs on the whole sequence, gathered over tp."""
 
     def __init__(self, model: torch.nn.Module, layer_ids: list[int], first: bool, last: bool, tp: int) -> None:
         super().__init__()
@@ -146,11 +167,11 @@ class DecoderStage(torch.nn.Module):
         self.lm_head = model.lm_head if last else None
         self.rotary_emb = decoder.rotary_emb
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
         seq_len = hidden.shape[1] * (self.tp if self.embed_tokens is None else 1)
         whole = hidden[:, :1].expand(-1, seq_len, -1)  # the full sequence's shape, no copy: masks and rotary read only that
-        positions = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
+        positions = torch.arange(seq_len, device=hidden.device).unsqueeze(0) if position_ids is None else position_ids
         mask = create_causal_mask(config=self.config, inputs_embeds=whole, attention_mask=None, cache=None,
                                   position_ids=positions)
         rotary = self.rotary_emb(whole, position_ids=positions)
@@ -160,8 +181,38 @@ class DecoderStage(torch.nn.Module):
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:
-    """A replicated DTensor scalar (the vocab-parallel loss) as this rank's plain tensor."""
+    """A DTensor (the replicated vocab-parallel loss, a sharded gradient) as this rank's plain tensor, the same storage."""
     return value.to_local() if isinstance(value, DTensor) else value
+
+
+HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"  # the two names of a tied embedding weight
+
+
+def _param_name(key: str) -> str:
+    """The parameter a flattened optimizer state key is about: `state.<name>.exp_avg`, `param_groups.<name>.lr`."""
+    return key.split(".", 1)[1].rsplit(".", 1)[0]
+
+
+def _renamed(key: str, old: str, new: str) -> str:
+    """A flattened optimizer state key of parameter `old` as the same key of parameter `new`."""
+    kind, rest = key.split(".", 1)
+    return f"{kind}.{new}{rest[len(old):]}" if _param_name(key) == old else key
+
+
+def without_head_copy(state: dict) -> dict:
+    """A last stage's flattened optimizer state without its tied head copy's (the first stage saves the weight's)."""
+    return {key: value for key, value in state.items() if _param_name(key) != HEAD}
+
+
+def head_copy_as_embedding(state: dict, back: bool = False) -> dict:
+    """The head copy's optimizer state keys as the embedding's (what a checkpoint holds), or `back` again."""
+    old, new = (EMBED, HEAD) if back else (HEAD, EMBED)
+    return {_renamed(key, old, new): value for key, value in state.items()}
+
+
+def _positions(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword argument every stage reads: the document positions, when the task gives them."""
+    return {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
 
 
 class Pipeline:
@@ -182,6 +233,10 @@ class Pipeline:
         self.stage_ids = [self.rank + k * self.size for k in range(par.pp_stages_per_rank)]
         self.has_first, self.has_last = 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids
         own = [i for s in self.stage_ids for i in layers[s]]
+        self.tied = bool(model.config.tie_word_embeddings)
+        if self.tied:
+            untie(model)
+            self.ends = ends_group(mesh.layout)
         release_others(model, own, self.has_first, self.has_last)
         parallelize(model)
         self.local = local_model(model, own, self.has_first, self.has_last)
@@ -215,6 +270,15 @@ class Pipeline:
         self.computed.append((loss, finite))
         return loss
 
+    def saved_optimizer_state(self, state: dict) -> dict:
+        """The optimizer state to save (flattened, keyed by parameter name): a tied weight's once, under the
+        embedding's name, as the unsplit tied model saves it, so the checkpoint loads at any layout."""
+        return without_head_copy(state) if self.tied and self.has_last else state
+
+    def optimizer_state_to_load(self, state: dict, loaded: bool = False) -> dict:
+        """The head copy's optimizer state read from (`loaded` False) and renamed back from (True) the embedding's."""
+        return head_copy_as_embedding(state, back=loaded) if self.tied and self.has_last else state
+
     def _check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
         if set(inputs) - STAGE_INPUTS:
             raise ConfigError(f"parallel.pp {self.size}: the pipeline stages take {sorted(STAGE_INPUTS)}, the task gives "
@@ -232,7 +296,7 @@ class Pipeline:
         losses: list[torch.Tensor] | None = [] if self.has_last else None
         with tensor.loss_context(self.tp):  # the vocab-parallel loss and its backward
             self.schedule.step(*((input_ids,) if self.has_first else ()), target=labels if self.has_last else None,
-                               losses=losses, return_outputs=False)
+                               losses=losses, return_outputs=False, **_positions(inputs))
         summary = torch.zeros(2 * self.microbatches, dtype=torch.float64)
         if losses is not None:
             finite = torch.tensor([next(flag for kept, flag in self.computed if kept is loss) for loss in losses],
@@ -244,13 +308,30 @@ class Pipeline:
         dist.all_reduce(summary, group=self.group)  # only the last stage contributes
         bad = summary[self.microbatches :].clone()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # over every rank: a micro-batch non-finite on any replica
+        self._sum_tied_grads()
         return float(summary[: self.microbatches].sum()), int(bad.sum())
 
+    def _tied_copy(self) -> torch.nn.Parameter | None:
+        """This rank's copy of a tied embedding weight (the embedding on the first stage, the head on the last)."""
+        if not self.tied:
+            return None
+        return self.local.model.embed_tokens.weight if self.has_first else self.local.lm_head.weight if self.has_last else None
+
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> CausalLMOutput:
-        """Forward only (evaluation): the stages in order, activations sent point to point to the next
-        stage's rank; the loss computed on the last stage and returned on every pp rank."""
-        self._check_inputs({"input_ids": input_ids, "labels": labels})
+    def _sum_tied_grads(self) -> None:
+        """The tied weight's gradient is the sum of its uses: the embedding's and the head's, each already reduced
+        over the data-parallel ranks by FSDP. Both copies are sharded alike (the same shape, tp and dp placements),
+        so the local shards add element by element."""
+        copy = self._tied_copy()
+        if copy is not None:
+            dist.all_reduce(_local(copy.grad), group=self.ends)
+
+    @torch.no_grad()
+    def forward(self, inputs: dict[str, torch.Tensor]) -> CausalLMOutput:
+        """Forward only (evaluation) of a task's inputs: the stages in order, activations sent point to point
+        to the next stage's rank; the loss computed on the last stage and returned on every pp rank."""
+        self._check_inputs(inputs)
+        input_ids, labels = inputs["input_ids"], inputs.get("labels")
         hidden = input_ids
         for s in range(self.num_stages):
             owner, prev_owner = s % self.size, (s - 1) % self.size
@@ -262,7 +343,7 @@ class Pipeline:
                     hidden = torch.empty(shape, dtype=self.activation_dtype, device=input_ids.device)
                     dist.recv(hidden, group_src=prev_owner, group=self.group)
             if owner == self.rank:
-                hidden = self.modules[self.stage_ids.index(s)](hidden)
+                hidden = self.modules[self.stage_ids.index(s)](hidden, **_positions(inputs))
         loss = torch.zeros((), dtype=torch.float32, device=input_ids.device)
         if self.has_last and labels is not None:
             with tensor.loss_context(self.tp):
@@ -271,9 +352,11 @@ class Pipeline:
         return CausalLMOutput(loss=loss)
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip by the norm over every stage's gradients; return that norm (the unsplit model's)."""
+        """Clip by the norm over every stage's gradients; return that norm (the unsplit model's: a tied weight's
+        gradient counted once, on the first stage)."""
         params = [p for p in self.local.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        head_copy = self._tied_copy() if self.has_last else None
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p is not head_copy])
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         squared = norm.double() ** 2
         dist.all_reduce(squared, group=self.group)

@@ -61,8 +61,8 @@ def check(model: torch.nn.Module, config: Config, tp: int) -> None:
 def parallelize(model: torch.nn.Module, tp_mesh) -> None:
     """Shard `model` over `tp_mesh` in place as the module docstring says (before FSDP wraps it)."""
     tp = tp_mesh.size()
-    tied = model.config.tie_word_embeddings
     decoder = model.model
+    tied = model.lm_head.weight is decoder.embed_tokens.weight  # a pipeline's last stage holds a copy (pipeline.untie)
     parallelize_module(model, tp_mesh, {
         "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         "model.norm": SequenceParallel(),

@@ -12,6 +12,7 @@ import torch
 
 from data_tools.manifest import Manifest
 from trainer.config import ConfigError
+from trainer.models import attention_kernel
 from trainer.tasks.base import Evaluation, TaskContext
 
 __all__ = ["DATA_TASK", "Evaluation", "Task", "TaskContext", "build_task", "doc_attention", "model_vocab_size"]
@@ -81,8 +82,9 @@ def doc_attention(config, manifests: list[Manifest]) -> bool:
         why_not = f"task.type {task} reads no packed rows (it applies to {', '.join(DOC_ATTENTION_TASKS)}); remove it"
     elif task == "mlm" and config.task.sentence_task != "none":
         why_not = f"task.sentence_task {config.task.sentence_task} pairs the two halves of a row across documents; set it false"
-    elif config.parallel.pp > 1:
-        why_not = "pipeline stages (parallel.pp > 1) do not carry position ids; set it false"
+    elif config.parallel.pp > 1 and attention_kernel(config).get("attn_implementation") == "flash_attention_2":
+        why_not = ("flash-attn reads documents from one row laid end to end, which pipeline stages (parallel.pp > 1) "
+                   "cannot split into micro-batches; set model.attention sdpa, or set it false")
     elif old := next((m for m in manifests if not m.has_doc_starts), None):
         why_not = (f"{old.directory} has no document starts (format_version {old.format_version}); prepare it again with "
                    "this dstrain, or set it false")

@@ -47,10 +47,7 @@ class CausalLM:
     def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
         if not self.ctx.doc_attention:
             return {"input_ids": rows, "labels": rows}
-        ids, positions = split_positions(rows)
-        # no cache: Hugging Face derives the per-document mask from position ids only when there is none
-        inputs = {"input_ids": ids, "labels": torch.where(positions == 0, IGNORE, ids), "position_ids": positions,
-                  "use_cache": False}
+        inputs = document_inputs(rows)
         return as_one_row(inputs) if self.one_row else inputs
 
     def valid_batches(self) -> Iterator[torch.Tensor]:
@@ -63,12 +60,17 @@ class CausalLM:
             batches.close()
 
     def evaluate(self, engine) -> Evaluation:
-        """The mean loss of the valid rows, each rank's share run in forwards of at most train.micro_batch rows."""
+        """The mean token loss of the valid rows, each rank's share run in forwards of at most train.micro_batch rows.
+
+        Each forward's mean is weighted by its targets: under document attention rows have fewer targets the more
+        documents start in them, so weighting by rows would make the number depend on micro_batch and world size."""
         total, count, micro = 0.0, 0, self.config.train.micro_batch
         with torch.no_grad():
             for i, batch in enumerate(self.valid_batches()):
-                for rows in batch.split(micro):  # every row has seq_len tokens: a row-weighted mean is the token mean
-                    total, count = total + engine.forward(**self.inputs(rows, -1, i)).loss.item() * len(rows), count + len(rows)
+                for rows in batch.split(micro):
+                    inputs = self.inputs(rows, -1, i)
+                    loss, targets = engine.forward(**inputs).loss.item(), target_count(inputs["labels"])
+                    total, count = total + (loss * targets if targets else 0.0), count + targets
         summed = distributed.all_reduce([total, count])
         loss = (summed[0] / summed[1]).item()
         return Evaluation({"loss": loss, "perplexity": math.exp(min(loss, 50))})
@@ -76,6 +78,18 @@ class CausalLM:
     def close(self) -> None:
         if self.valid_loader is not None:
             self.valid_loader.close()
+
+
+def document_inputs(rows: torch.Tensor) -> dict:
+    """Causal-LM inputs of [rows, 2, seq_len] document-attention rows: position ids restart at each document, whose
+    first token is no target. No cache: Hugging Face derives the per-document mask from position ids only without one."""
+    ids, positions = split_positions(rows)
+    return {"input_ids": ids, "labels": torch.where(positions == 0, IGNORE, ids), "position_ids": positions, "use_cache": False}
+
+
+def target_count(labels: torch.Tensor) -> int:
+    """The tokens a causal LM's built-in loss averages over: every label but each row's first that is not IGNORE."""
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 def as_one_row(inputs: dict) -> dict:
