@@ -148,21 +148,23 @@ def batch_digest(all_lane_digests: np.ndarray) -> str:
 
 
 @dataclass(frozen=True)
-class _Corpus:
+class Corpus:
+    """One source's shards as both loaders read them: its directory, manifest and mixture weight."""
+
     directory: Path
     manifest: Manifest
     weight: float
 
 
-def _load_corpus(source: Source) -> _Corpus:
+def _load_corpus(source: Source) -> Corpus:
     manifest = source.manifest if isinstance(source.manifest, Manifest) else load_manifest(source.manifest)
     if not source.weight > 0:
         raise DataError(f"{manifest.directory}: weight {source.weight}; a source's weight must be positive")
-    return _Corpus(manifest.directory, manifest, float(source.weight))
+    return Corpus(manifest.directory, manifest, float(source.weight))
 
 
 def open_corpora(sources: Sequence[Source], on_corrupt: str, verify: bool, rank: int,
-                 doc_positions: bool) -> tuple[list[_Corpus], bool]:
+                 doc_positions: bool) -> tuple[list[Corpus], bool]:
     """The sources' corpora as a loader reads them, and whether shards still need verifying before use
     (not after `on_corrupt: skip`, which verified every shard just now)."""
     if not sources:
@@ -183,7 +185,7 @@ def row_shape(manifest: Manifest, doc_positions: bool) -> tuple[int, ...]:
     return (2, manifest.seq_len) if doc_positions else manifest.row_shape
 
 
-def _without_corrupt_shards(corpus: _Corpus, rank: int) -> _Corpus:
+def _without_corrupt_shards(corpus: Corpus, rank: int) -> Corpus:
     """The corpus minus its missing, truncated or corrupt shards (`data.on_corrupt: skip`).
 
     Every rank checks every shard, not only its own, so all ranks deal the same remaining rows to
@@ -206,7 +208,7 @@ def _without_corrupt_shards(corpus: _Corpus, rank: int) -> _Corpus:
     return replace(corpus, manifest=replace(corpus.manifest, shards=kept))
 
 
-def _plan_lanes(corpora: Sequence[_Corpus], lanes: int) -> list[Lane]:
+def _plan_lanes(corpora: Sequence[Corpus], lanes: int) -> list[Lane]:
     """Give each source its share of lanes (in source order) and deal its rows among them."""
     plan: list[Lane] = []
     for source, (corpus, share) in enumerate(zip(corpora, lane_shares([c.weight for c in corpora], lanes))):
@@ -218,7 +220,7 @@ def _plan_lanes(corpora: Sequence[_Corpus], lanes: int) -> list[Lane]:
     return plan
 
 
-class _LaneReader:
+class LaneReader:
     """Reads one lane's stream at any position; keeps the lane's open shard and its current block.
 
     Why a cursor: consecutive steps read on where the last one stopped, so the rows still ahead
@@ -457,7 +459,7 @@ class LanesLoader(BatchStream):
     def _produce(self, start_step: int) -> Iterator[np.ndarray]:
         """Runs in the prefetch thread: the batches from `start_step` on, every lane at row step * k."""
         shards = self._local_index()
-        readers = [_LaneReader(lane, self.seed, shards, self.doc_positions) for lane in self.local_lanes]
+        readers = [LaneReader(lane, self.seed, shards, self.doc_positions) for lane in self.local_lanes]
         k = self.rows_per_lane
         try:
             for step in count(start_step):

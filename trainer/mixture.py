@@ -27,8 +27,8 @@ import xxhash
 from data_tools.common import DataError
 from data_tools.manifest import Manifest, ShardIndex, index_shard, verify_shard
 from trainer.config import Config
-from trainer.data import BatchStream, Lane, LanesLoader, Source, _Corpus, _LaneReader, check_ranks, deal_rows, open_corpora
-from trainer.data import row_shape
+from trainer.data import (BatchStream, Corpus, Lane, LaneReader, LanesLoader, Source, check_ranks, deal_rows, open_corpora,
+                          row_shape)
 from trainer.mixture_weights import RowCounts, WeightSchedule
 
 __all__ = ["MixtureLoader", "WeightedSource", "build_loader"]
@@ -61,7 +61,7 @@ def build_loader(config: Config, train: Sequence[Manifest], rank: int, world_siz
 class _Shards(Mapping):
     """(source, shard) → ShardIndex, verified (when asked) and indexed the first time a reader asks for it."""
 
-    def __init__(self, corpora: Sequence[_Corpus], verify: bool) -> None:
+    def __init__(self, corpora: Sequence[Corpus], verify: bool) -> None:
         self._corpora, self._verify, self._index = corpora, verify, {}
 
     def __getitem__(self, key: tuple[int, int]) -> ShardIndex:
@@ -181,7 +181,7 @@ class MixtureLoader(BatchStream):
     def _produce(self, start_step: int) -> Iterator[np.ndarray]:
         """Runs in the prefetch thread: each step's rows of every source that fall in this rank's part of the batch."""
         shards = _Shards(self.corpora, self.verify)
-        readers = [_LaneReader(stream, self.seed, shards, self.doc_positions) for stream in self.streams]
+        readers = [LaneReader(stream, self.seed, shards, self.doc_positions) for stream in self.streams]
         first, stop = self.rank * self.rows_per_rank, (self.rank + 1) * self.rows_per_rank
         try:
             for step, before, after in self.counts.from_step(start_step):

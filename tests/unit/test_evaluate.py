@@ -22,7 +22,7 @@ from data_tools.tokenize import load_tokenizer
 from trainer.config import load_config
 from trainer.downstream import Scorer, encode_pair, load_task
 from trainer.evaluate import Evaluator, LoadedModel, evaluate_saved, validation_parts
-from trainer.tasks import TaskContext
+from trainer.tasks import TaskContext, build_task
 
 pytestmark = pytest.mark.usefixtures("one_process_group")
 
@@ -171,3 +171,66 @@ def test_evaluate_on_an_export_needs_tasks_and_scores_as_the_loop(tmp_path, mode
     config = config_for(f"eval.tasks=[{TASKS[1]}]", "eval.max_examples=5")
     in_loop = Evaluator(config, gpt2, 50256, POSITIONS, []).evaluate(LoadedModel(model)).scalars
     assert evaluate_saved(tmp_path, False, [str(TASKS[1])], 5) == {f"eval/{k}": v for k, v in in_loop.items()}
+
+
+class DataRank(LoadedModel):
+    """The model as data rank `rank` of `world` sees it; the one-process group's all-reduce adds nothing."""
+
+    def __init__(self, model: torch.nn.Module, rank: int, world: int) -> None:
+        super().__init__(model)
+        self.data_rank, self.data_world = rank, world
+
+
+@pytest.fixture
+def wiki_valid(tmp_path, gpt2) -> Manifest:
+    gpt2.save(str(tmp_path / "tokenizer.json"))
+    text = " ".join(json.loads(line)["context"] for line in TASKS[1].read_text().splitlines()[:80])
+    return load_manifest(valid_split(tmp_path / "valid", gpt2, tmp_path / "tokenizer.json", text, 8))
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "mlm"])
+def test_eval_scores_the_same_rows_and_masks_at_a_world_size_the_lanes_do_not_divide(wiki_valid, gpt2, kind):
+    """8 lanes over 3 data ranks: every rank runs the same forwards (3, 3 and 2 rows + one padding row whose labels
+    count nothing), and together they score world 1's rows with world 1's labels (an MLM's masks included)."""
+    config = config_for(f"task.type={kind}", "data.lanes=8", "train.eval_batches=1", "train.micro_batch=2")
+    task = build_task(TaskContext(config, SEQ_LEN, gpt2, 50256, 50256, [], wiki_valid))
+    try:
+        def shares(rank: int, world: int) -> list[tuple[dict, torch.Tensor]]:
+            return list(task.valid_micro_batches(DataRank(None, rank, world)))
+
+        whole = shares(0, 1)
+        ranks = [shares(rank, 3) for rank in range(3)]
+    finally:
+        task.close()
+    assert [len(share) for share in ranks] == [2, 2, 2]  # forwards per rank: ceil(ceil(8 / 3) / 2)
+    labels_of = lambda batches: torch.cat([inputs["labels"] for inputs, _ in batches])  # noqa: E731
+    assert torch.equal(labels_of(ranks[2])[-1], torch.full((SEQ_LEN,), -100))  # rank 2's padding row
+    real = {r: torch.cat([kept for _, kept in share]) for r, share in enumerate(ranks)}
+    assert [int(k.sum()) for k in real.values()] == [3, 3, 2]
+    dealt = torch.empty(8, SEQ_LEN, dtype=torch.long)
+    for r, share in enumerate(ranks):  # rank r holds rows r, r + 3, …
+        dealt[r::3] = labels_of(share)[real[r]]
+    assert torch.equal(dealt, labels_of(whole))
+    if kind == "mlm":
+        assert (labels_of(whole) != -100).any()
+
+
+def test_mlm_eval_loss_is_the_masked_token_mean(wiki_valid, gpt2):
+    """Micro-batches with different numbers of masked tokens: the loss weighs each token once, not each batch."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig(vocab_size=50258, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=SEQ_LEN)).eval()
+    config = config_for("task.type=mlm", "data.lanes=8", "train.eval_batches=1", "train.micro_batch=3")
+    task = build_task(TaskContext(config, SEQ_LEN, gpt2, 50256, 50256, [], wiki_valid))
+    try:
+        scalars = task.evaluate(LoadedModel(bert)).scalars
+        batches = list(task.valid_micro_batches(LoadedModel(bert)))
+    finally:
+        task.close()
+    with torch.no_grad():
+        logits = torch.cat([bert(**inputs).logits for inputs, _ in batches])
+    labels = torch.cat([inputs["labels"] for inputs, _ in batches])
+    direct = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert scalars["loss"] == pytest.approx(direct.item(), rel=1e-6)

@@ -50,10 +50,12 @@ class Evaluation:
     texts: dict[str, str] = field(default_factory=dict)
 
 
-def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+def step_generator(seed: int, step: int, micro: int, rank: int | None = None) -> torch.Generator:
     """A generator for one micro-batch's random choices (masking, noise): a function of (seed, step, rank,
-    micro-batch) only, so a resumed run draws exactly what the uninterrupted one drew."""
-    state = np.random.SeedSequence([seed, step + 1, distributed.dist.get_rank(), micro]).generate_state(1)[0]
+    micro-batch) only, so a resumed run draws exactly what the uninterrupted one drew. `rank` defaults to
+    this process's; an evaluation that draws for a whole batch on every rank passes 0."""
+    rank = distributed.dist.get_rank() if rank is None else rank
+    state = np.random.SeedSequence([seed, step + 1, rank, micro]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -95,13 +97,20 @@ class FinetuneTask:
         pass
 
 
-class ValidSplit:
-    """A finetuning valid split held in memory, dealt so every rank runs the same number of batches.
+def deal(count: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank `rank`'s share of `count` evaluation items, and which of them are real: items r, r + W, …, the
+    stride padded to a multiple of the world size with copies of item 0 whose results are discarded.
 
     Why equal counts: under ZeRO-3 and FSDP2 every forward is collective, so a rank with one batch
-    fewer would hang the others. Rank r takes examples r, r + W, …; the stride is padded to a
-    multiple of the world size with copies of example 0 whose results are discarded.
+    fewer would hang the others.
     """
+    indices = np.arange(rank, math.ceil(count / world) * world, world)
+    real = indices < count
+    return np.where(real, indices, 0), real
+
+
+class ValidSplit:
+    """A finetuning valid split held in memory, dealt (`deal`) so every rank runs the same number of batches."""
 
     def __init__(self, manifest: Manifest, verify: bool) -> None:
         """`verify` (data.verify): check each shard's size and checksum against the manifest first, as training data is."""
@@ -116,10 +125,7 @@ class ValidSplit:
 
     def batches(self, micro_batch: int):
         """(real mask, int64 rows on the device) for each micro-batch of this rank's share."""
-        rank, world = distributed.dist.get_rank(), distributed.dist.get_world_size()
-        indices = np.arange(rank, math.ceil(len(self) / world) * world, world)
-        real = indices < len(self)
-        indices = np.where(real, indices, 0)
+        indices, real = deal(len(self), distributed.dist.get_rank(), distributed.dist.get_world_size())
         for first in range(0, len(indices), micro_batch):
             chunk = indices[first : first + micro_batch]
             yield real[first : first + micro_batch], torch.from_numpy(self.rows[chunk]).to(distributed.device())

@@ -21,8 +21,9 @@ import torch
 from trainer import distributed
 from trainer.data import LanesLoader, Source
 from trainer.models import attention_kernel
-from trainer.parallel.mesh import data_coordinate
-from trainer.tasks.base import IGNORE, Evaluation, TaskContext
+from trainer.tasks.base import IGNORE, Evaluation, TaskContext, deal
+
+LABELS = {"labels", "next_sentence_label"}  # inputs a padding row of an eval batch must not count in
 
 
 class CausalLM:
@@ -32,45 +33,54 @@ class CausalLM:
         self.one_row = ctx.doc_attention and kernel == "flash_attention_2"  # see the module docstring
         self.valid_loader = None
         if ctx.valid:
-            data = data_coordinate(self.config, distributed.dist.get_rank(), distributed.dist.get_world_size())
-            # The training run's lanes, one row each per eval batch, dealt over the data ranks (tensor/pipeline peers
-            # read the same rows): an eval scores the same rows at every world size, so its loss does not depend on it.
+            # Every rank reads each whole eval batch (the training run's lanes, one row each) and scores its share of
+            # it: the same rows, inputs and loss at every world size, and no constraint on the layout.
             lanes = self.config.data.lanes
             self.valid_loader = LanesLoader(
-                [Source(ctx.valid)], global_batch=lanes, lanes=lanes, seed=self.config.run.seed,
-                rank=data.rank, world_size=data.world, verify=self.config.data.verify, doc_positions=ctx.doc_attention,
+                [Source(ctx.valid)], global_batch=lanes, lanes=lanes, seed=self.config.run.seed, rank=0, world_size=1,
+                verify=self.config.data.verify, doc_positions=ctx.doc_attention,
             )
 
     def tokens(self, rows: np.ndarray) -> int:
         return len(rows) * self.ctx.seq_len
 
     def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
-        if not self.ctx.doc_attention:
-            return {"input_ids": rows, "labels": rows}
-        inputs = document_inputs(rows)
+        inputs = self.row_inputs(rows, step, micro, distributed.dist.get_rank())
         return as_one_row(inputs) if self.one_row else inputs
 
-    def valid_batches(self) -> Iterator[torch.Tensor]:
-        """The first `train.eval_batches` batches of the valid split: the same ones at every eval and world size."""
-        batches = self.valid_loader.batches(0)
+    def row_inputs(self, rows: torch.Tensor, step: int, micro: int, rank: int) -> dict:
+        """The model inputs of `rows`, one input row per row; `rank` seeds a task's random choices (MLM masks)."""
+        return document_inputs(rows) if self.ctx.doc_attention else {"input_ids": rows, "labels": rows}
+
+    def valid_micro_batches(self, engine) -> Iterator[tuple[dict, torch.Tensor]]:
+        """(model inputs, real rows) of this data rank's share of the first `train.eval_batches` valid batches, in
+        forwards of at most train.micro_batch rows. The inputs are made from the whole batch as rank 0's, so
+        the same at every eval and world size; padding rows (`deal`) have no labels."""
+        micro, batches = self.config.train.micro_batch, self.valid_loader.batches(0)
         try:
-            for _ in range(self.config.train.eval_batches):
-                yield torch.from_numpy(next(batches)).to(distributed.device())
+            for i in range(self.config.train.eval_batches):
+                rows = torch.from_numpy(next(batches)).to(distributed.device())
+                inputs = self.row_inputs(rows, -1, i, rank=0)
+                indices, real = deal(len(rows), engine.data_rank, engine.data_world)
+                for first in range(0, len(indices), micro):
+                    chunk = torch.from_numpy(indices[first : first + micro]).to(rows.device)
+                    kept = torch.from_numpy(real[first : first + micro]).to(rows.device)
+                    share = {name: value[chunk] if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+                    for name in LABELS & share.keys():
+                        share[name] = torch.where(kept.view(-1, *[1] * (share[name].dim() - 1)), share[name], IGNORE)
+                    yield (as_one_row(share) if self.one_row else share), kept
         finally:
             batches.close()
 
     def evaluate(self, engine) -> Evaluation:
-        """The mean token loss of the valid rows, each rank's share run in forwards of at most train.micro_batch rows.
-
-        Each forward's mean is weighted by its targets: under document attention rows have fewer targets the more
-        documents start in them, so weighting by rows would make the number depend on micro_batch and world size."""
-        total, count, micro = 0.0, 0, self.config.train.micro_batch
+        """The mean token loss of the valid rows, each forward's mean weighted by its targets: under document
+        attention rows have fewer targets the more documents start in them, so weighting by rows would make the
+        number depend on micro_batch and world size."""
+        total, count = 0.0, 0
         with torch.no_grad():
-            for i, batch in enumerate(self.valid_batches()):
-                for rows in batch.split(micro):
-                    inputs = self.inputs(rows, -1, i)
-                    loss, targets = engine.forward(**inputs).loss.item(), target_count(inputs["labels"])
-                    total, count = total + (loss * targets if targets else 0.0), count + targets
+            for inputs, _ in self.valid_micro_batches(engine):
+                loss, targets = engine.forward(**inputs).loss, target_count(inputs["labels"])
+                total, count = total + (loss.item() * targets if targets else 0.0), count + targets  # padding only: no mean
         summed = distributed.all_reduce([total, count])
         loss = (summed[0] / summed[1]).item()
         return Evaluation({"loss": loss, "perplexity": math.exp(min(loss, 50))})

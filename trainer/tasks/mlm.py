@@ -17,8 +17,8 @@ import torch
 from tokenizers.models import WordPiece
 
 from trainer import distributed
-from trainer.tasks.base import IGNORE, Evaluation, special_ids, step_generator
-from trainer.tasks.causal_lm import CausalLM, as_one_row, split_positions
+from trainer.tasks.base import IGNORE, Evaluation, special_ids, step_generator, token_losses
+from trainer.tasks.causal_lm import CausalLM, split_positions
 
 MASK_TOKENS = ("[MASK]", "<mask>")
 
@@ -42,8 +42,8 @@ class MaskedLM(CausalLM):
         starts[self.special] = True
         return starts
 
-    def inputs(self, rows: torch.Tensor, step: int, micro: int = 0, train: bool = False) -> dict[str, torch.Tensor]:
-        gen = step_generator(self.config.run.seed, step, micro)
+    def row_inputs(self, rows: torch.Tensor, step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
+        gen = step_generator(self.config.run.seed, step, micro, rank)
         positions = None
         if self.ctx.doc_attention:  # BERT attends within each document (bidirectional) and restarts its positions
             rows, positions = split_positions(rows)
@@ -63,27 +63,26 @@ class MaskedLM(CausalLM):
             inputs["position_ids"] = positions
         if self.config.task.sentence_task != "none":
             inputs = sentence_pairs(inputs, self.config.task.sentence_task, gen)
-        inputs = {name: tensor.to(rows.device) for name, tensor in inputs.items()}
-        return as_one_row(inputs) if self.one_row else inputs
+        return {name: tensor.to(rows.device) for name, tensor in inputs.items()}
 
     def evaluate(self, engine) -> Evaluation:
-        """Loss, masked-token accuracy (and sentence-task accuracy) on the same masked valid batches every time."""
-        stats = torch.zeros(6, dtype=torch.float64)  # loss sum, batches, correct tokens, masked tokens, correct pairs, rows
+        """Loss and accuracy over the masked tokens (and the sentence task's accuracy over the rows) of the same
+        masked valid rows every time, summed exactly over micro-batches and ranks: the loss is the masked-token
+        mean, so it does not depend on micro_batch or world size (the sentence task's loss is not in it)."""
+        stats = torch.zeros(5, dtype=torch.float64)  # masked-token loss sum, masked tokens, correct tokens, pairs, rows
         with torch.no_grad():
-            for i, rows in enumerate(self.valid_batches()):
-                inputs = self.inputs(rows, -1, i)
+            for inputs, real in self.valid_micro_batches(engine):
                 output = engine.forward(**inputs)
-                labels = inputs["labels"]
-                counted = labels != IGNORE
                 logits = output.logits if "logits" in output else output.prediction_logits
-                correct = ((logits.argmax(-1) == labels) & counted).sum().item()
+                losses, counted = token_losses(logits, inputs["labels"])
+                correct = ((logits.argmax(-1) == inputs["labels"]) & counted).sum().item()
                 pairs = 0
                 if "next_sentence_label" in inputs:
                     pairs = (output.seq_relationship_logits.argmax(-1) == inputs["next_sentence_label"]).sum().item()
-                stats += torch.tensor([output.loss.item(), 1, correct, counted.sum().item(), pairs, len(rows)],
+                stats += torch.tensor([losses.sum().item(), counted.sum().item(), correct, pairs, real.sum().item()],
                                       dtype=torch.float64)
-        loss_sum, batches, correct, masked, pairs, n_rows = distributed.all_reduce(stats).tolist()
-        scalars = {"loss": loss_sum / batches, "masked_accuracy": correct / max(masked, 1)}
+        loss_sum, masked, correct, pairs, n_rows = distributed.all_reduce(stats).tolist()
+        scalars = {"loss": loss_sum / max(masked, 1), "masked_accuracy": correct / max(masked, 1)}
         if self.config.task.sentence_task != "none":
             scalars[f"{self.config.task.sentence_task}_accuracy"] = pairs / n_rows
         return Evaluation(scalars)
