@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from trainer.model_files import check_tokenizer, load_model
 from trainer.config import Config, ConfigError
+from trainer.document_attention import attend_within_documents
 from trainer.tasks.base import IGNORE
 
 SHIFTED_TASKS = ("causal_lm", "sft")
@@ -35,9 +36,10 @@ def task_loss(inputs: dict, output) -> torch.Tensor:
 
 
 def objective(config: Config, student: torch.nn.Module, tokenizer_file: Path,
-              place: Callable[[torch.nn.Module], torch.nn.Module]) -> Objective:
+              place: Callable[[torch.nn.Module], torch.nn.Module], doc_attention: bool = False) -> Objective:
     """The training loss: the model's own, or mixed with distillation when `distill.teacher` is set;
-    `place` puts the teacher where the engine runs (the engine's `place_frozen`)."""
+    `place` puts the teacher where the engine runs (the engine's `place_frozen`). Under document attention
+    the teacher attends per document with the student's kernel (it sees the same position ids)."""
     if not config.distill.teacher:
         return task_loss
     teacher, teacher_tokenizer = load_model(config.distill.teacher)
@@ -46,6 +48,8 @@ def objective(config: Config, student: torch.nn.Module, tokenizer_file: Path,
     if student_classes is not None and teacher.config.num_labels != student_classes:
         raise ConfigError(f"distill.teacher {config.distill.teacher}: {teacher.config.num_labels} labels, "
                           f"the data has {student_classes}")
+    if doc_attention:
+        attend_within_documents(teacher)
     parameters = teacher.num_parameters()
     teacher = place(teacher)
     log.info("distillation from %s: %s parameters, %s; temperature %g, alpha %g", config.distill.teacher, f"{parameters:,}",

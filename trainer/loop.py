@@ -253,7 +253,7 @@ def set_up(config: Config, resume_from: str) -> Run:
     engine = build_engine(adapt(model, config), config, world, steps_total, state.world_size if state else None)
     accum = config.train.accumulation(engine.data_world)
     # the model's loss, or mixed with a teacher's (distill)
-    loss_of = objective(config, model, tokenizer_file, engine.place_frozen)
+    loss_of = objective(config, model, tokenizer_file, engine.place_frozen, ctx.doc_attention)
     progress = Progress(0, TokenCount(0), 0)
     best = BestMetric(config.train.best_metric, config.train.best_mode, config.train.early_stop_patience)
     if state:

@@ -193,6 +193,15 @@ def test_distillation_mixes_kl_into_the_task_loss(teacher):
     assert objective(load_config(None, ["data.train=x"]), student, TOKENIZER, lambda model: model) is task_loss
 
 
+def test_a_teacher_attends_per_document_when_the_run_does(teacher):
+    """Under data.doc_attention the teacher gets the student's per-document SDPA, not transformers' dense mask."""
+    student = load_model(teacher)[0]
+    dense = objective(_distill_config(teacher), student, TOKENIZER, lambda model: model)
+    per_document = objective(_distill_config(teacher), student, TOKENIZER, lambda model: model, doc_attention=True)
+    assert dense.teacher.config._attn_implementation == "sdpa"
+    assert per_document.teacher.config._attn_implementation == "sdpa_documents"
+
+
 def test_distillation_refuses_a_teacher_with_another_tokenizer(teacher, tmp_path):
     other = tmp_path / "teacher"
     load_model(teacher)[0].save_pretrained(other)
