@@ -194,14 +194,15 @@ def _state_bytes(layout: Layout, precision: str) -> tuple[int, int, int]:
 
 
 def model_states(layout: Layout, count: ParamCount, precision: str, world: int, accumulation: int = 1,
-                 pipelined: bool = False) -> tuple[float, float, float]:
+                 kept_gathered: bool = False) -> tuple[float, float, float]:
     """(params, grads, optimizer) bytes on each GPU: replicated, sharded over `world`, or on the CPU.
 
     FSDP2 skips the reduce-scatter on all but the last of `accumulation` > 1 micro-batches
     (`set_requires_gradient_sync(False)`, the FSDP2 engine's and torch.distributed.pipelining's
     gradient accumulation) and keeps the unsharded gradients meanwhile, in fp32 (its reduce dtype):
-    4 bytes × every parameter of the rank. A pipeline stage (`pipelined`) is also not resharded after
-    backward until its last micro-batch, so from its first backward its parameters stay gathered."""
+    4 bytes × every parameter of the rank. `kept_gathered`: the parameters are not resharded between the
+    step's first forward and its last backward, so all of them are gathered at once: a pipeline stage (not
+    resharded after backward until its last micro-batch) or `engine.reshard_after_forward: false`."""
     states = []
     for sharded_from, per_param in zip(SHARDED_FROM_STAGE, _state_bytes(layout, precision)):
         sharded = layout.stage >= sharded_from
@@ -212,7 +213,7 @@ def model_states(layout: Layout, count: ParamCount, precision: str, world: int, 
         if not layout.fsdp:
             params, grads = params + compute * count.largest_layer, grads + compute * count.largest_layer
         else:
-            params += compute * (count.total if pipelined else count.root + count.block)
+            params += compute * (count.total if kept_gathered else count.root + count.block)
             grads += 4 * count.total if accumulation > 1 else compute * max(count.root, count.block)
     return params, grads, optimizer
 
@@ -258,7 +259,8 @@ def make_plan(config: Config, world: int, vocab: int, seq_len: int, eager_attent
     for layout in dict.fromkeys((*TABLE, selected)):
         checkpointing = config.engine.activation_checkpointing == "full"
         activations = activation_bytes(shape, config.train.micro_batch, seq_len, config.precision, checkpointing, eager_attention)
-        rows[layout] = Memory(*model_states(layout, count, config.precision, world, accumulation), activations)
+        kept_gathered = layout == selected and layout.fsdp and config.engine.reshard_after_forward is False
+        rows[layout] = Memory(*model_states(layout, count, config.precision, world, accumulation, kept_gathered), activations)
     return Plan(shape, count, flops_per_token(shape, count, seq_len), seq_len, world, accumulation, selected, rows)
 
 

@@ -209,7 +209,7 @@ class MeshPlan:
 def _rank_memory(shape: Shape, mesh: Mesh, rank: int, seq_len: int, precision: str, offload: bool, eager: bool) -> Memory:
     count = rank_params(shape, mesh, rank)
     states = model_states(Layout(3, offload, fsdp=True), count, precision, mesh.dp_shard * mesh.cp, mesh.microbatches,
-                          pipelined=mesh.pp > 1)
+                          kept_gathered=mesh.pp > 1)
     layer = layer_activation_bytes(shape, mesh.rows, seq_len // mesh.cp, eager, mesh.tp)
     chunk_layers = layers_of_rank(shape, mesh, rank) / mesh.stages_per_rank
     held = in_flight(mesh, rank) * chunk_layers

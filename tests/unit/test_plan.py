@@ -273,6 +273,17 @@ def test_gradient_accumulation_keeps_fp32_unsharded_grads_under_fsdp2():
     assert four[1] - one[1] == 4 * count.total + 4 * count.total / 32 - (4 * count.total / 32 + 2 * max(count.root, count.block))
 
 
+def test_fsdp2_without_resharding_plans_every_parameter_gathered():
+    """engine.reshard_after_forward=false keeps each block gathered from its forward through the step's end."""
+    config = load_config(example("llama-8b-fsdp2"))
+    count = example_count("llama-8b-fsdp2")
+    resharded = make_plan(config, 32, 128256, 2048).rows[Layout(3, fsdp=True)]
+    config.engine.reshard_after_forward = False
+    kept = make_plan(config, 32, 128256, 2048).rows[Layout(3, fsdp=True)]
+    assert kept.params - resharded.params == 2 * (count.total - count.root - count.block)  # bf16 copies
+    assert (kept.grads, kept.optimizer, kept.activations) == (resharded.grads, resharded.optimizer, resharded.activations)
+
+
 def test_in_flight_micro_batches_and_bubble_follow_each_schedule():
     assert [in_flight(Mesh(pp=4, microbatches=8), r) for r in range(4)] == [4, 3, 2, 1]  # 1F1B
     assert [in_flight(Mesh(pp=4, microbatches=2), r) for r in range(4)] == [2, 2, 2, 1]
