@@ -130,6 +130,17 @@ def _write_json(path: Path, value: object) -> None:
     os.replace(tmp, path)
 
 
+def _differences(old: object, new: object, path: str = "") -> list[str]:
+    """The dotted keys where two plan.json values differ: a key one lacks (another version) or another value."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [path.rstrip(".") or "the whole plan"]
+    found = []
+    for key in sorted(old.keys() | new.keys(), key=str):
+        one_lacks = (key in old) != (key in new)
+        found += [f"{path}{key}"] if one_lacks else _differences(old[key], new[key], f"{path}{key}.")
+    return found
+
+
 class Job:
     """One output directory and the stages that fill it."""
 
@@ -165,10 +176,11 @@ class Job:
         new = json.loads(json.dumps(plan.to_dict()))
         if path.exists():
             old = json.loads(path.read_text())
-            if {**old, "estimate": None} != {**new, "estimate": None}:  # the estimate (and its SLURM layout) may change
+            derived = {"estimate": None, "peak_mb": None}  # follow from the rest, and from the version's cost model
+            if changed := _differences({**old, **derived}, {**new, **derived}):
                 raise DataError(
-                    f"--output {self.out}: holds a job with other inputs or settings (plan.json); "
-                    "use a new directory or delete it"
+                    f"--output {self.out}: holds a job with other inputs, settings or data_tools version (plan.json "
+                    f"differs in {', '.join(changed[:3])}{', …' if len(changed) > 3 else ''}); use a new directory or delete it"
                 )
             log.info("resuming the job in %s", self.out)
         if not path.exists() or old != new:

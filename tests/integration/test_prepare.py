@@ -135,7 +135,7 @@ def test_bad_inputs_are_counted_and_skipped(tmp_path, corpora, gpt2_dir):
         ("unknown_lang", "--langs: unknown language code 'xx'"),
         ("missing_tokenizer", "--tokenizer {tmp}/no-tokenizer: no such file or directory"),
         ("seq_len", "--seq-len 1: must be at least 2"),
-        ("other_plan", "holds a job with other inputs or settings"),
+        ("other_plan", "holds a job with other inputs, settings or data_tools version (plan.json differs in seq_len)"),
     ],
 )
 def test_bad_arguments_fail_with_one_line(tmp_path, corpora, gpt2_dir, case, message):
