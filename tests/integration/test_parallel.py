@@ -114,6 +114,17 @@ def test_a_one_process_checkpoint_continues_at_pp2_with_the_tied_weights_optimiz
     assert_same_curve(run, pipe_reference, range(1, STEPS + 1))
 
 
+def test_pp2_with_untied_embeddings_matches_one_process(config_file, tmp_path_factory, tmp_path):
+    """Untied, the last stage owns its head outright: no copy, no gradient all-reduce between first and last stage."""
+    untied = (*PIPE, "model.tie_embeddings=false")
+    reference = one_process(config_file, tmp_path_factory, untied)
+    run = tmp_path / "pp2"
+    train(config_file, 2, run, *untied, "parallel.pp=2", "parallel.pp_schedule=1f1b")
+    assert_same_curve(run, reference, range(1, STEPS + 1))
+    weights = consolidated_state_dict(run / "checkpoints" / f"step_{STEPS:06d}")
+    assert not torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+
+
 def test_a_world_size_the_layout_does_not_divide_is_one_line(config_file, tmp_path):
     result = train(config_file, 1, tmp_path / "tp2", *TINY, "parallel.tp=2", expect=2)
     assert result.stderr.strip().splitlines()[-1] == (
