@@ -57,6 +57,7 @@ CONTENDERS = {  # name → (engine overrides, processes, the contender it is com
     "FSDP2, 1 proc": (FSDP2, 1, "plain loop"),
     "FSDP2, 2 procs": (FSDP2, 2, "FSDP2, 1 proc"),
     "FSDP2 no reshard, 2 procs": ([*FSDP2, "engine.reshard_after_forward=false"], 2, "FSDP2, 1 proc"),
+    "FSDP2 replicated, 2 procs": ([*FSDP2, "parallel.dp_replicate=2"], 2, "FSDP2, 1 proc"),  # HSDP, shards of 1
 }
 
 
@@ -87,18 +88,19 @@ def case_overrides(case: str, data: Path, run_dir: Path) -> tuple[Path | None, l
 def plain_side(case: str, data: Path, result: Path) -> None:
     """The plain loop over `case`'s run, scored as dstrain scores it; its Outcome (wall: the orchestrator's clock)."""
     from data_tools.manifest import load_manifest
-    from trainer.compress.evaluate import read_split, task_metrics
+    from trainer.compress.evaluate import read_rows, task_metrics
     from trainer.config import load_config
 
     path, overrides = case_overrides(case, data, Path("no-run-dir"))  # written by dstrain only
     config = load_config(path, overrides)
-    manifest = load_manifest(config.data.sources()[0].path)
+    manifest = load_manifest(config.data.train_sources()[0].path)
     steps = config.train.max_steps
     run = plain_loop.train(config, manifest, steps)
     accuracy = None
     if case == "finetune":
         run.model.eval()
-        valid, rows = read_split(Path(config.data.valid))
+        valid = load_manifest(Path(config.data.valid))
+        rows = read_rows(valid, per_document=False)  # labelled rows: no documents
         accuracy = task_metrics(run.model, valid, rows, plain_loop.pad_id(run.model, valid), 32)["accuracy"]
     every = LOG_EVERY[case]
     windows = [statistics.fmean(run.step_s[i : i + every]) for i in range(0, steps, every)]
@@ -173,10 +175,11 @@ def profile_side(case: str, name: str, data: Path, result: Path) -> None:
     distributed.barrier()
 
 
-def profile(case: str, data: Path, work: Path, cores: int) -> None:
+def profile(case: str, data: Path, work: Path, cores: int, names: list[str]) -> None:
     """The phase breakdown of each dstrain contender, ms per step on rank 0, wall / process CPU."""
     rows: dict[str, dict[str, list[float]] | str] = {}
-    for name, (engine, procs, _) in CONTENDERS.items():
+    for name in names:
+        engine, procs, _ = CONTENDERS[name]
         if engine is None:
             continue
         out = work / f"profile-{time.monotonic_ns()}.json"
@@ -242,15 +245,24 @@ def run_contender(name: str, case: str, data: Path, work: Path, cores: int) -> O
     return Outcome([r["step_s"] for r in train[1:]], train[-1]["loss"], accuracy, wall)
 
 
-def run_rounds(case: str, data: Path, work: Path, rounds: int, cores: int) -> dict[str, list[Outcome] | str]:
+def run_rounds(case: str, data: Path, work: Path, rounds: int, cores: int, names: list[str]) -> dict[str, list[Outcome] | str]:
     """`rounds` runs of every contender in turn, every other round reversed; a contender that fails once stops."""
-    runs: dict[str, list[Outcome] | str] = {name: [] for name in CONTENDERS}
+    runs: dict[str, list[Outcome] | str] = {name: [] for name in names}
     for round_ in range(rounds):
-        for name in CONTENDERS if round_ % 2 == 0 else reversed(CONTENDERS):
+        for name in names if round_ % 2 == 0 else reversed(names):
             if isinstance(runs[name], list):
                 outcome = run_contender(name, case, data, work, cores)
                 runs[name] = outcome if isinstance(outcome, str) else [*runs[name], outcome]
     return runs
+
+
+def compared(names: list[str]) -> list[str]:
+    """`names` and the contenders they are compared with, in CONTENDERS' order."""
+    if unknown := set(names) - CONTENDERS.keys():
+        raise SystemExit(f"--only {', '.join(sorted(unknown))}: no such contender; choose from {', '.join(CONTENDERS)}")
+    wanted = {"plain loop", *names}
+    wanted |= {CONTENDERS[name][2] for name in names} - {None}
+    return [name for name in CONTENDERS if name in wanted]
 
 
 def windows(outcomes: list[Outcome]) -> list[float]:
@@ -284,7 +296,8 @@ def print_table(case: str, runs: dict[str, list[Outcome] | str], cores: int, loa
         print(f"{name:28}{statistics.fmean(times):>8.3f}{per_run:>15}{statistics.median(times):>8.3f}"
               f"{statistics.fmean(o.wall_s for o in outcomes):>8.1f}{first.final_loss:>11.5f}{scored}")
     plain = runs["plain loop"]
-    for name, (_, procs, baseline) in CONTENDERS.items():
+    for name in runs:
+        _, procs, baseline = CONTENDERS[name]
         if baseline is None:
             continue
         goal = "<= 1.05x" if procs == 1 else "<= 1.10x"
@@ -300,6 +313,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each contender (every other round reversed)")
     parser.add_argument("--cores", type=int, default=2, help="cores shared out: 1 process gets all, 2 processes half each")
     parser.add_argument("--profile", action="store_true", help="print where each dstrain contender's step time goes")
+    parser.add_argument("--only", type=lambda names: names.split(";"), default=list(CONTENDERS),
+                        help="contenders to run, separated by ';' (with the ones they are compared with)")
     parser.add_argument("--side", choices=("finetune", "pretrain"), help=argparse.SUPPRESS)  # the plain loop, here
     parser.add_argument("--profile-side", choices=("finetune", "pretrain"), help=argparse.SUPPRESS)  # one rank profiled
     parser.add_argument("--contender", choices=list(CONTENDERS), help=argparse.SUPPRESS)
@@ -319,10 +334,10 @@ def main() -> None:
             prepare = prepare_finetune_data if case == "finetune" else prepare_pretrain_data
             data = prepare(work / f"{case}-data")
             if args.profile:
-                profile(case, data, work, args.cores)
+                profile(case, data, work, args.cores, compared(args.only))
                 continue
             before = os.getloadavg()[0]
-            runs = run_rounds(case, data, work, args.rounds, args.cores)
+            runs = run_rounds(case, data, work, args.rounds, args.cores, compared(args.only))
             print_table(case, runs, args.cores, (before, os.getloadavg()[0]))
 
 
