@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import plain_loop  # bench/plain_loop.py: the script's own directory is on sys.path
+from rounds import alternating_rounds
 from trainer_bench import prepare_data as prepare_pretrain_data
 from trainer_bench import run_overrides as pretrain_step_overrides
 
@@ -245,17 +246,6 @@ def run_contender(name: str, case: str, data: Path, work: Path, cores: int) -> O
     return Outcome([r["step_s"] for r in train[1:]], train[-1]["loss"], accuracy, wall)
 
 
-def run_rounds(case: str, data: Path, work: Path, rounds: int, cores: int, names: list[str]) -> dict[str, list[Outcome] | str]:
-    """`rounds` runs of every contender in turn, every other round reversed; a contender that fails once stops."""
-    runs: dict[str, list[Outcome] | str] = {name: [] for name in names}
-    for round_ in range(rounds):
-        for name in names if round_ % 2 == 0 else reversed(names):
-            if isinstance(runs[name], list):
-                outcome = run_contender(name, case, data, work, cores)
-                runs[name] = outcome if isinstance(outcome, str) else [*runs[name], outcome]
-    return runs
-
-
 def compared(names: list[str]) -> list[str]:
     """`names` and the contenders they are compared with, in CONTENDERS' order."""
     if unknown := set(names) - CONTENDERS.keys():
@@ -337,7 +327,8 @@ def main() -> None:
                 profile(case, data, work, args.cores, compared(args.only))
                 continue
             before = os.getloadavg()[0]
-            runs = run_rounds(case, data, work, args.rounds, args.cores, compared(args.only))
+            runs = alternating_rounds(compared(args.only), args.rounds,
+                                      lambda name: run_contender(name, case, data, work, args.cores))
             print_table(case, runs, args.cores, (before, os.getloadavg()[0]))
 
 

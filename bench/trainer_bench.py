@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import plain_loop  # bench/plain_loop.py: the script's own directory is on sys.path
+from rounds import alternating_rounds
 
 if TYPE_CHECKING:  # the engines import these in their own processes
     from data_tools.manifest import Manifest
@@ -241,17 +242,6 @@ def run_engine(engine: str, data: Path, work: Path, zero_stage: int, pythonpath:
                   [r["data_wait_frac"] for r in records])
 
 
-def run_rounds(data: Path, work: Path, zero_stage: int, pythonpath: str | None) -> dict[str, list[Result] | str]:
-    """ROUNDS runs of every engine, in turn, every other round in reverse order; an engine that fails once stops."""
-    runs: dict[str, list[Result] | str] = {engine: [] for engine in ENGINES}
-    for round_ in range(ROUNDS):
-        for engine in ENGINES if round_ % 2 == 0 else reversed(ENGINES):
-            if isinstance(runs[engine], list):
-                result = run_engine(engine, data, work, zero_stage, pythonpath)
-                runs[engine] = result if isinstance(result, str) else [*runs[engine], result]
-    return runs
-
-
 def measured(runs: list[Result]) -> list[float]:
     return [s for run in runs for s in run.step_s[WARMUP:]]
 
@@ -305,7 +295,9 @@ def main() -> None:
     pythonpath = accelerate_path()
     with tempfile.TemporaryDirectory(prefix="trainer-bench-") as tmp:
         work = Path(tmp)
-        runs = run_rounds(prepare_data(work / "data"), work, args.zero_stage, pythonpath)
+        data = prepare_data(work / "data")
+        runs = alternating_rounds(list(ENGINES), ROUNDS,
+                                  lambda engine: run_engine(engine, data, work, args.zero_stage, pythonpath))
     print_table(runs, args.zero_stage)
 
 
