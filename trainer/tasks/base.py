@@ -10,6 +10,7 @@ inputs and, at evaluation, to turn outputs into metrics.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,16 +98,19 @@ class FinetuneTask:
         pass
 
 
-def deal(count: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rank `rank`'s share of `count` evaluation items, and which of them are real: items r, r + W, …, the
-    stride padded to a multiple of the world size with copies of item 0 whose results are discarded.
+def deal(count: int, rank: int, world: int, micro_batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Rank `rank`'s share of `count` evaluation items in micro-batches: (item indices, which of them are real).
+    Rank r takes items r, r + W, …, the stride padded to a multiple of the world size with copies of item 0
+    whose results are discarded.
 
     Why equal counts: under ZeRO-3 and FSDP2 every forward is collective, so a rank with one batch
     fewer would hang the others.
     """
     indices = np.arange(rank, math.ceil(count / world) * world, world)
     real = indices < count
-    return np.where(real, indices, 0), real
+    indices = np.where(real, indices, 0)
+    for first in range(0, len(indices), micro_batch):
+        yield indices[first : first + micro_batch], real[first : first + micro_batch]
 
 
 class ValidSplit:
@@ -125,10 +129,8 @@ class ValidSplit:
 
     def batches(self, micro_batch: int):
         """(real mask, int64 rows on the device) for each micro-batch of this rank's share."""
-        indices, real = deal(len(self), distributed.dist.get_rank(), distributed.dist.get_world_size())
-        for first in range(0, len(indices), micro_batch):
-            chunk = indices[first : first + micro_batch]
-            yield real[first : first + micro_batch], torch.from_numpy(self.rows[chunk]).to(distributed.device())
+        for chunk, real in deal(len(self), distributed.dist.get_rank(), distributed.dist.get_world_size(), micro_batch):
+            yield real, torch.from_numpy(self.rows[chunk]).to(distributed.device())
 
 
 class MeteredTask(FinetuneTask):

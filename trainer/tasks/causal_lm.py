@@ -61,10 +61,8 @@ class CausalLM:
             for i in range(self.config.train.eval_batches):
                 rows = torch.from_numpy(next(batches)).to(distributed.device())
                 inputs = self.row_inputs(rows, -1, i, rank=0)
-                indices, real = deal(len(rows), engine.data_rank, engine.data_world)
-                for first in range(0, len(indices), micro):
-                    chunk = torch.from_numpy(indices[first : first + micro]).to(rows.device)
-                    kept = torch.from_numpy(real[first : first + micro]).to(rows.device)
+                for indices, real in deal(len(rows), engine.data_rank, engine.data_world, micro):
+                    chunk, kept = torch.from_numpy(indices).to(rows.device), torch.from_numpy(real).to(rows.device)
                     share = {name: value[chunk] if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
                     for name in LABELS & share.keys():
                         share[name] = torch.where(kept.view(-1, *[1] * (share[name].dim() - 1)), share[name], IGNORE)
