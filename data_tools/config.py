@@ -87,14 +87,14 @@ class DedupConfig:
     exact: bool = True
     near: bool = True
     ngram: int = 5  # word shingles
-    # 28 bands × 4 rows = 112 permutations: a pair with Jaccard 0.7 shares a band with probability 0.9995
-    # (14 × 8: 0.56); the candidate check below then removes the pairs that collided by chance.
-    bands: int = 28
-    rows_per_band: int = 4
+    # 37 bands × 3 rows = 111 permutations: a pair with Jaccard 0.5 shares a band with probability 0.993, one at 0.7
+    # with 0.99999997 (28 × 4: 0.84 and 0.9995; 14 × 8: 0.05 and 0.56); the check below removes chance collisions.
+    bands: int = 37
+    rows_per_band: int = 3
     seed: int = 1
-    # A candidate pair is a duplicate if its estimated Jaccard similarity is at least this. 0.4 sits just below
-    # the S-curve's midpoint (1/28)^(1/4) = 0.43, so it rejects chance collisions only and keeps what LSH found,
-    # including near copies of true Jaccard 0.55 estimated 3 sd low from 112 values (README, "Memory and dedup").
+    # A candidate pair is a duplicate if its estimated Jaccard similarity is at least this. LSH finds nearly every
+    # pair above the S-curve's midpoint (1/37)^(1/3) = 0.30; this check sets the real cut, 0.4, low enough to keep
+    # near copies of true Jaccard 0.5 estimated 2 sd low from 111 values (README, "Memory and dedup").
     threshold: float = 0.4
     buckets_per_band: int = 4  # hash ranges per band: bucket tasks = (bands + 1) × this; memory per task ∝ docs / this
     # Only documents of the same detected language can be near duplicates: translations of a page that share its

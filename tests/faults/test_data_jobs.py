@@ -20,6 +20,7 @@ from test_storage import fill, small_disk  # noqa: F401 (a fixture)
 from trainer_runs import descendants, kill
 
 from data_tools.cli import main as data_main
+from data_tools.config import DedupConfig
 from data_tools.manifest import load_manifest
 from data_tools.pipeline import PER_TASK_STAGES, STAGES, Job
 
@@ -29,7 +30,7 @@ ARGS = ("--workers", "2", "--task-mb", "0.3", "--valid-fraction", "0.05")  # 3 r
 TASKS = 6
 CONFIG = ("pack: {rows_per_shard: 64, rows_per_sample: 16}\n"  # 11 train shards: a pack task writes one or two
           "dedup: {buckets_per_band: 1}\n")  # a bucket task per band and one for the exact key
-BUCKETS = 29  # 28 bands + the exact key
+BUCKETS = DedupConfig().bands + 1  # a bucket task per band and one for the exact key
 _rng = random.Random(3)
 KILLS = [  # (stage, tasks to finish first, then a delay in s, whole job or one worker): every stage once
     ("extract", _rng.randint(1, 3), _rng.uniform(0, 0.3), "worker"),
@@ -95,7 +96,7 @@ def test_killed_workers_then_rerun_give_the_uninterrupted_shards(tmp_path, corpo
 
 
 def run_stages(job: Job, stages: tuple[str, ...]) -> None:
-    """What has no marker yet of `stages`, one `data_tools run` at a time (in this process: 116 bucket tasks)."""
+    """What has no marker yet of `stages`, one `data_tools run` at a time (in this process: 152 bucket tasks)."""
     for stage in stages:
         for index in job.pending(stage) if stage in PER_TASK_STAGES else [None] * (not job.is_done(stage)):
             task = [] if index is None else ["--task", str(index)]

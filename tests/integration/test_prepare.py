@@ -181,7 +181,7 @@ def test_stages_run_one_by_one_as_a_cluster_would(tmp_path, corpora, gpt2_dir):
             assert run(stage + [name, "--task", "0"]).returncode == 0
             env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1"}
             assert subprocess.run(stage + [name], env=env, capture_output=True).returncode == 0
-            for task in range(2, tasks):  # the rest (116 bucket tasks) in this process, to keep the test short
+            for task in range(2, tasks):  # the rest (152 bucket tasks) in this process, to keep the test short
                 assert data_main(["run", str(staged), "--stage", name, "--task", str(task)]) == 0
         else:
             result = run(stage + [name])

@@ -132,7 +132,7 @@ def test_time_limit_shorter_than_the_run_is_crossed_by_requeues(slurm_cluster, t
 
 def test_data_arrays_rerun_only_the_missing_task(slurm_cluster, tmp_path, corpora):
     config = tmp_path / "pipeline.yaml"
-    config.write_text("dedup: {bands: 4, rows_per_band: 28, buckets_per_band: 1}\n")  # 5 bucket tasks, not 116
+    config.write_text("dedup: {bands: 4, rows_per_band: 28, buckets_per_band: 1}\n")  # 5 bucket tasks, not 152
     prepare = ["--input", corpora / "handbook-multilingual.warc.gz", "--input", corpora / "iana.warc.gz",
                "--input", corpora / "enwiki-sample.xml.bz2", "--train-tokenizer", "512", "--seq-len", "64",
                "--valid-fraction", "0.1", "--task-mb", "1", "--config", config]

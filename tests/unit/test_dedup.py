@@ -47,11 +47,11 @@ def text_doc(text, lang="en", name="doc"):
 
 
 def test_signatures_shape_and_determinism(article):
-    """Each document gets a 16-byte exact key and 14x8 uint32 MinHash values, equal across runs
+    """Each document gets a 16-byte exact key and bands × rows uint32 MinHash values, equal across runs
     for the same seed and different for another seed."""
     config = DedupConfig()
     first, again = (signed([text_doc(article("Albedo"))], config) for _ in range(2))
-    assert first[0].shape == (1, 16) and first[1].shape == (1, 112) and first[1].dtype == np.uint32
+    assert first[0].shape == (1, 16) and first[1].shape == (1, config.bands * config.rows_per_band) and first[1].dtype == np.uint32
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     other_seed = signed([text_doc(article("Albedo"))], DedupConfig(seed=2))
     assert np.array_equal(first[0], other_seed[0]) and not np.array_equal(first[1], other_seed[1])
@@ -247,6 +247,7 @@ def test_translations_sharing_their_listings_are_kept_unless_the_language_guard_
     (dropped,), stats = dedup_signed([task], DedupConfig(same_language=same_language))
     urls = {docs[i].url.split("/browse/")[1] for i in dropped}
     assert ("it-IT/stable/sect.future-of-this-book.html" in urls) is not same_language
-    assert {"it-IT/stable/sect.aptosid.html", "vi-VN/stable/sect.quality-of-service.html"} <= urls
-    assert stats.dropped == {"exact_duplicate": 5, "near_duplicate": 3 if same_language else 4}
+    assert {"it-IT/stable/sect.aptosid.html", "vi-VN/stable/sect.quality-of-service.html",
+            "vi-VN/stable/sect.virtual-private-network.html"} <= urls  # the last: 0.41 from zh-CN's, also English
+    assert stats.dropped == {"exact_duplicate": 5, "near_duplicate": 4 if same_language else 5}
     assert all(docs[i].lang == "en" for i in dropped) == same_language

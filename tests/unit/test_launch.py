@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from data_tools.config import DedupConfig
+from data_tools.dedup import bucket_count
 from launch import sbatch
 from launch.cli import main
 from launch.data_array import Step, pending_steps
@@ -277,7 +279,7 @@ def mark_done(out: Path, stage: str, index: int | None = None) -> None:
 
 
 def test_the_chain_of_data_jobs_holds_only_what_has_no_marker(planned):
-    buckets = list(range(116))  # (28 bands + the exact key) × 4 hash ranges
+    buckets = list(range(bucket_count(DedupConfig())))  # (37 bands + the exact key) × 4 hash ranges
     steps = pending_steps(planned)
     assert [(s.name, s.tasks) for s in steps] == [("extract", [0, 1, 2]), ("bucket", buckets), ("cluster+tokenizer", None),
                                                   ("tokenize", [0, 1, 2]), ("pack", [0, 1, 2]), ("manifest", None)]
@@ -287,8 +289,8 @@ def test_the_chain_of_data_jobs_holds_only_what_has_no_marker(planned):
     mark_done(planned, "extract", 1)
     for index in buckets[:-1]:
         mark_done(planned, "bucket", index)
-    assert pending_steps(planned)[0] == Step(("bucket",), [115])
-    mark_done(planned, "bucket", 115)
+    assert pending_steps(planned)[0] == Step(("bucket",), [buckets[-1]])
+    mark_done(planned, "bucket", buckets[-1])
     mark_done(planned, "cluster")
     mark_done(planned, "tokenize", 1)
     mark_done(planned, "pack", 0)
@@ -304,14 +306,14 @@ def test_data_dry_run_shows_each_job_and_its_dependency(planned, no_slurm, capsy
     assert code == 0
     sections = out.split("# ---- ")[1:]
     assert [s.splitlines()[0] for s in sections] == [
-        "extract: array of 2 (plan tasks 1-2) ----", "bucket: array of 116 (plan tasks 0-115) ----",
+        "extract: array of 2 (plan tasks 1-2) ----", "bucket: array of 152 (plan tasks 0-151) ----",
         "cluster+tokenizer: one job ----", "tokenize: array of 3 (plan tasks 0-2) ----", "pack: array of 3 (plan tasks 0-2) ----",
         "manifest: one job ----"]
     assert "#SBATCH --array=0-1%2" in sections[0] and "--dependency" not in sections[0]
     assert f"# element 0: python -m data_tools run {planned} --stage extract --task 1" in sections[0]
     assert "#SBATCH --dependency='afterok:<job id of extract>'" in sections[1]
     assert "#SBATCH --kill-on-invalid-dep=yes" in sections[1]
-    assert f"# element 115: python -m data_tools run {planned} --stage bucket --task 115" in sections[1]
+    assert f"# element 151: python -m data_tools run {planned} --stage bucket --task 151" in sections[1]
     assert "#SBATCH --dependency='afterok:<job id of bucket>'" in sections[2]
     assert "#SBATCH --array=0-2%2" in sections[3] and "#SBATCH --partition=cpu" in sections[5]
     assert not (planned / "slurm").exists()

@@ -116,7 +116,7 @@ def test_the_sbatch_chain_of_a_listing_splits_large_stages(tmp_path, gpt2_dir, c
     split = ["{}[1/3]: array of 1000 (plan tasks 0-999) ----", "{}[2/3]: array of 1000 (plan tasks 1000-1999) ----",
              "{}[3/3]: array of 500 (plan tasks 2000-2499) ----"]
     assert [s.splitlines()[0] for s in sections] == [
-        *(line.format("extract") for line in split), "bucket: array of 116 (plan tasks 0-115) ----",
+        *(line.format("extract") for line in split), "bucket: array of 152 (plan tasks 0-151) ----",
         "cluster+tokenizer: one job ----", *(line.format("tokenize") for line in split),
         *(line.format("pack") for line in split), "manifest: one job ----"]
     assert "#SBATCH --array=0-999%10" in sections[0] and "--dependency" not in sections[0]
@@ -125,7 +125,7 @@ def test_the_sbatch_chain_of_a_listing_splits_large_stages(tmp_path, gpt2_dir, c
     assert f"# element 0: python -m data_tools run {out} --stage extract --task 1000" in sections[1]
     assert "# elements 3-996: likewise" in sections[1]
     assert "#SBATCH --dependency='afterok:<job id of extract[3/3]>'" in sections[3]  # the lane's last array
-    assert "#SBATCH --array=0-115%10" in sections[3]
+    assert "#SBATCH --array=0-151%10" in sections[3]
     assert "#SBATCH --dependency='afterok:<job id of cluster+tokenizer>'" in sections[5]
     assert "#SBATCH --dependency='afterok:<job id of cluster+tokenizer>:<job id of tokenize[1/3]>'" in sections[6]
     assert "#SBATCH --dependency='afterok:<job id of pack[3/3]>'" in sections[11]
