@@ -19,6 +19,7 @@ removes. dstrain's time includes tokenize + pack, which the datatrove side does 
 
     make bench-data                                  # 10k, 40k, 160k documents
     python bench/data_scale_bench.py --sizes 2000    # a quick run
+    python bench/data_scale_bench.py --threshold 0.6 --datatrove-sizes none --speedup-sizes none   # recall at another cut
     python bench/data_scale_bench.py --cluster-shards 1,8,32   # the cluster stage's peak memory by shard count
 """
 
@@ -38,8 +39,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from data_tools.config import DedupConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA = ROOT / "examples" / "corpora"
@@ -73,12 +78,14 @@ def sentence_pool() -> list[str]:
     return list(seen)
 
 
-def handbook_near_copies() -> dict[str, list[str]]:
+def handbook_near_copies(dedup: DedupConfig) -> dict[str, list[str]]:
     """The handbook WARC's pages dropped as near copies, with `dedup.same_language` on (the default) and off, over the
     same pipeline as the bench (filters off, language ID labelling only): which translations the guard keeps."""
+    from dataclasses import replace
+
     import numpy as np
 
-    from data_tools.config import DedupConfig, ExtractConfig, GopherQualityConfig, LangConfig
+    from data_tools.config import ExtractConfig, GopherQualityConfig, LangConfig
     from data_tools.dedup import DedupSignatures, find_duplicates, language_keys
     from data_tools.extract import ExtractText
     from data_tools.lang import LanguageFilter
@@ -88,13 +95,13 @@ def handbook_near_copies() -> dict[str, list[str]]:
     path = CORPORA / "handbook-multilingual.warc.gz"
     pages = get_reader(detect_format(path))(path, StageStats(), lambda message: None)
     labelled = LanguageFilter(LangConfig(threshold=0.0))(ExtractText(ExtractConfig())(pages))
-    docs = list(DedupSignatures(DedupConfig(), GopherQualityConfig().unspaced_langs)(labelled))
+    docs = list(DedupSignatures(dedup, GopherQualityConfig().unspaced_langs)(labelled))
     task = (np.stack([np.frombuffer(d.meta["exact"], np.uint8) for d in docs]), np.stack([d.meta["minhash"] for d in docs]),
             language_keys(d.lang for d in docs))
     found = {}
     for same_language in (True, False):
-        exact_only = find_duplicates([task], DedupConfig(same_language=same_language, near=False), StageStats())[0]
-        dropped = find_duplicates([task], DedupConfig(same_language=same_language), StageStats())[0]
+        exact_only = find_duplicates([task], replace(dedup, same_language=same_language, near=False), StageStats())[0]
+        dropped = find_duplicates([task], replace(dedup, same_language=same_language), StageStats())[0]
         found[f"same_language={same_language}"] = [f"{docs[i].url.split('/browse/')[1]} ({docs[i].lang})"
                                                    for i in np.setdiff1d(dropped, exact_only)]
     return found
@@ -231,17 +238,17 @@ def cluster_memory(shard_counts: list[int]) -> None:
         print(f"  {shards:>4} shards: peak RSS {peak:>5.0f} MiB, {cpu:.1f} s CPU ({1e6 * cpu / CLUSTER_PAIRS:.1f} µs a pair)")
 
 
-def dstrain_config(path: Path) -> Path:
-    """Quality, PII and language filters off (language ID only labels): only dedup removes."""
+def dstrain_config(path: Path, dedup: DedupConfig) -> Path:
+    """Quality, PII and language filters off (language ID only labels): only dedup removes, with `dedup`'s threshold."""
     path.write_text(
         "lang: {threshold: 0.0}\n"
         "quality:\n  gopher_repetition: {enabled: false}\n  gopher_quality: {enabled: false}\n  c4: {enabled: false}\n"
-        "pii: {enabled: false}\n"
+        f"pii: {{enabled: false}}\ndedup: {{threshold: {dedup.threshold}}}\n"
     )
     return path
 
 
-def run_dstrain(corpus: Path, work: Path, workers: int) -> Run:
+def run_dstrain(corpus: Path, work: Path, workers: int, dedup: DedupConfig) -> Run:
     from data_tools.shards import read_tar
 
     out = work / f"dstrain-w{workers}"
@@ -249,7 +256,7 @@ def run_dstrain(corpus: Path, work: Path, workers: int) -> Run:
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "data_tools", "-q", "prepare", "--input", str(corpus / "*.jsonl"), "--output", str(out),
            "--tokenizer", str(CORPORA / "tokenizers" / "gpt2"), "--seq-len", "1024", "--workers", str(workers),
-           "--config", str(dstrain_config(work / "pipeline.yaml"))]
+           "--config", str(dstrain_config(work / "pipeline.yaml", dedup))]
     seconds, cpu, peak, who = run_measured(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     kept = {json.loads(sample["json"])["id"] for tar in sorted((out / "docs").glob("*.tar")) for _, sample in read_tar(tar)}
     return Run(seconds, cpu, peak, who, kept)
@@ -300,6 +307,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--datatrove-sizes", help="sizes to run the datatrove side at (default: every size; 'none' to skip)")
     parser.add_argument("--speedup-sizes", help="sizes to run 2 workers at (default: every size; 'none' to skip)")
+    parser.add_argument("--threshold", type=float, help="dedup.threshold of the dstrain side (default: the config's)")
     parser.add_argument("--report", action="store_true", help="print the table of the last run (bench/out/data_scale.json)")
     parser.add_argument("--cluster-shards", help="only measure the cluster stage's memory at these shard counts (e.g. 1,8,32)")
     parser.add_argument("--cluster-child", type=int, help=argparse.SUPPRESS)
@@ -312,7 +320,7 @@ def main() -> None:
         return report(json.loads((OUT.parent / "data_scale.json").read_text()))
     from data_tools.config import DedupConfig
 
-    dedup = DedupConfig()
+    dedup = DedupConfig() if args.threshold is None else DedupConfig(threshold=args.threshold)
     sizes = [int(s) for s in args.sizes.split(",")]
     at = lambda given: sizes if given is None else [] if given == "none" else [int(s) for s in given.split(",")]  # noqa: E731
     datatrove_sizes, speedup_sizes = at(args.datatrove_sizes), at(args.speedup_sizes)
@@ -322,19 +330,20 @@ def main() -> None:
     print(f"machine: {platform.node()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
           f"{platform.processor() or platform.machine()}; python {platform.python_version()}")
     print(f"corpus: {len(sentences)} distinct sentences from examples/corpora; {args.files} JSONL files; "
-          f"dedup {dedup.ngram}-gram shingles, {dedup.bands} bands × {dedup.rows_per_band} rows, seed {dedup.seed}")
-    for setting, pages in handbook_near_copies().items():
+          f"dedup {dedup.ngram}-gram shingles, {dedup.bands} bands × {dedup.rows_per_band} rows, seed {dedup.seed}, "
+          f"threshold {dedup.threshold}")
+    for setting, pages in handbook_near_copies(dedup).items():
         print(f"handbook WARC, near copies dropped with dedup.{setting}: {len(pages)}: {', '.join(pages)}")
     results = []
     for size in sizes:
         work = OUT / f"n{size}"
         truth = generate(size, args.files, args.seed, work / "corpus", sentences)
         row: dict = {"docs": size, "planted": len(truth.copies)}
-        one = run_dstrain(work / "corpus", work, 1)
+        one = run_dstrain(work / "corpus", work, 1, dedup)
         row["dstrain"] = {"seconds": one.seconds, "cpu_seconds": one.cpu_seconds, "peak_rss_mib": one.peak_rss_mib,
                           "peak_process": one.peak_process, **score(truth, one.kept)}
         if size in speedup_sizes:
-            two = run_dstrain(work / "corpus", work, 2)
+            two = run_dstrain(work / "corpus", work, 2, dedup)
             row["dstrain_w2"] = {"seconds": two.seconds, "cpu_seconds": two.cpu_seconds, "peak_rss_mib": two.peak_rss_mib,
                                  "same_output": two.kept == one.kept}
         if size in datatrove_sizes:
