@@ -51,7 +51,8 @@ def test_signatures_shape_and_determinism(article):
     for the same seed and different for another seed."""
     config = DedupConfig()
     first, again = (signed([text_doc(article("Albedo"))], config) for _ in range(2))
-    assert first[0].shape == (1, 16) and first[1].shape == (1, config.bands * config.rows_per_band) and first[1].dtype == np.uint32
+    permutations = config.bands * config.rows_per_band
+    assert first[0].shape == (1, 16) and first[1].shape == (1, permutations) and first[1].dtype == np.uint32
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     other_seed = signed([text_doc(article("Albedo"))], DedupConfig(seed=2))
     assert np.array_equal(first[0], other_seed[0]) and not np.array_equal(first[1], other_seed[1])
