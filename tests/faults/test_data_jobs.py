@@ -21,6 +21,7 @@ from trainer_runs import descendants, kill
 
 from data_tools.cli import main as data_main
 from data_tools.config import DedupConfig
+from data_tools.dedup import bucket_count
 from data_tools.manifest import load_manifest
 from data_tools.pipeline import PER_TASK_STAGES, STAGES, Job
 
@@ -30,7 +31,7 @@ ARGS = ("--workers", "2", "--task-mb", "0.3", "--valid-fraction", "0.05")  # 3 r
 TASKS = 6
 CONFIG = ("pack: {rows_per_shard: 64, rows_per_sample: 16}\n"  # 11 train shards: a pack task writes one or two
           "dedup: {buckets_per_band: 1}\n")  # a bucket task per band and one for the exact key
-BUCKETS = DedupConfig().bands + 1  # a bucket task per band and one for the exact key
+BUCKETS = bucket_count(DedupConfig(buckets_per_band=1))  # CONFIG's: a task per band and one for the exact key
 _rng = random.Random(3)
 KILLS = [  # (stage, tasks to finish first, then a delay in s, whole job or one worker): every stage once
     ("extract", _rng.randint(1, 3), _rng.uniform(0, 0.3), "worker"),
